@@ -1,0 +1,307 @@
+//! The compiled, format-independent proxy configuration.
+//!
+//! Every input format (Istio today; Gateway API, Kong and others later) compiles into a
+//! [`Snapshot`]. The data plane only ever sees this model, never the YAML it came from, so a
+//! rule behaves the same whichever format expressed it. A snapshot is immutable: a reload
+//! compiles a new one and swaps it in whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::matcher::{HeaderMatch, PathMatch, QueryMatch, StringMatch};
+
+/// Index of a [`Cluster`] in [`Snapshot::clusters`].
+pub type ClusterId = usize;
+
+/// Everything one proxy needs to serve traffic.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Listeners, at most one per (address, port).
+    pub listeners: Vec<Listener>,
+    /// Upstream clusters referenced by routes through [`ClusterId`].
+    pub clusters: Vec<Cluster>,
+}
+
+impl Snapshot {
+    /// Finds a cluster by its Envoy-style name (`outbound|PORT|SUBSET|HOST`).
+    pub fn cluster_by_name(&self, name: &str) -> Option<ClusterId> {
+        self.clusters.iter().position(|c| c.name == name)
+    }
+}
+
+/// One bound socket and the routes served on it.
+#[derive(Debug, Serialize)]
+pub struct Listener {
+    /// Stable name, e.g. `0.0.0.0_8080`; metrics and config dumps use it.
+    pub name: String,
+    /// Address to bind; `None` means the proxy's `--bind-address`.
+    pub address: Option<IpAddr>,
+    pub port: u16,
+    /// Present when the listener terminates TLS.
+    pub tls: Option<ListenerTls>,
+    pub routes: RouteTable,
+}
+
+/// TLS termination for a listener: one certificate per SNI host group.
+#[derive(Debug, Serialize)]
+pub struct ListenerTls {
+    /// Certificates in the order the servers were declared; the first whose `sni_hosts`
+    /// matches the ClientHello's SNI is used, and the first one when SNI is absent or unknown.
+    pub certificates: Vec<TlsCertificate>,
+    /// ALPN protocols offered, most preferred first (`h2`, `http/1.1`).
+    pub alpn: Vec<String>,
+}
+
+/// A certificate chain and key, already read from disk and validated as PEM.
+#[derive(Serialize)]
+pub struct TlsCertificate {
+    /// Hosts this certificate serves (`*` for any; `*.example.com` wildcards allowed).
+    pub sni_hosts: Vec<String>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    #[serde(skip)]
+    pub cert_pem: Vec<u8>,
+    #[serde(skip)]
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsCertificate {
+    // Hand-written so key material can never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCertificate")
+            .field("sni_hosts", &self.sni_hosts)
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Virtual hosts of one listener, indexed for lookup by the request's host.
+///
+/// Lookup order follows Envoy: an exact domain, then the longest matching wildcard suffix
+/// (`*.example.com`), then the catch-all `*`.
+#[derive(Debug, Default, Serialize)]
+pub struct RouteTable {
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// Lower-cased exact domain → index into `virtual_hosts`.
+    #[serde(skip)]
+    pub exact: HashMap<String, usize>,
+    /// Wildcard suffixes (e.g. `.example.com` for `*.example.com`), longest first.
+    #[serde(skip)]
+    pub suffixes: Vec<(String, usize)>,
+    /// Index of the virtual host holding `*`.
+    #[serde(skip)]
+    pub catch_all: Option<usize>,
+}
+
+/// A set of domains sharing one ordered list of routes.
+#[derive(Debug, Serialize)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Lower-cased domains: exact names, `*.suffix` wildcards, or `*`.
+    pub domains: Vec<String>,
+    /// Routes in priority order; the first that matches wins.
+    pub routes: Vec<Route>,
+    /// When set, plain-HTTP requests are redirected to HTTPS (301) before routing
+    /// (Istio `Gateway.servers[].tls.httpsRedirect`).
+    pub https_redirect: bool,
+}
+
+/// One routing rule: conditions and what to do when they hold.
+#[derive(Debug, Serialize)]
+pub struct Route {
+    /// Human-readable name used in metrics and logs, e.g. `default/reviews.http[0]` or the
+    /// VirtualService route's `name`.
+    pub name: String,
+    /// Alternatives (OR). Empty means the route matches every request.
+    pub matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    /// Header edits applied to the request before it goes upstream.
+    pub request_headers: HeaderOps,
+    /// Header edits applied to the response before it goes downstream.
+    pub response_headers: HeaderOps,
+}
+
+/// Conditions that must all hold (AND) for a [`RequestMatch`] to match.
+#[derive(Debug, Default, Serialize)]
+pub struct RequestMatch {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+    pub method: Option<StringMatch>,
+    /// Matched against the request authority (Host / `:authority`), port included if sent.
+    pub authority: Option<StringMatch>,
+    /// Matched against `http` / `https`.
+    pub scheme: Option<StringMatch>,
+    /// The listener port the request arrived on.
+    pub port: Option<u16>,
+}
+
+/// What a matched route does.
+#[derive(Debug, Serialize)]
+pub enum RouteAction {
+    Forward(Forward),
+    Redirect(Redirect),
+    DirectResponse(DirectResponse),
+}
+
+/// Proxy to one of several weighted destinations.
+#[derive(Debug, Serialize)]
+pub struct Forward {
+    pub destinations: Vec<WeightedDestination>,
+    /// Sum of `destinations[].weight`; a random number below it picks the destination.
+    pub total_weight: u32,
+    pub rewrite: Option<Rewrite>,
+    /// Overall request timeout; `None` means no timeout (Istio's default).
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WeightedDestination {
+    pub cluster: ClusterId,
+    /// Relative weight; 0 receives no traffic.
+    pub weight: u32,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+/// Request rewrites applied before forwarding.
+#[derive(Debug, Default, Serialize)]
+pub struct Rewrite {
+    pub path: Option<PathRewrite>,
+    /// Replaces the Host / `:authority` sent upstream.
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub enum PathRewrite {
+    /// Replace the part matched by a prefix match (or the whole path after an exact or regex
+    /// match) with this value, as Istio's `rewrite.uri` does.
+    ReplaceMatched(String),
+    /// Replace the whole path.
+    Full(String),
+    /// Regex substitution over the path (`uriRegexRewrite`); `$1`-style captures are allowed.
+    Regex {
+        #[serde(with = "crate::matcher::regex_serde")]
+        pattern: regex::Regex,
+        substitution: String,
+    },
+}
+
+/// An HTTP redirect answered by the proxy itself.
+#[derive(Debug, Serialize)]
+pub struct Redirect {
+    /// Replaces the path; the query string is kept unless this value contains `?`.
+    pub path: Option<String>,
+    pub authority: Option<String>,
+    pub scheme: Option<String>,
+    pub port: Option<RedirectPort>,
+    /// 301 unless configured.
+    pub status: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub enum RedirectPort {
+    Fixed(u16),
+    /// Use the scheme's default port (80/443), omitted from the Location.
+    FromProtocolDefault,
+    /// Keep the port the request arrived on.
+    FromRequestPort,
+}
+
+/// A fixed response answered by the proxy itself.
+#[derive(Debug, Serialize)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(serialize_with = "crate::matcher::bytes_as_lossy_str")]
+    pub body: Bytes,
+}
+
+/// Header edits in the order Envoy applies them: remove, then set (overwrite), then add.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HeaderOps {
+    /// Lower-cased names.
+    pub remove: Vec<String>,
+    /// `(lower-cased name, value)` that replace any existing value.
+    pub set: Vec<(String, String)>,
+    /// `(lower-cased name, value)` appended to existing values.
+    pub add: Vec<(String, String)>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// A named group of endpoints and how to balance across them
+/// (Envoy's cluster; Istio's service host + port + subset).
+#[derive(Debug, Serialize)]
+pub struct Cluster {
+    /// `outbound|PORT|SUBSET|HOST`, as Istio names Envoy clusters.
+    pub name: String,
+    /// The service host this cluster belongs to.
+    pub service: String,
+    /// Subset name, empty for the whole service.
+    pub subset: String,
+    pub port: u16,
+    pub protocol: UpstreamProtocol,
+    pub load_balancer: LoadBalancer,
+    pub discovery: Discovery,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// How endpoints are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Discovery {
+    /// Endpoint addresses are IPs.
+    Static,
+    /// Endpoint addresses are host names, resolved when connecting.
+    Dns,
+    /// Forward to the address the client asked for (Istio `PASSTHROUGH` load balancing).
+    OriginalDestination,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) — gRPC and HTTP2 ports, or h2UpgradePolicy UPGRADE.
+    Http2,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    /// An IP or (with [`Discovery::Dns`]) a host name.
+    pub address: String,
+    pub port: u16,
+    /// Relative weight (default 1).
+    pub weight: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum LoadBalancer {
+    RoundRobin,
+    /// Power of two random choices by active requests, as Envoy's LEAST_REQUEST.
+    LeastRequest,
+    Random,
+    /// Sticky selection by a request property (Istio `consistentHash`).
+    ConsistentHash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum HashKey {
+    /// `httpHeaderName` (lower-cased).
+    Header(String),
+    /// `httpCookie.name`.
+    Cookie(String),
+    /// `useSourceIp`.
+    SourceIp,
+    /// `httpQueryParameterName`.
+    QueryParameter(String),
+}
