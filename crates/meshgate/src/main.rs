@@ -1,3 +1,117 @@
+//! `meshgate`: one binary for the API gateway and the service mesh.
+
+mod demo;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use meshgate_model::CompileOptions;
+use meshgate_proxy::ProxyOptions;
+
+#[derive(Parser)]
+#[command(name = "meshgate", version, about = "Service mesh and API gateway in one binary")]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `meshgate_proxy=debug` (also RUST_LOG).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a standalone data plane from config files (no control plane).
+    Proxy(ProxyArgs),
+    /// Run a gateway and a demo shop on loopback.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// A YAML file or a folder of them (multi-document). Repeatable. Reloaded on change.
+    #[arg(long, short, required = true)]
+    config: Vec<PathBuf>,
+    /// Address the listeners bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    /// Admin listener: /ready /healthz /config_dump /stats/prometheus.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// This proxy's labels, matched against Istio Gateway selectors
+    /// (default `istio=ingressgateway`). Repeatable: `--label istio=ingressgateway`.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Serve an outbound (sidecar-style) listener on this port for VirtualServices bound to
+    /// the `mesh` gateway and every known service host.
+    #[arg(long)]
+    mesh_port: Option<u16>,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Serve this config instead of the built-in demo/istio.yaml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label must be KEY=VALUE, got `{s}`")),
+    }
+}
+
 fn main() {
-    println!("Hello, world!");
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Proxy(args) => run_proxy(args),
+        Command::Demo(args) => demo::run(demo::DemoArgs {
+            config: args.config,
+            admin_addr: args.admin_addr,
+            workers: args.workers.max(1),
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("meshgate: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let workers = match args.workers {
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    let mut compile = CompileOptions::default();
+    if !args.labels.is_empty() {
+        compile.gateway_labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+    }
+    compile.mesh_port = args.mesh_port;
+    let options = ProxyOptions {
+        config_paths: args.config,
+        bind_address: args.bind_address,
+        admin_addr: args.admin_addr,
+        workers,
+        compile,
+        edge: true,
+    };
+    meshgate_proxy::run(options)
+        .map_err(anyhow::Error::msg)
+        .context("proxy")
 }

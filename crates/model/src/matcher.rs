@@ -36,9 +36,7 @@ impl StringMatch {
         match self {
             StringMatch::Exact(s) => value.eq_ignore_ascii_case(s),
             StringMatch::Prefix(p) => {
-                value.len() >= p.len()
-                    && value.is_char_boundary(p.len())
-                    && value[..p.len()].eq_ignore_ascii_case(p)
+                value.len() >= p.len() && value.is_char_boundary(p.len()) && value[..p.len()].eq_ignore_ascii_case(p)
             }
             StringMatch::Regex(r) => r.is_match(value),
         }
@@ -166,6 +164,10 @@ impl RequestMatch {
 
 /// The result of a route lookup.
 pub struct RouteMatch<'a> {
+    /// Index of `virtual_host` in [`RouteTable::virtual_hosts`].
+    pub virtual_host_index: usize,
+    /// Index of `route` in [`VirtualHost::routes`].
+    pub route_index: usize,
     pub virtual_host: &'a VirtualHost,
     pub route: &'a Route,
     /// The alternative in `route.matches` that matched (`None` when the route has none).
@@ -175,24 +177,32 @@ pub struct RouteMatch<'a> {
 impl RouteTable {
     /// Finds the virtual host serving `host` (lower-cased, without port).
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.virtual_host_index(host).map(|i| &self.virtual_hosts[i])
+    }
+
+    /// Index in `virtual_hosts` of the virtual host serving `host`.
+    pub fn virtual_host_index(&self, host: &str) -> Option<usize> {
         if let Some(&i) = self.exact.get(host) {
-            return Some(&self.virtual_hosts[i]);
+            return Some(i);
         }
         for (suffix, i) in &self.suffixes {
             // `*.example.com` needs at least one character before `.example.com`.
             if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                return Some(&self.virtual_hosts[*i]);
+                return Some(*i);
             }
         }
-        self.catch_all.map(|i| &self.virtual_hosts[i])
+        self.catch_all
     }
 
     /// Returns the first route of the request's virtual host whose conditions hold.
     pub fn find<'a>(&'a self, req: &RequestInfo<'_>) -> Option<RouteMatch<'a>> {
-        let virtual_host = self.virtual_host(req.host)?;
-        virtual_host.find(req).map(|(route, matched)| RouteMatch {
+        let virtual_host_index = self.virtual_host_index(req.host)?;
+        let virtual_host = &self.virtual_hosts[virtual_host_index];
+        virtual_host.find(req).map(|(route_index, matched)| RouteMatch {
+            virtual_host_index,
+            route_index,
             virtual_host,
-            route,
+            route: &virtual_host.routes[route_index],
             matched,
         })
     }
@@ -216,18 +226,19 @@ impl RouteTable {
                 }
             }
         }
-        self.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
     }
 }
 
 impl VirtualHost {
-    pub fn find<'a>(&'a self, req: &RequestInfo<'_>) -> Option<(&'a Route, Option<&'a RequestMatch>)> {
-        for route in &self.routes {
+    /// Index of the first route whose conditions hold, and the alternative that matched.
+    pub fn find<'a>(&'a self, req: &RequestInfo<'_>) -> Option<(usize, Option<&'a RequestMatch>)> {
+        for (i, route) in self.routes.iter().enumerate() {
             if route.matches.is_empty() {
-                return Some((route, None));
+                return Some((i, None));
             }
             if let Some(m) = route.matches.iter().find(|m| m.matches(req)) {
-                return Some((route, Some(m)));
+                return Some((i, Some(m)));
             }
         }
         None

@@ -113,7 +113,7 @@ pub struct VirtualHost {
 }
 
 /// One routing rule: conditions and what to do when they hold.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Route {
     /// Human-readable name used in metrics and logs, e.g. `default/reviews.http[0]` or the
     /// VirtualService route's `name`.
@@ -128,7 +128,7 @@ pub struct Route {
 }
 
 /// Conditions that must all hold (AND) for a [`RequestMatch`] to match.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RequestMatch {
     pub path: Option<PathMatch>,
     pub headers: Vec<HeaderMatch>,
@@ -143,7 +143,7 @@ pub struct RequestMatch {
 }
 
 /// What a matched route does.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub enum RouteAction {
     Forward(Forward),
     Redirect(Redirect),
@@ -151,7 +151,7 @@ pub enum RouteAction {
 }
 
 /// Proxy to one of several weighted destinations.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Forward {
     pub destinations: Vec<WeightedDestination>,
     /// Sum of `destinations[].weight`; a random number below it picks the destination.
@@ -161,7 +161,7 @@ pub struct Forward {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct WeightedDestination {
     pub cluster: ClusterId,
     /// Relative weight; 0 receives no traffic.
@@ -171,14 +171,14 @@ pub struct WeightedDestination {
 }
 
 /// Request rewrites applied before forwarding.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Rewrite {
     pub path: Option<PathRewrite>,
     /// Replaces the Host / `:authority` sent upstream.
     pub authority: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub enum PathRewrite {
     /// Replace the part matched by a prefix match (or the whole path after an exact or regex
     /// match) with this value, as Istio's `rewrite.uri` does.
@@ -194,7 +194,7 @@ pub enum PathRewrite {
 }
 
 /// An HTTP redirect answered by the proxy itself.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Redirect {
     /// Replaces the path; the query string is kept unless this value contains `?`.
     pub path: Option<String>,
@@ -205,7 +205,7 @@ pub struct Redirect {
     pub status: u16,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub enum RedirectPort {
     Fixed(u16),
     /// Use the scheme's default port (80/443), omitted from the Location.
@@ -215,7 +215,7 @@ pub enum RedirectPort {
 }
 
 /// A fixed response answered by the proxy itself.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DirectResponse {
     pub status: u16,
     #[serde(serialize_with = "crate::matcher::bytes_as_lossy_str")]
@@ -241,7 +241,7 @@ impl HeaderOps {
 
 /// A named group of endpoints and how to balance across them
 /// (Envoy's cluster; Istio's service host + port + subset).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cluster {
     /// `outbound|PORT|SUBSET|HOST`, as Istio names Envoy clusters.
     pub name: String,
@@ -274,7 +274,7 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Endpoint {
     /// An IP or (with [`Discovery::Dns`]) a host name.
     pub address: String,

@@ -1,14 +1,127 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! meshgate's data plane.
+//!
+//! A request arrives on a [`listener`] owned by one worker thread, is routed by the compiled
+//! snapshot it started with ([`active`]), and is answered locally or forwarded through an
+//! upstream cluster's pool ([`upstream`]) by [`service`]. Configuration is swapped whole by
+//! [`reload`]; [`admin`] reports readiness, config and [`stats`].
+
+pub mod active;
+pub mod admin;
+pub mod body;
+pub mod listener;
+pub mod reload;
+pub mod service;
+pub mod stats;
+pub mod tls;
+pub mod upstream;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use meshgate_model::CompileOptions;
+use tokio::sync::watch;
+
+use active::Active;
+
+/// Largest request header block accepted (Envoy's default `max_request_headers_kb` is 60).
+pub const MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+
+/// How the proxy was started.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Config files or folders, reloaded on change.
+    pub config_paths: Vec<PathBuf>,
+    /// Address listeners bind to unless their config names one.
+    pub bind_address: IpAddr,
+    pub admin_addr: SocketAddr,
+    pub workers: usize,
+    pub compile: CompileOptions,
+    /// An edge proxy (gateway) regenerates `x-request-id` as Envoy does at the edge;
+    /// an inner hop keeps the one it receives.
+    pub edge: bool,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// State shared by the workers, the admin listener and the reloader.
+pub struct Shared {
+    pub options: ProxyOptions,
+    /// The configuration being served; requests take an `Arc` to it when they start.
+    pub active: ArcSwap<Active>,
+    /// Version of `active`, so workers learn when to rebind listeners.
+    pub version: watch::Sender<u64>,
+    pub stats: stats::Stats,
+    /// Per worker: the config version whose listeners are all bound (0 = not all bound).
+    pub ready: Box<[AtomicU64]>,
+    /// Connection settings for downstream HTTP/1.1 and HTTP/2.
+    pub http: auto::Builder<TokioExecutor>,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl Shared {
+    pub fn new(options: ProxyOptions) -> Self {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32);
+        let ready = (0..options.workers).map(|_| AtomicU64::new(0)).collect();
+        Shared {
+            options,
+            active: ArcSwap::from_pointee(Active::empty()),
+            version: watch::channel(0).0,
+            stats: stats::Stats::default(),
+            ready,
+            http,
+        }
+    }
+
+    /// True once a config is active and every worker has bound all of its listeners.
+    pub fn is_ready(&self) -> bool {
+        let version = self.active.load().version;
+        version > 0 && self.ready.iter().all(|r| r.load(Relaxed) == version)
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT. Fails if the initial config does not load or the
+/// admin port cannot be bound.
+pub fn run(options: ProxyOptions) -> Result<(), String> {
+    let shared = Arc::new(Shared::new(options));
+    reload::reload(&shared).map_err(|e| format!("initial configuration: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    runtime.block_on(async {
+        let admin = admin::bind(shared.options.admin_addr)
+            .await
+            .map_err(|e| format!("cannot bind admin listener {}: {e}", shared.options.admin_addr))?;
+        tracing::info!(addr = %shared.options.admin_addr, "admin listener ready");
+        listener::spawn_workers(&shared).map_err(|e| format!("cannot start workers: {e}"))?;
+        tokio::spawn(admin::serve(admin, shared.clone()));
+        tokio::spawn(reload::watch(shared.clone()));
+        wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

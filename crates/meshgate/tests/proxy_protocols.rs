@@ -1,0 +1,318 @@
+//! Protocols through a real meshgate process: h2c, TLS with ALPN and SNI, gRPC trailers,
+//! WebSocket upgrades and large streamed bodies.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::*;
+
+fn simple_config(port: u16, echo: &Echo, port_protocol: &str) -> String {
+    format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: echo
+spec:
+  hosts: ["echo.test"]
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: main
+    protocol: {port_protocol}
+  endpoints:
+  - address: 127.0.0.1
+    ports:
+      main: {echo_port}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: echo
+spec:
+  hosts: ["*"]
+  gateways: ["gw"]
+  http:
+  - route:
+    - destination:
+        host: echo.test
+"#,
+        gw = gateway("gw", port),
+        echo_port = echo.port(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_on_the_http_port() {
+    let echo = Echo::start("echo");
+    let port = free_port();
+    let _proxy = Proxy::start(&simple_config(port, &echo, "HTTP"));
+    let h2 = client(true);
+    for _ in 0..3 {
+        let r = send(&h2, get(port, "/h2", "echo.test", &[]))
+            .await
+            .expect("h2c request");
+        assert_eq!(r.status, 200);
+        // Downstream HTTP/2, upstream HTTP/1.1 for an HTTP port.
+        assert_eq!(r.json()["version"], "HTTP/1.1");
+        // `:authority` (from the URI) takes precedence over a Host header (RFC 9113 §8.3.1).
+        assert_eq!(r.json()["headers"]["host"], format!("127.0.0.1:{port}"));
+    }
+    let h1 = client(false);
+    assert_eq!(
+        send(&h1, get(port, "/h1", "echo.test", &[])).await.expect("h1").status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_survive_http2_both_ways() {
+    let echo = Echo::start("grpc");
+    let port = free_port();
+    let _proxy = Proxy::start(&simple_config(port, &echo, "GRPC"));
+    let h2 = client(true);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-trailer", http::HeaderValue::from_static("t1"));
+    let body = support::FrameIter(
+        vec![
+            hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello")),
+            hyper::body::Frame::trailers(trailers),
+        ]
+        .into_iter(),
+    );
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/trailers"))
+        .header("host", "echo.test")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("request");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = client.request(req).await.expect("grpc call");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body");
+    let got_trailers = collected.trailers().cloned().expect("response trailers");
+    assert_eq!(got_trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    let body: serde_json::Value = serde_json::from_slice(&collected.to_bytes()).expect("json");
+    assert_eq!(body["version"], "HTTP/2.0", "a GRPC port is reached over HTTP/2");
+    assert_eq!(
+        body["trailers"]["x-client-trailer"], "t1",
+        "request trailers reach the upstream"
+    );
+    let _ = h2;
+}
+
+fn tls_files(dir: &std::path::Path, host: &str) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("cert");
+    let cert_path = dir.join(format!("{host}.crt"));
+    let key_path = dir.join(format!("{host}.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    (cert_path, key_path, cert.cert.der().to_vec())
+}
+
+async fn tls_connect(
+    port: u16,
+    sni: &str,
+    trusted: &[Vec<u8>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der.clone()))
+            .expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("tls handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_sni_certificates_alpn_and_https_redirect() {
+    let echo = Echo::start("echo");
+    let dir = scratch_dir("tls");
+    let (a_crt, a_key, a_der) = tls_files(&dir, "a.test");
+    let (b_crt, b_key, b_der) = tls_files(&dir, "b.test");
+    let https = free_port();
+    let http_port = free_port();
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: gw
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port: {{number: {https}, name: https-a, protocol: HTTPS}}
+    hosts: ["a.test"]
+    tls:
+      mode: SIMPLE
+      serverCertificate: {a_crt}
+      privateKey: {a_key}
+  - port: {{number: {https}, name: https-b, protocol: HTTPS}}
+    hosts: ["b.test"]
+    tls:
+      mode: SIMPLE
+      serverCertificate: {b_crt}
+      privateKey: {b_key}
+  - port: {{number: {http_port}, name: http, protocol: HTTP}}
+    hosts: ["a.test"]
+    tls:
+      httpsRedirect: true
+---
+{se}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: vs
+spec:
+  hosts: ["a.test", "b.test"]
+  gateways: ["gw"]
+  http:
+  - route:
+    - destination:
+        host: echo.test
+"#,
+        a_crt = a_crt.display(),
+        a_key = a_key.display(),
+        b_crt = b_crt.display(),
+        b_key = b_key.display(),
+        se = service_entry("echo", "echo.test", &[(echo.port(), "v1")]),
+    );
+    let _proxy = Proxy::start(&yaml);
+
+    // HTTP/1.1 over TLS to a.test: only a.test's certificate is trusted, so SNI picked it.
+    let mut s = tls_connect(https, "a.test", std::slice::from_ref(&a_der), &[b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /secure HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let (status, _, body) = parse_response(&buf);
+    assert_eq!(status, 200);
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["headers"]["x-forwarded-proto"], "https");
+
+    // HTTP/2 negotiated by ALPN, to b.test with b's certificate.
+    let s = tls_connect(https, "b.test", &[b_der], &[b"h2", b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://b.test/over-h2")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = sender.send_request(req).await.expect("h2 over tls");
+    assert_eq!(resp.status(), 200);
+
+    // Plain HTTP on the redirect server.
+    let (status, headers, _) = raw_get(
+        format!("127.0.0.1:{http_port}").parse().expect("addr"),
+        "/x?y=1",
+        "a.test",
+    )
+    .expect("redirect");
+    assert_eq!(status, 301);
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "location" && v == "https://a.test/x?y=1"),
+        "{headers:?}"
+    );
+}
+
+#[test]
+fn websocket_upgrade_is_tunnelled() {
+    let echo = Echo::start("ws");
+    let port = free_port();
+    let _proxy = Proxy::start(&simple_config(port, &echo, "HTTP"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: echo.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"\x81\x05hello"[..], b"any bytes at all"] {
+        s.write_all(msg).expect("write frame");
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).expect("echo");
+        assert_eq!(back, msg);
+    }
+}
+
+/// Reads the proxy's peak resident memory (VmHWM) in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_streams_up_and_down_with_flat_memory() {
+    const GIB: u64 = 1 << 30;
+    let echo = Echo::start("big");
+    let port = free_port();
+    let proxy = Proxy::start(&simple_config(port, &echo, "HTTP"));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+
+    let up = http::Request::post(format!("http://127.0.0.1:{port}/upload"))
+        .header("host", "echo.test")
+        .header("content-length", GIB.to_string())
+        .body(sized_body(GIB))
+        .expect("request");
+    let resp = client.request(up).await.expect("upload");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(j["body_len"], GIB);
+
+    let down = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{GIB}"))
+        .header("host", "echo.test")
+        .body(sized_body(0))
+        .expect("request");
+    let resp = client.request(down).await.expect("download");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.expect("frame").data_ref() {
+            total += d.len() as u64;
+        }
+    }
+    assert_eq!(total, GIB);
+    let peak = peak_rss_kib(proxy.child.id());
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB after moving 2 GiB");
+}

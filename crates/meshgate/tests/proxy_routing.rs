@@ -1,0 +1,470 @@
+//! Routing through a real meshgate process: Istio match rules, weights, rewrites, redirects,
+//! direct responses, header edits and forwarding headers.
+
+mod support;
+
+use support::*;
+
+struct Shop {
+    v1: Echo,
+    v2: Echo,
+    other: Echo,
+    port: u16,
+    _proxy: Proxy,
+}
+
+fn shop() -> Shop {
+    let v1 = Echo::start("v1");
+    let v2 = Echo::start("v2");
+    let other = Echo::start("other");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gateway}{shop}{other_se}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: shop
+spec:
+  host: shop.test
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: shop
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - gw
+  http:
+  - name: exact
+    match:
+    - uri:
+        exact: /exact
+    route:
+    - destination:
+        host: other.test
+  - name: regex
+    match:
+    - uri:
+        regex: "/items/[0-9]+"
+    route:
+    - destination:
+        host: other.test
+  - name: beta
+    match:
+    - headers:
+        x-user-group:
+          exact: beta
+    - headers:
+        x-region:
+          regex: "us-.*"
+    route:
+    - destination:
+        host: shop.test
+        subset: v2
+  - name: cookie
+    match:
+    - headers:
+        cookie:
+          regex: ".*experiment=new-ui.*"
+    route:
+    - destination:
+        host: shop.test
+        subset: v2
+  - name: query
+    match:
+    - queryParams:
+        debug:
+          exact: "1"
+    route:
+    - destination:
+        host: other.test
+  - name: method
+    match:
+    - method:
+        exact: POST
+      uri:
+        prefix: /orders
+    route:
+    - destination:
+        host: other.test
+  - name: authority
+    match:
+    - authority:
+        exact: special.example.com
+    route:
+    - destination:
+        host: other.test
+  - name: rewrite
+    match:
+    - uri:
+        prefix: /old-api/
+    rewrite:
+      uri: /api/
+      authority: rewritten.internal
+    route:
+    - destination:
+        host: other.test
+  - name: regex-rewrite
+    match:
+    - uri:
+        prefix: /v1/users/
+    rewrite:
+      uriRegexRewrite:
+        match: "^/v1/users/([^/]+)/profile$"
+        rewrite: "/profiles/\\1"
+    route:
+    - destination:
+        host: other.test
+  - name: headers
+    match:
+    - uri:
+        prefix: /headers
+    headers:
+      request:
+        set:
+          x-set: route
+        add:
+          x-added: one
+        remove:
+        - x-remove-me
+      response:
+        set:
+          x-resp-set: yes-set
+        remove:
+        - x-upstream-only
+    route:
+    - destination:
+        host: other.test
+      headers:
+        request:
+          set:
+            x-destination: other
+  - name: redirect
+    match:
+    - uri:
+        exact: /moved
+    redirect:
+      uri: /new-home
+      redirectCode: 308
+  - name: redirect-authority
+    match:
+    - uri:
+        exact: /elsewhere
+    redirect:
+      authority: other.example.com
+      scheme: https
+  - name: teapot
+    match:
+    - uri:
+        exact: /teapot
+    directResponse:
+      status: 418
+      body:
+        string: "short and stout"
+  - name: canary
+    route:
+    - destination:
+        host: shop.test
+        subset: v1
+      weight: 90
+    - destination:
+        host: shop.test
+        subset: v2
+      weight: 10
+"#,
+        gateway = gateway("gw", port),
+        shop = service_entry("shop", "shop.test", &[(v1.port(), "v1"), (v2.port(), "v2")]),
+        other_se = service_entry("other", "other.test", &[(other.port(), "v1")]),
+    );
+    let proxy = Proxy::start(&yaml);
+    Shop {
+        v1,
+        v2,
+        other,
+        port,
+        _proxy: proxy,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_match_rules_route_in_order() {
+    let s = shop();
+    let c = client(false);
+    let p = s.port;
+    let cases: Vec<(http::Request<_>, &str)> = vec![
+        (get(p, "/exact", "shop.test", &[]), "other"),
+        (get(p, "/exact/not", "shop.test", &[]), "v1|v2"),
+        (get(p, "/items/42", "shop.test", &[]), "other"),
+        (get(p, "/items/abc", "shop.test", &[]), "v1|v2"),
+        (get(p, "/", "shop.test", &[("x-user-group", "beta")]), "v2"),
+        (get(p, "/", "shop.test", &[("x-region", "us-east")]), "v2"),
+        (get(p, "/", "shop.test", &[("x-region", "eu-west")]), "v1|v2"),
+        (
+            get(p, "/", "shop.test", &[("cookie", "a=b; experiment=new-ui; c=d")]),
+            "v2",
+        ),
+        (get(p, "/?debug=1", "shop.test", &[]), "other"),
+        (get(p, "/?debug=0", "shop.test", &[]), "v1|v2"),
+        (get(p, "/", "special.example.com", &[]), "other"),
+    ];
+    for (req, want) in cases {
+        let desc = format!("{} {:?}", req.uri(), req.headers());
+        for _ in 0..5 {
+            let req2 = clone_get(&req);
+            let reply = send(&c, req2).await.expect("request");
+            assert_eq!(reply.status, 200, "{desc}");
+            let got = reply.served_by();
+            if want.contains('|') {
+                // The canary route: must not be the `other` service.
+                assert!(got == "v1" || got == "v2", "{desc}: served by {got}");
+            } else {
+                assert_eq!(got, want, "{desc}");
+            }
+        }
+    }
+    let post = http::Request::post(format!("http://127.0.0.1:{p}/orders"))
+        .header("host", "shop.test")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .expect("request");
+    assert_eq!(send(&c, post).await.expect("post").served_by(), "other");
+    assert_ne!(
+        send(&c, get(p, "/orders", "shop.test", &[]))
+            .await
+            .expect("get")
+            .served_by(),
+        "other"
+    );
+    drop(s.other);
+}
+
+fn clone_get(
+    req: &http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::builder().method(req.method()).uri(req.uri().clone());
+    for (k, v) in req.headers() {
+        b = b.header(k, v);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::new())).expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_canary_splits_90_10() {
+    let s = shop();
+    let c = client(false);
+    let n = 1000;
+    for _ in 0..n {
+        let reply = send(&c, get(s.port, "/", "shop.test", &[])).await.expect("request");
+        assert_eq!(reply.status, 200);
+    }
+    let (v1, v2) = (s.v1.count(), s.v2.count());
+    assert_eq!(v1 + v2, n);
+    // Binomial(1000, 0.1): mean 100, sd 9.5; 55..=145 is more than 4.5 sd either side.
+    assert!((55..=145).contains(&v2), "v1={v1} v2={v2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_redirects_direct_responses_and_header_edits() {
+    let s = shop();
+    let c = client(false);
+    let p = s.port;
+
+    let r = send(&c, get(p, "/old-api/list?x=1", "shop.test", &[]))
+        .await
+        .expect("rewrite");
+    let j = r.json();
+    assert_eq!(j["uri"], "/api/list?x=1");
+    assert_eq!(j["headers"]["host"], "rewritten.internal");
+
+    let r = send(&c, get(p, "/v1/users/ann/profile", "shop.test", &[]))
+        .await
+        .expect("regex rewrite");
+    assert_eq!(r.json()["path"], "/profiles/ann");
+
+    let r = send(
+        &c,
+        get(
+            p,
+            "/headers",
+            "shop.test",
+            &[("x-remove-me", "1"), ("x-added", "zero"), ("x-set", "client")],
+        ),
+    )
+    .await
+    .expect("headers");
+    let j = r.json();
+    assert_eq!(j["headers"]["x-set"], "route");
+    assert_eq!(j["headers"]["x-added"], "zero,one");
+    assert_eq!(j["headers"]["x-destination"], "other");
+    assert!(j["headers"].get("x-remove-me").is_none(), "{j}");
+    assert_eq!(r.header("x-resp-set"), Some("yes-set"));
+    assert_eq!(r.header("x-upstream-only"), None);
+
+    let r = send(&c, get(p, "/moved?keep=1", "shop.test", &[]))
+        .await
+        .expect("redirect");
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("http://shop.test/new-home?keep=1"));
+
+    let r = send(&c, get(p, "/elsewhere", "shop.test", &[]))
+        .await
+        .expect("redirect");
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://other.example.com/elsewhere"));
+
+    let r = send(&c, get(p, "/teapot", "shop.test", &[])).await.expect("direct");
+    assert_eq!(r.status, 418);
+    assert_eq!(r.body, "short and stout");
+    assert_eq!(
+        s.other.count() + s.v1.count() + s.v2.count(),
+        3,
+        "local replies never reach an upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_follow_envoy() {
+    let s = shop();
+    let c = client(false);
+    let r = send(
+        &c,
+        get(
+            s.port,
+            "/exact",
+            "shop.test",
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-request-id", "client-chosen"),
+                ("connection", "x-hop"),
+                ("x-hop", "secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-forwarded-proto", "https"),
+            ],
+        ),
+    )
+    .await
+    .expect("request");
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    let id = h["x-request-id"].as_str().expect("request id");
+    assert_ne!(
+        id, "client-chosen",
+        "an edge proxy regenerates x-request-id, as Envoy does"
+    );
+    assert_eq!(id.len(), 36);
+    assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none(), "{h}");
+    assert_eq!(h["host"], "shop.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_and_path_get_404_and_dead_upstream_503() {
+    let port = free_port();
+    let dead = free_port();
+    let yaml = format!(
+        r#"{gw}{se}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: only
+spec:
+  hosts: ["only.test"]
+  gateways: ["gw"]
+  http:
+  - match:
+    - uri:
+        prefix: /api
+    route:
+    - destination:
+        host: dead.test
+"#,
+        gw = gateway("gw", port),
+        se = service_entry("dead", "dead.test", &[(dead, "v1")]),
+    );
+    let proxy = Proxy::start(&yaml);
+    let c = client(false);
+    assert_eq!(
+        send(&c, get(port, "/api", "nobody.test", &[]))
+            .await
+            .expect("req")
+            .status,
+        404
+    );
+    assert_eq!(
+        send(&c, get(port, "/other", "only.test", &[]))
+            .await
+            .expect("req")
+            .status,
+        404
+    );
+    let r = send(&c, get(port, "/api", "only.test", &[])).await.expect("req");
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("connection failure"), "{}", r.body);
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.contains("meshgate_no_route_total{listener=\"0.0.0.0_"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("code=\"503\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_on_header_is_sticky() {
+    let eps: Vec<Echo> = (0..3).map(|i| Echo::start(&format!("e{i}"))).collect();
+    let port = free_port();
+    let endpoints: Vec<(u16, &str)> = eps.iter().map(|e| (e.port(), "v1")).collect();
+    let yaml = format!(
+        r#"{gw}{se}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: sticky
+spec:
+  host: sticky.test
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpHeaderName: x-user
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: sticky
+spec:
+  hosts: ["*"]
+  gateways: ["gw"]
+  http:
+  - route:
+    - destination:
+        host: sticky.test
+"#,
+        gw = gateway("gw", port),
+        se = service_entry("sticky", "sticky.test", &endpoints),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    let mut owners = std::collections::BTreeSet::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let first = send(&c, get(port, "/", "x", &[("x-user", &user)]))
+            .await
+            .expect("req")
+            .served_by();
+        for _ in 0..4 {
+            assert_eq!(
+                send(&c, get(port, "/", "x", &[("x-user", &user)]))
+                    .await
+                    .expect("req")
+                    .served_by(),
+                first
+            );
+        }
+        owners.insert(first);
+    }
+    assert!(owners.len() >= 2, "30 users all hashed to {owners:?}");
+}

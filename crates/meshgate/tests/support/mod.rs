@@ -1,0 +1,451 @@
+//! End-to-end test support: real echo upstreams on loopback, a real `meshgate proxy` process,
+//! and clients that talk to it over real sockets.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A free loopback port (bound then released; the tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A unique scratch folder under the system temp dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "meshgate-test-{}-{}-{}",
+        name,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// An echo upstream: answers every request with a JSON description of what it received.
+///
+/// Paths with special meaning: `/status/NNN` answers with that status; `/bytes/N` streams N
+/// bytes; `/trailers` answers with `grpc-status: 0` trailers; an `Upgrade: websocket` request
+/// is switched and every byte is echoed back.
+pub struct Echo {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    /// Starts the server on its own thread (so it works from sync and async tests alike).
+    pub fn start(name: &str) -> Echo {
+        let std_listener = StdListener::bind("127.0.0.1:0").expect("bind echo");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let name_owned = name.to_string();
+        let counter = requests.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("listener");
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let name = name_owned.clone();
+                    let counter = counter.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| echo(req, name.clone(), counter.clone()));
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        Echo { name: name.to_string(), addr, requests }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn echo(
+    mut req: Request<Incoming>,
+    name: String,
+    counter: Arc<AtomicUsize>,
+) -> Result<Response<BoxBody>, Infallible> {
+    counter.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    if req.headers().get("upgrade").is_some() {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let resp = Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("x-echo-name", name.as_str())
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("response");
+        return Ok(resp);
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let code: u16 = code.parse().unwrap_or(500);
+        return Ok(Response::builder()
+            .status(code)
+            .header("x-echo-name", name.as_str())
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("response"));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let total: u64 = n.parse().unwrap_or(0);
+        let resp = Response::builder()
+            .header("content-length", total.to_string())
+            .header("x-echo-name", name.as_str())
+            .body(BodyExt::boxed(sized_body(total)))
+            .expect("response");
+        return Ok(resp);
+    }
+    let mut headers = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|e: &mut String| {
+                e.push(',');
+                e.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            })
+            .or_insert_with(|| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let version = format!("{:?}", req.version());
+    // Count the body without keeping it, so huge uploads stay flat in memory.
+    let mut body = req.into_body();
+    let mut body_len: u64 = 0;
+    let mut trailers = BTreeMap::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    body_len += d.len() as u64;
+                }
+                if let Some(t) = f.trailers_ref() {
+                    for (k, v) in t {
+                        trailers.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let json = serde_json::json!({
+        "name": name, "method": method, "uri": uri, "path": path, "version": version,
+        "headers": headers, "body_len": body_len, "trailers": trailers,
+    });
+    let data = Bytes::from(json.to_string());
+    if path == "/trailers" {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        t.insert("grpc-message", http::HeaderValue::from_static("ok"));
+        let body = FrameIter(vec![Frame::data(data), Frame::trailers(t)].into_iter());
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("x-echo-name", name.as_str())
+            .body(BodyExt::boxed(body))
+            .expect("response"));
+    }
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .header("x-echo-name", name.as_str())
+        .header("x-upstream-only", "1")
+        .body(Full::new(data).boxed())
+        .expect("response"))
+}
+
+/// A body yielding frames from an iterator, so tests need no stream crate.
+pub struct FrameIter<I>(pub I);
+
+impl<I: Iterator<Item = Frame<Bytes>> + Unpin> hyper::body::Body for FrameIter<I> {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.get_mut().0.next().map(Ok))
+    }
+}
+
+/// `total` bytes of `x`, in 64 KiB frames, generated lazily.
+pub fn sized_body(total: u64) -> FrameIter<impl Iterator<Item = Frame<Bytes>> + Unpin + Send + Sync + 'static> {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let mut left = total;
+    FrameIter(std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(chunk.len() as u64) as usize;
+        left -= n as u64;
+        Some(Frame::data(chunk.slice(..n)))
+    }))
+}
+
+/// A running `meshgate proxy` process; killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Writes `yaml` to a scratch folder and starts meshgate on it, waiting for `/ready`.
+    pub fn start(yaml: &str) -> Proxy {
+        Self::start_with(yaml, &[])
+    }
+
+    pub fn start_with(yaml: &str, extra_args: &[&str]) -> Proxy {
+        let dir = scratch_dir("proxy");
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, yaml).expect("write config");
+        let proxy = Self::spawn(&config, extra_args);
+        proxy.wait_ready();
+        proxy
+    }
+
+    /// Starts meshgate without waiting (for tests of start-up failures).
+    pub fn spawn(config: &Path, extra_args: &[&str]) -> Proxy {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log = config.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+            .args(["proxy", "--config"])
+            .arg(config)
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--workers",
+                "1",
+                "--admin-addr",
+                &admin.to_string(),
+            ])
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn meshgate");
+        Proxy {
+            child,
+            admin,
+            config: config.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok((200, _, _)) = raw_get(self.admin, "/ready", "admin") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("meshgate did not become ready; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = raw_get(self.admin, path, "admin").expect("admin request");
+        (status, body)
+    }
+
+    pub fn config_version(&self) -> u64 {
+        let (_, metrics) = self.admin_get("/stats/prometheus");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("meshgate_config_version "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Rewrites the config file and waits until the proxy reports a newer config version.
+    pub fn reload_with(&self, yaml: &str) {
+        let before = self.config_version();
+        std::fs::write(&self.config, yaml).expect("rewrite config");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.config_version() > before {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("config was not reloaded within 5 s; log:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET with `Connection: close`: (status, headers, body).
+pub fn raw_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+    raw_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Sends raw bytes and parses the (single) response; a closed connection without a response
+/// is reported as status 0.
+pub fn raw_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+    let mut stream = StdStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    Ok(parse_response(&buf))
+}
+
+pub fn parse_response(buf: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let text = String::from_utf8_lossy(buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return (0, Vec::new(), String::new());
+    };
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    (status, headers, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A pooled async HTTP client (HTTP/1.1, or h2c prior knowledge with `http2`).
+pub fn client(
+    http2: bool,
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build_http()
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The echo upstream's name that served the request.
+    pub fn served_by(&self) -> String {
+        self.header("x-echo-name").unwrap_or("").to_string()
+    }
+}
+
+/// Sends `req` with `client` and reads the whole response.
+pub async fn send(
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Reply, String> {
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Builds a GET to the proxy's `port` with a Host header and extra headers.
+pub fn get(port: u16, path: &str, host: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::get(format!("http://127.0.0.1:{port}{path}")).header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+/// A ServiceEntry giving `host` one static loopback endpoint per (port, labels).
+pub fn service_entry(name: &str, host: &str, endpoints: &[(u16, &str)]) -> String {
+    let mut eps = String::new();
+    for (port, version) in endpoints {
+        eps.push_str(&format!(
+            "  - address: 127.0.0.1\n    ports:\n      http: {port}\n    labels:\n      version: {version}\n"
+        ));
+    }
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\nspec:\n  hosts:\n  - {host}\n  resolution: STATIC\n  ports:\n  - number: 80\n    name: http\n    protocol: HTTP\n  endpoints:\n{eps}---\n"
+    )
+}
+
+/// A Gateway on `port` for all hosts, selected by the default `istio: ingressgateway` label.
+pub fn gateway(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\nspec:\n  selector:\n    istio: ingressgateway\n  servers:\n  - port:\n      number: {port}\n      name: http\n      protocol: HTTP\n    hosts:\n    - \"*\"\n---\n"
+    )
+}

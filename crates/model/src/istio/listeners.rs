@@ -1,0 +1,375 @@
+//! Gateways and the mesh listener: which sockets to open, their TLS, and which
+//! VirtualService routes each one serves.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::registry::{Registry, is_short};
+use super::routes::{CompiledVs, GatewayRef};
+use super::types::{GatewaySpec, Server};
+use super::{Diag, Res, Resources, at};
+use crate::CompileOptions;
+use crate::snapshot::{
+    Forward, HeaderOps, Listener, ListenerTls, Route, RouteAction, RouteTable, Snapshot, TlsCertificate, VirtualHost,
+    WeightedDestination,
+};
+use crate::source::Document;
+
+/// One served Gateway server, validated.
+struct ServerInfo<'a> {
+    doc: &'a Document,
+    path: String,
+    gateway: GatewayRef,
+    /// `(namespace filter, host)`: `None` admits VirtualServices of any namespace.
+    hosts: Vec<(Option<String>, String)>,
+    port: u16,
+    certificate: Option<TlsCertificate>,
+    https_redirect: bool,
+}
+
+pub(crate) fn build(
+    resources: &Resources<'_>,
+    vss: &[CompiledVs<'_>],
+    registry: &mut Registry<'_>,
+    options: &CompileOptions,
+    snapshot: &mut Snapshot,
+    diag: &mut Diag,
+) {
+    // Servers grouped by port, ports in order of first declaration.
+    let mut ports: Vec<(u16, Vec<ServerInfo<'_>>)> = Vec::new();
+    for gw in &resources.gateways {
+        let selector = gw.spec.selector.clone().unwrap_or_default();
+        if !super::registry::is_subset(&selector, &options.gateway_labels) {
+            continue;
+        }
+        for (j, server) in gw.spec.servers.iter().enumerate() {
+            let Some(info) = server_info(gw, j, server, diag) else {
+                continue;
+            };
+            match ports.iter_mut().find(|(p, _)| *p == info.port) {
+                Some((_, list)) => {
+                    if list[0].certificate.is_some() != info.certificate.is_some() {
+                        diag.error(
+                            info.doc,
+                            at(&info.path, "port.number"),
+                            format!(
+                                "port {} mixes TLS and plain-text servers (see {} {})",
+                                info.port,
+                                super::resource_name(list[0].doc),
+                                list[0].path
+                            ),
+                        );
+                        continue;
+                    }
+                    list.push(info);
+                }
+                None => ports.push((info.port, vec![info])),
+            }
+        }
+    }
+    for (port, servers) in ports {
+        let mut table = RouteTable::default();
+        bind(&servers, vss, port, &mut table);
+        table.index();
+        let certificates: Vec<TlsCertificate> = servers.into_iter().filter_map(|s| s.certificate).collect();
+        let tls = (!certificates.is_empty()).then(|| ListenerTls {
+            certificates,
+            alpn: vec!["h2".to_string(), "http/1.1".to_string()],
+        });
+        snapshot.listeners.push(Listener {
+            name: format!("0.0.0.0_{port}"),
+            address: None,
+            port,
+            tls,
+            routes: table,
+        });
+    }
+    if let Some(port) = options.mesh_port {
+        let routes = mesh_routes(vss, registry, port, diag);
+        let address = options.mesh_address;
+        snapshot.listeners.push(Listener {
+            name: format!(
+                "{}_{port}",
+                address.map_or_else(|| "0.0.0.0".to_string(), |a| a.to_string())
+            ),
+            address,
+            port,
+            tls: None,
+            routes,
+        });
+    }
+}
+
+fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &mut Diag) -> Option<ServerInfo<'a>> {
+    let doc = gw.doc;
+    let path = format!("spec.servers[{j}]");
+    let protocol = server.port.protocol.to_ascii_uppercase();
+    let is_tls = match protocol.as_str() {
+        "HTTP" | "HTTP2" | "GRPC" => false,
+        "HTTPS" => true,
+        other => {
+            diag.warn(
+                doc,
+                at(&path, "port.protocol"),
+                format!("protocol {other} is not supported yet, server ignored"),
+            );
+            return None;
+        }
+    };
+    if server.hosts.is_empty() {
+        diag.error(doc, at(&path, "hosts"), "at least one host is required");
+        return None;
+    }
+    let hosts: Vec<(Option<String>, String)> = server
+        .hosts
+        .iter()
+        .map(|h| match h.split_once('/') {
+            Some(("*", host)) => (None, host.to_ascii_lowercase()),
+            Some((".", host)) => (Some(doc.namespace.clone()), host.to_ascii_lowercase()),
+            Some((ns, host)) => (Some(ns.to_string()), host.to_ascii_lowercase()),
+            None => (None, h.to_ascii_lowercase()),
+        })
+        .collect();
+    let tls_path = at(&path, "tls");
+    let mut https_redirect = false;
+    let mut certificate = None;
+    if is_tls {
+        let Some(tls) = &server.tls else {
+            diag.error(doc, tls_path, "HTTPS servers need tls settings");
+            return None;
+        };
+        if tls.credential_name.is_some() || tls.credential_names.is_some() || tls.tls_certificates.is_some() {
+            diag.error(
+                doc,
+                tls_path,
+                "credentialName/credentialNames/tlsCertificates are not supported yet; use serverCertificate and privateKey files",
+            );
+            return None;
+        }
+        // Istio's TLSmode enum defaults to PASSTHROUGH.
+        let mode = tls.mode.as_deref().unwrap_or("PASSTHROUGH");
+        if mode != "SIMPLE" {
+            diag.error(
+                doc,
+                at(&tls_path, "mode"),
+                format!("tls mode {mode} is not supported yet (only SIMPLE)"),
+            );
+            return None;
+        }
+        let base = doc.file.parent().unwrap_or(Path::new("."));
+        let cert = read_pem(
+            doc,
+            &tls_path,
+            "serverCertificate",
+            tls.server_certificate.as_deref(),
+            base,
+            diag,
+        );
+        let key = read_pem(doc, &tls_path, "privateKey", tls.private_key.as_deref(), base, diag);
+        let ((cert_path, cert_pem), (key_path, key_pem)) = (cert?, key?);
+        certificate = Some(TlsCertificate {
+            sni_hosts: hosts.iter().map(|(_, h)| h.clone()).collect(),
+            cert_path,
+            key_path,
+            cert_pem,
+            key_pem,
+        });
+    } else if let Some(tls) = &server.tls {
+        https_redirect = tls.https_redirect.unwrap_or(false);
+        if tls.mode.is_some() {
+            diag.warn(
+                doc,
+                at(&tls_path, "mode"),
+                format!("tls mode has no effect on a {protocol} server, ignored"),
+            );
+        }
+    }
+    Some(ServerInfo {
+        doc,
+        path,
+        gateway: GatewayRef::Named(doc.namespace.clone(), doc.name.clone()),
+        hosts,
+        port: server.port.number,
+        certificate,
+        https_redirect,
+    })
+}
+
+/// Reads a PEM file named by `tls.<field>`; relative paths are relative to the YAML file.
+fn read_pem(
+    doc: &Document,
+    tls_path: &str,
+    field: &str,
+    value: Option<&str>,
+    base: &Path,
+    diag: &mut Diag,
+) -> Option<(PathBuf, Vec<u8>)> {
+    let field_path = at(tls_path, field);
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        diag.error(doc, field_path, format!("{field} is required with tls mode SIMPLE"));
+        return None;
+    };
+    let path = base.join(value);
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.windows(10).any(|w| w == b"-----BEGIN") => Some((path, bytes)),
+        Ok(_) => {
+            diag.error(doc, field_path, format!("{} is not a PEM file", path.display()));
+            None
+        }
+        Err(e) => {
+            diag.error(doc, field_path, format!("cannot read {}: {e}", path.display()));
+            None
+        }
+    }
+}
+
+/// Intersection of a VirtualService host and a Gateway server host, if they overlap.
+pub(crate) fn intersect(a: &str, b: &str) -> Option<String> {
+    if a == "*" {
+        return Some(b.to_string());
+    }
+    if b == "*" {
+        return Some(a.to_string());
+    }
+    let covers = |wild: &str, other: &str| {
+        wild.strip_prefix('*')
+            .is_some_and(|suffix| other.len() > suffix.len() && other.ends_with(suffix))
+    };
+    match (a.starts_with('*'), b.starts_with('*')) {
+        _ if a == b => Some(a.to_string()),
+        (true, _) if covers(a, b) => Some(b.to_string()),
+        (_, true) if covers(b, a) => Some(a.to_string()),
+        _ => None,
+    }
+}
+
+/// Domains sharing routes: `(https_redirect, (VirtualService index, gateway)s, domains)`.
+type DomainGroup = (bool, Vec<(usize, GatewayRef)>, Vec<String>);
+
+/// Binds the VirtualServices to one listener's servers.
+fn bind(servers: &[ServerInfo<'_>], vss: &[CompiledVs<'_>], port: u16, table: &mut RouteTable) {
+    // domain → (https_redirect, contributing (VirtualService index, gateway)).
+    let mut order: Vec<String> = Vec::new();
+    let mut domains: HashMap<String, (bool, Vec<(usize, GatewayRef)>)> = HashMap::new();
+    for server in servers {
+        for (vi, vs) in vss.iter().enumerate() {
+            if !vs.binds(&server.gateway) {
+                continue;
+            }
+            for (ns_filter, server_host) in &server.hosts {
+                if ns_filter.as_ref().is_some_and(|ns| *ns != vs.doc.namespace) {
+                    continue;
+                }
+                for host in &vs.hosts {
+                    let Some(domain) = intersect(host, server_host) else {
+                        continue;
+                    };
+                    let entry = domains.entry(domain.clone()).or_insert_with(|| {
+                        order.push(domain.clone());
+                        (server.https_redirect, Vec::new())
+                    });
+                    if !entry.1.iter().any(|(i, _)| *i == vi) {
+                        entry.1.push((vi, server.gateway.clone()));
+                    }
+                }
+            }
+        }
+    }
+    // Domains with the same routes share one virtual host.
+    let mut groups: Vec<DomainGroup> = Vec::new();
+    for domain in order {
+        let Some((redirect, sources)) = domains.remove(&domain) else {
+            continue;
+        };
+        match groups.iter_mut().find(|(r, s, _)| *r == redirect && *s == sources) {
+            Some(group) => group.2.push(domain),
+            None => groups.push((redirect, sources, vec![domain])),
+        }
+    }
+    for (https_redirect, sources, domains) in groups {
+        let routes = sources.iter().flat_map(|(vi, gw)| vss[*vi].routes_for(gw)).collect();
+        table.virtual_hosts.push(VirtualHost {
+            name: format!("{}:{port}", domains[0]),
+            domains,
+            routes,
+            https_redirect,
+        });
+    }
+}
+
+/// The outbound (sidecar) listener: VirtualServices bound to `mesh`, then a default route
+/// for every service host no VirtualService claims.
+fn mesh_routes(vss: &[CompiledVs<'_>], registry: &mut Registry<'_>, port: u16, diag: &mut Diag) -> RouteTable {
+    let mut table = RouteTable::default();
+    let mut claimed: Vec<String> = Vec::new();
+    for vs in vss {
+        if !vs.binds(&GatewayRef::Mesh) {
+            continue;
+        }
+        let mut domains = Vec::new();
+        for host in &vs.hosts {
+            let mut names = vec![host.clone()];
+            if is_short(host) {
+                let ns = &vs.doc.namespace;
+                names.push(format!("{host}.{ns}"));
+                names.push(format!("{host}.{ns}.svc"));
+                names.push(format!("{host}.{ns}.svc.cluster.local"));
+            }
+            for n in names {
+                if !claimed.contains(&n) {
+                    claimed.push(n.clone());
+                    domains.push(n);
+                }
+            }
+        }
+        if domains.is_empty() {
+            continue;
+        }
+        table.virtual_hosts.push(VirtualHost {
+            name: format!("{}:{port}", domains[0]),
+            domains,
+            routes: vs.routes_for(&GatewayRef::Mesh),
+            https_redirect: false,
+        });
+    }
+    let hosts: Vec<(String, u16)> = registry
+        .services
+        .iter()
+        .filter_map(|s| s.ports.first().map(|p| (s.host.clone(), p.number)))
+        .collect();
+    for (host, number) in hosts {
+        if claimed.contains(&host) {
+            continue;
+        }
+        let Some(doc) = registry.service_doc(&host) else {
+            continue;
+        };
+        let Some(cluster) = registry.cluster(doc, "spec.hosts", &host, Some(number), None, diag) else {
+            continue;
+        };
+        table.virtual_hosts.push(VirtualHost {
+            name: format!("{host}:{port}"),
+            domains: vec![host.clone()],
+            routes: vec![Route {
+                name: format!("default/{host}"),
+                matches: Vec::new(),
+                action: RouteAction::Forward(Forward {
+                    destinations: vec![WeightedDestination {
+                        cluster,
+                        weight: 100,
+                        request_headers: HeaderOps::default(),
+                        response_headers: HeaderOps::default(),
+                    }],
+                    total_weight: 100,
+                    rewrite: None,
+                    timeout: None,
+                }),
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }],
+            https_redirect: false,
+        });
+    }
+    table.index();
+    table
+}

@@ -1,0 +1,552 @@
+//! The service registry (ServiceEntry + WorkloadEntry), DestinationRules, and the clusters
+//! built from them on demand.
+//!
+//! Clusters are only created for destinations that routes reference (plus the mesh default
+//! routes), named as Istio names Envoy clusters: `outbound|PORT|SUBSET|HOST`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use super::types::{
+    ConnectionPool, DestinationRuleSpec, Labels, LoadBalancerSettings, ServicePort, TrafficPolicy, WorkloadEntrySpec,
+};
+use super::{Diag, Res, Resources, at};
+use crate::snapshot::{Cluster, ClusterId, Discovery, Endpoint, HashKey, LoadBalancer, UpstreamProtocol};
+use crate::source::Document;
+
+/// Kubernetes' cluster domain, used to expand short host names.
+const DOMAIN_SUFFIX: &str = "svc.cluster.local";
+
+/// `reviews` in namespace `ns` → `reviews.ns.svc.cluster.local`; other names unchanged.
+pub(crate) fn expand_short(host: &str, namespace: &str) -> String {
+    if is_short(host) {
+        format!("{host}.{namespace}.{DOMAIN_SUFFIX}")
+    } else {
+        host.to_string()
+    }
+}
+
+pub(crate) fn is_short(host: &str) -> bool {
+    !host.contains('.') && !host.contains('*')
+}
+
+struct ServiceEndpoint {
+    address: String,
+    ports: BTreeMap<String, u16>,
+    labels: Labels,
+    weight: u32,
+}
+
+pub(crate) struct Service<'r> {
+    doc: &'r Document,
+    pub host: String,
+    pub ports: Vec<ServicePort>,
+    discovery: Discovery,
+    endpoints: Vec<ServiceEndpoint>,
+}
+
+struct Rule<'r> {
+    res: &'r Res<'r, DestinationRuleSpec>,
+    /// `spec.host`, lower-cased, short names expanded in the rule's namespace.
+    host: String,
+}
+
+pub(crate) struct Registry<'r> {
+    pub services: Vec<Service<'r>>,
+    by_host: HashMap<String, usize>,
+    rules: Vec<Rule<'r>>,
+    clusters: Vec<Cluster>,
+    cluster_ids: HashMap<String, ClusterId>,
+}
+
+impl<'r> Registry<'r> {
+    pub(crate) fn build(resources: &'r Resources<'r>, diag: &mut Diag) -> Self {
+        let mut registry = Registry {
+            services: Vec::new(),
+            by_host: HashMap::new(),
+            rules: Vec::new(),
+            clusters: Vec::new(),
+            cluster_ids: HashMap::new(),
+        };
+        for se in &resources.service_entries {
+            registry.add_service_entry(se, resources, diag);
+        }
+        for dr in &resources.destination_rules {
+            validate_destination_rule(dr, diag);
+            let host = expand_short(&dr.spec.host.to_ascii_lowercase(), &dr.doc.namespace);
+            if dr.spec.host.is_empty() {
+                diag.error(dr.doc, "spec.host", "host is required");
+                continue;
+            }
+            registry.rules.push(Rule { res: dr, host });
+        }
+        registry
+    }
+
+    fn add_service_entry(
+        &mut self,
+        se: &'r Res<'r, super::types::ServiceEntrySpec>,
+        resources: &'r Resources<'r>,
+        diag: &mut Diag,
+    ) {
+        let (doc, spec) = (se.doc, &se.spec);
+        if spec.hosts.is_empty() {
+            diag.error(doc, "spec.hosts", "at least one host is required");
+        }
+        if spec.ports.is_empty() {
+            diag.error(doc, "spec.ports", "at least one port is required");
+        }
+        if let Some(loc) = &spec.location
+            && !matches!(loc.as_str(), "MESH_EXTERNAL" | "MESH_INTERNAL")
+        {
+            diag.error(
+                doc,
+                "spec.location",
+                format!("unknown location {loc:?} (MESH_EXTERNAL or MESH_INTERNAL)"),
+            );
+        }
+        let discovery = match spec.resolution.as_deref().unwrap_or("NONE") {
+            "NONE" => Discovery::OriginalDestination,
+            "STATIC" => Discovery::Static,
+            "DNS" | "DNS_ROUND_ROBIN" => Discovery::Dns,
+            other => {
+                diag.error(
+                    doc,
+                    "spec.resolution",
+                    format!("unknown resolution {other:?} (NONE, STATIC, DNS or DNS_ROUND_ROBIN)"),
+                );
+                Discovery::OriginalDestination
+            }
+        };
+        // Endpoints: inline ones, then WorkloadEntries selected in the same namespace.
+        let mut sources: Vec<(&Document, String, &WorkloadEntrySpec)> = spec
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (doc, format!("spec.endpoints[{i}]"), e))
+            .collect();
+        if let Some(selector) = &spec.workload_selector {
+            let wanted = selector.labels.clone().unwrap_or_default();
+            for we in &resources.workload_entries {
+                let labels = we.spec.labels.clone().unwrap_or_default();
+                if we.doc.namespace == doc.namespace && is_subset(&wanted, &labels) {
+                    sources.push((we.doc, "spec".to_string(), &we.spec));
+                }
+            }
+        }
+        let mut endpoints = Vec::new();
+        for (src_doc, path, ep) in sources {
+            let Some(address) = ep.address.clone().filter(|a| !a.is_empty()) else {
+                diag.error(src_doc, at(&path, "address"), "address is required");
+                continue;
+            };
+            if discovery == Discovery::Static && address.parse::<IpAddr>().is_err() {
+                diag.error(
+                    src_doc,
+                    at(&path, "address"),
+                    format!(
+                        "address {address:?} must be an IP address with resolution STATIC (use DNS for host names)"
+                    ),
+                );
+                continue;
+            }
+            endpoints.push(ServiceEndpoint {
+                address,
+                ports: ep.ports.clone().unwrap_or_default(),
+                labels: ep.labels.clone().unwrap_or_default(),
+                weight: ep.weight.unwrap_or(1),
+            });
+        }
+        for (i, host) in spec.hosts.iter().enumerate() {
+            let host = host.to_ascii_lowercase();
+            if host.is_empty() {
+                diag.error(doc, format!("spec.hosts[{i}]"), "host must not be empty");
+                continue;
+            }
+            if self.by_host.contains_key(&host) {
+                diag.warn(
+                    doc,
+                    format!("spec.hosts[{i}]"),
+                    format!("host {host} is already defined by an earlier ServiceEntry; this definition is ignored"),
+                );
+                continue;
+            }
+            // With DNS resolution and no endpoints, the host name itself is resolved.
+            let own = if discovery == Discovery::Dns && endpoints.is_empty() && !host.contains('*') {
+                vec![ServiceEndpoint {
+                    address: host.clone(),
+                    ports: BTreeMap::new(),
+                    labels: Labels::new(),
+                    weight: 1,
+                }]
+            } else {
+                endpoints
+                    .iter()
+                    .map(|e| ServiceEndpoint {
+                        address: e.address.clone(),
+                        ports: e.ports.clone(),
+                        labels: e.labels.clone(),
+                        weight: e.weight,
+                    })
+                    .collect()
+            };
+            self.by_host.insert(host.clone(), self.services.len());
+            self.services.push(Service {
+                doc,
+                host,
+                ports: spec.ports.clone(),
+                discovery,
+                endpoints: own,
+            });
+        }
+    }
+
+    /// Finds the service for a destination host written in namespace `namespace`:
+    /// the exact host first, then the expanded short name.
+    pub(crate) fn resolve(&self, host: &str, namespace: &str) -> Option<usize> {
+        let host = host.to_ascii_lowercase();
+        self.by_host
+            .get(&host)
+            .or_else(|| {
+                is_short(&host)
+                    .then(|| self.by_host.get(&expand_short(&host, namespace)))
+                    .flatten()
+            })
+            .copied()
+    }
+
+    /// The most specific DestinationRule for `host`: exact, then longest wildcard suffix,
+    /// then `*`; the first declared wins a tie.
+    fn rule_for(&self, host: &str) -> Option<&Rule<'r>> {
+        let mut best: Option<(usize, &Rule<'r>)> = None;
+        for rule in &self.rules {
+            let score = if rule.host == host {
+                usize::MAX
+            } else if rule.host == "*" {
+                0
+            } else if let Some(suffix) = rule.host.strip_prefix('*') {
+                if host.len() > suffix.len() && host.ends_with(suffix) {
+                    suffix.len()
+                } else {
+                    continue;
+                }
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, rule));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+
+    /// Returns the cluster for a route destination, creating it on first use. `field` is the
+    /// path of the destination (`spec.http[0].route[1].destination`) for findings.
+    pub(crate) fn cluster(
+        &mut self,
+        doc: &Document,
+        field: &str,
+        host: &str,
+        port: Option<u16>,
+        subset: Option<&str>,
+        diag: &mut Diag,
+    ) -> Option<ClusterId> {
+        let subset = subset.unwrap_or("");
+        let (svc_host, svc_port, protocol, discovery, endpoints) = match self.resolve(host, &doc.namespace) {
+            Some(i) => {
+                let svc = &self.services[i];
+                let svc_port = match port {
+                    Some(n) => match svc.ports.iter().find(|p| p.number == n) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let known: Vec<String> = svc.ports.iter().map(|p| p.number.to_string()).collect();
+                            diag.error(
+                                doc,
+                                at(field, "port.number"),
+                                format!("service {} has no port {n} (ports: {})", svc.host, known.join(", ")),
+                            );
+                            return None;
+                        }
+                    },
+                    None => match svc.ports.as_slice() {
+                        [only] => only.clone(),
+                        [] => {
+                            diag.error(doc, field, format!("service {} has no ports", svc.host));
+                            return None;
+                        }
+                        _ => {
+                            diag.error(
+                                doc,
+                                at(field, "port"),
+                                format!("service {} has several ports; the destination must name one", svc.host),
+                            );
+                            return None;
+                        }
+                    },
+                };
+                let endpoints: Vec<Endpoint> = svc
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        address: e.address.clone(),
+                        port: svc_port
+                            .name
+                            .as_ref()
+                            .and_then(|n| e.ports.get(n).copied())
+                            .or(svc_port.target_port)
+                            .unwrap_or(svc_port.number),
+                        weight: e.weight,
+                        labels: e.labels.clone(),
+                    })
+                    .collect();
+                (
+                    svc.host.clone(),
+                    svc_port.number,
+                    port_protocol(&svc_port),
+                    svc.discovery,
+                    endpoints,
+                )
+            }
+            None => {
+                let host = host.to_ascii_lowercase();
+                let number = port.unwrap_or(80);
+                let endpoint = Endpoint {
+                    address: host.clone(),
+                    port: number,
+                    weight: 1,
+                    labels: BTreeMap::new(),
+                };
+                (host, number, UpstreamProtocol::Http1, Discovery::Dns, vec![endpoint])
+            }
+        };
+        let name = format!("outbound|{svc_port}|{subset}|{svc_host}");
+        if let Some(&id) = self.cluster_ids.get(&name) {
+            return Some(id);
+        }
+        if self.resolve(host, &doc.namespace).is_none() {
+            diag.warn(
+                doc,
+                at(field, "host"),
+                format!("no ServiceEntry defines host {svc_host}; it will be resolved by DNS"),
+            );
+        }
+        let rule_host = expand_short(&svc_host, &doc.namespace);
+        let rule = self.rule_for(&rule_host).map(|r| r.res);
+        let subset_spec = if subset.is_empty() {
+            None
+        } else {
+            match rule.and_then(|r| r.spec.subsets.iter().find(|s| s.name == subset)) {
+                Some(s) => Some(s),
+                None => {
+                    diag.error(
+                        doc,
+                        at(field, "subset"),
+                        format!("subset {subset:?} is not defined by any DestinationRule for host {svc_host}"),
+                    );
+                    return None;
+                }
+            }
+        };
+        // Precedence: subset port-level > subset > rule port-level > rule.
+        let mut chain: Vec<&TrafficPolicy> = Vec::new();
+        if let Some(tp) = subset_spec.and_then(|s| s.traffic_policy.as_ref()) {
+            chain.push(tp);
+        }
+        if let Some(tp) = rule.and_then(|r| r.spec.traffic_policy.as_ref()) {
+            chain.push(tp);
+        }
+        let mut lb_chain: Vec<&LoadBalancerSettings> = Vec::new();
+        let mut pool_chain: Vec<&ConnectionPool> = Vec::new();
+        for tp in chain {
+            if let Some(pl) = tp
+                .port_level_settings
+                .iter()
+                .flatten()
+                .find(|p| p.port.as_ref().and_then(|p| p.number) == Some(svc_port))
+            {
+                lb_chain.extend(pl.load_balancer.as_ref());
+                pool_chain.extend(pl.connection_pool.as_ref());
+            }
+            lb_chain.extend(tp.load_balancer.as_ref());
+            pool_chain.extend(tp.connection_pool.as_ref());
+        }
+        let (load_balancer, passthrough) = lb_chain
+            .first()
+            .map_or((LoadBalancer::LeastRequest, false), |lb| load_balancer(lb));
+        let upgrade = pool_chain
+            .first()
+            .and_then(|p| p.http.as_ref())
+            .and_then(|h| h.h2_upgrade_policy.as_deref())
+            == Some("UPGRADE");
+        let protocol = if upgrade { UpstreamProtocol::Http2 } else { protocol };
+        let endpoints = match subset_spec {
+            Some(s) => {
+                let wanted = s.labels.clone().unwrap_or_default();
+                endpoints
+                    .into_iter()
+                    .filter(|e| is_subset(&wanted, &e.labels))
+                    .collect()
+            }
+            None => endpoints,
+        };
+        let id = self.clusters.len();
+        self.clusters.push(Cluster {
+            name: name.clone(),
+            service: svc_host,
+            subset: subset.to_string(),
+            port: svc_port,
+            protocol,
+            load_balancer,
+            discovery: if passthrough {
+                Discovery::OriginalDestination
+            } else {
+                discovery
+            },
+            endpoints,
+        });
+        self.cluster_ids.insert(name, id);
+        Some(id)
+    }
+
+    /// The ServiceEntry that defined `host`.
+    pub(crate) fn service_doc(&self, host: &str) -> Option<&'r Document> {
+        self.by_host.get(host).map(|&i| self.services[i].doc)
+    }
+
+    pub(crate) fn take_clusters(&mut self) -> Vec<Cluster> {
+        std::mem::take(&mut self.clusters)
+    }
+}
+
+/// `wanted ⊆ labels`.
+pub(crate) fn is_subset(wanted: &Labels, labels: &Labels) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Istio's protocol selection: the declared protocol, else the port name's prefix.
+fn port_protocol(port: &ServicePort) -> UpstreamProtocol {
+    let is_h2 = |p: &str| matches!(p.to_ascii_uppercase().as_str(), "HTTP2" | "GRPC" | "GRPC-WEB");
+    let by_protocol = port.protocol.as_deref().is_some_and(is_h2);
+    let by_name = port.name.as_deref().is_some_and(|n| {
+        let n = n.to_ascii_lowercase();
+        ["http2", "grpc", "grpc-web"]
+            .iter()
+            .any(|p| n == *p || n.starts_with(&format!("{p}-")))
+    });
+    if by_protocol || by_name {
+        UpstreamProtocol::Http2
+    } else {
+        UpstreamProtocol::Http1
+    }
+}
+
+/// Maps validated settings; returns whether `PASSTHROUGH` was asked for. Istio's default
+/// (absent or `UNSPECIFIED`) is `LEAST_REQUEST`; `LEAST_CONN` is its deprecated alias.
+fn load_balancer(lb: &LoadBalancerSettings) -> (LoadBalancer, bool) {
+    if let Some(ch) = &lb.consistent_hash {
+        let key = if let Some(h) = &ch.http_header_name {
+            HashKey::Header(h.to_ascii_lowercase())
+        } else if let Some(c) = &ch.http_cookie {
+            HashKey::Cookie(c.name.clone())
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashKey::QueryParameter(q.clone())
+        } else {
+            HashKey::SourceIp
+        };
+        return (LoadBalancer::ConsistentHash(key), false);
+    }
+    match lb.simple.as_deref() {
+        Some("ROUND_ROBIN") => (LoadBalancer::RoundRobin, false),
+        Some("RANDOM") => (LoadBalancer::Random, false),
+        Some("PASSTHROUGH") => (LoadBalancer::LeastRequest, true),
+        _ => (LoadBalancer::LeastRequest, false),
+    }
+}
+
+fn validate_destination_rule(dr: &Res<'_, DestinationRuleSpec>, diag: &mut Diag) {
+    if let Some(tp) = &dr.spec.traffic_policy {
+        validate_policy(dr.doc, "spec.trafficPolicy", tp, diag);
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, subset) in dr.spec.subsets.iter().enumerate() {
+        let path = format!("spec.subsets[{i}]");
+        if subset.name.is_empty() {
+            diag.error(dr.doc, at(&path, "name"), "subset name is required");
+        }
+        if let Some(first) = names.insert(subset.name.as_str(), i) {
+            diag.error(
+                dr.doc,
+                at(&path, "name"),
+                format!("duplicate subset name {:?} (also spec.subsets[{first}])", subset.name),
+            );
+        }
+        if let Some(tp) = &subset.traffic_policy {
+            validate_policy(dr.doc, &at(&path, "trafficPolicy"), tp, diag);
+        }
+    }
+}
+
+fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Diag) {
+    let check = |path: &str, lb: Option<&LoadBalancerSettings>, pool: Option<&ConnectionPool>, diag: &mut Diag| {
+        if let Some(lb) = lb {
+            let lb_path = at(path, "loadBalancer");
+            if let Some(s) = &lb.simple {
+                let known = [
+                    "UNSPECIFIED",
+                    "ROUND_ROBIN",
+                    "LEAST_CONN",
+                    "LEAST_REQUEST",
+                    "RANDOM",
+                    "PASSTHROUGH",
+                ];
+                if !known.contains(&s.as_str()) {
+                    diag.error(
+                        doc,
+                        at(&lb_path, "simple"),
+                        format!("unknown load balancer {s:?} ({})", known.join(", ")),
+                    );
+                }
+            }
+            if let Some(ch) = &lb.consistent_hash {
+                let set = [
+                    ch.http_header_name.is_some(),
+                    ch.http_cookie.is_some(),
+                    ch.use_source_ip == Some(true),
+                    ch.http_query_parameter_name.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if set != 1 {
+                    diag.error(
+                        doc,
+                        at(&lb_path, "consistentHash"),
+                        "exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName is required",
+                    );
+                }
+                if lb.simple.is_some() {
+                    diag.error(doc, lb_path.clone(), "simple and consistentHash are mutually exclusive");
+                }
+            }
+        }
+        if let Some(policy) = pool
+            .and_then(|p| p.http.as_ref())
+            .and_then(|h| h.h2_upgrade_policy.as_deref())
+            && !matches!(policy, "DEFAULT" | "DO_NOT_UPGRADE" | "UPGRADE")
+        {
+            diag.error(
+                doc,
+                at(path, "connectionPool.http.h2UpgradePolicy"),
+                format!("unknown h2UpgradePolicy {policy:?} (DEFAULT, DO_NOT_UPGRADE, UPGRADE)"),
+            );
+        }
+    };
+    check(path, tp.load_balancer.as_ref(), tp.connection_pool.as_ref(), diag);
+    for (i, pl) in tp.port_level_settings.iter().flatten().enumerate() {
+        let pl_path = format!("{path}.portLevelSettings[{i}]");
+        if pl.port.as_ref().and_then(|p| p.number).is_none() {
+            diag.error(doc, at(&pl_path, "port.number"), "port number is required");
+        }
+        check(&pl_path, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), diag);
+    }
+}

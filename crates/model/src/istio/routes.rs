@@ -1,0 +1,544 @@
+//! VirtualService HTTP routes → snapshot [`Route`]s.
+//!
+//! Each VirtualService is compiled once, validating everything and creating its clusters;
+//! [`super::listeners`] then copies the routes onto every listener it is bound to, keeping
+//! only the match alternatives that apply to that gateway.
+
+use base64::Engine;
+use bytes::Bytes;
+
+use super::registry::Registry;
+use super::types::{HeaderOperations, Headers, HttpRoute, StringMatchSpec, VirtualServiceSpec};
+use super::{Diag, Res, Resources, at};
+use crate::matcher::{HeaderMatch, PathMatch, QueryMatch, StringMatch};
+use crate::snapshot::{
+    DirectResponse, Forward, HeaderOps, PathRewrite, Redirect, RedirectPort, RequestMatch, Rewrite, Route, RouteAction,
+    WeightedDestination,
+};
+use crate::source::Document;
+
+/// A gateway a VirtualService names: the `mesh` keyword or `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GatewayRef {
+    Mesh,
+    Named(String, String),
+}
+
+impl GatewayRef {
+    /// `name` is relative to the VirtualService's namespace; `ns/name` is absolute.
+    fn parse(s: &str, namespace: &str) -> Self {
+        match s.split_once('/') {
+            _ if s == "mesh" => GatewayRef::Mesh,
+            Some((ns, name)) => GatewayRef::Named(ns.to_string(), name.to_string()),
+            None => GatewayRef::Named(namespace.to_string(), s.to_string()),
+        }
+    }
+}
+
+pub(crate) struct CompiledRoute {
+    route: Route,
+    /// Per entry of `route.matches`: the gateways it is restricted to (`None`: the
+    /// VirtualService's gateways).
+    match_gateways: Vec<Option<Vec<GatewayRef>>>,
+}
+
+pub(crate) struct CompiledVs<'a> {
+    pub doc: &'a Document,
+    /// Lower-cased `spec.hosts`.
+    pub hosts: Vec<String>,
+    gateways: Vec<GatewayRef>,
+    routes: Vec<CompiledRoute>,
+}
+
+impl CompiledVs<'_> {
+    /// Whether any route of this VirtualService applies on `gateway`.
+    pub(crate) fn binds(&self, gateway: &GatewayRef) -> bool {
+        self.gateways.contains(gateway)
+            || self
+                .routes
+                .iter()
+                .any(|r| r.match_gateways.iter().flatten().any(|g| g.contains(gateway)))
+    }
+
+    /// The routes as seen on `gateway`: match alternatives restricted to other gateways are
+    /// dropped, and a route left without alternatives is dropped.
+    pub(crate) fn routes_for(&self, gateway: &GatewayRef) -> Vec<Route> {
+        let top = self.gateways.contains(gateway);
+        let mut out = Vec::new();
+        for r in &self.routes {
+            if r.route.matches.is_empty() {
+                if top {
+                    out.push(r.route.clone());
+                }
+                continue;
+            }
+            let matches: Vec<RequestMatch> = r
+                .route
+                .matches
+                .iter()
+                .zip(&r.match_gateways)
+                .filter(|(_, g)| match g {
+                    None => top,
+                    Some(list) => list.contains(gateway),
+                })
+                .map(|(m, _)| m.clone())
+                .collect();
+            if !matches.is_empty() {
+                let mut route = r.route.clone();
+                route.matches = matches;
+                out.push(route);
+            }
+        }
+        out
+    }
+}
+
+pub(crate) fn compile_virtual_services<'a>(
+    resources: &Resources<'a>,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Vec<CompiledVs<'a>> {
+    resources
+        .virtual_services
+        .iter()
+        .map(|vs| compile_vs(vs, registry, diag))
+        .collect()
+}
+
+fn compile_vs<'a>(vs: &Res<'a, VirtualServiceSpec>, registry: &mut Registry<'_>, diag: &mut Diag) -> CompiledVs<'a> {
+    let (doc, spec) = (vs.doc, &vs.spec);
+    if spec.hosts.is_empty() {
+        diag.error(doc, "spec.hosts", "at least one host is required");
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if h.is_empty() {
+            diag.error(doc, format!("spec.hosts[{i}]"), "host must not be empty");
+        }
+    }
+    let gateways = match &spec.gateways {
+        None => vec![GatewayRef::Mesh],
+        Some(list) => list.iter().map(|g| GatewayRef::parse(g, &doc.namespace)).collect(),
+    };
+    let routes = spec
+        .http
+        .iter()
+        .enumerate()
+        .filter_map(|(i, http)| compile_http_route(doc, i, http, registry, diag))
+        .collect();
+    CompiledVs {
+        doc,
+        hosts: spec
+            .hosts
+            .iter()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        gateways,
+        routes,
+    }
+}
+
+fn compile_http_route(
+    doc: &Document,
+    i: usize,
+    http: &HttpRoute,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Option<CompiledRoute> {
+    let path = format!("spec.http[{i}]");
+    let name = match &http.name {
+        Some(n) if !n.is_empty() => format!("{}/{}.{n}", doc.namespace, doc.name),
+        _ => format!("{}/{}[{i}]", doc.namespace, doc.name),
+    };
+    let mut ok = true;
+    let mut matches = Vec::new();
+    let mut match_gateways = Vec::new();
+    for (j, m) in http.matches.iter().flatten().enumerate() {
+        let mpath = format!("{path}.match[{j}]");
+        let mut rm = RequestMatch::default();
+        let mut one = |spec: &Option<StringMatchSpec>, field: &str, ok: &mut bool| -> Option<StringMatch> {
+            let spec = spec.as_ref()?;
+            match string_match(spec, &at(&mpath, field), false, doc, diag) {
+                Ok(m) => m,
+                Err(()) => {
+                    *ok = false;
+                    None
+                }
+            }
+        };
+        if let Some(matcher) = one(&m.uri, "uri", &mut ok) {
+            rm.path = Some(PathMatch {
+                matcher,
+                ignore_case: m.ignore_uri_case.unwrap_or(false),
+                segment_prefix: false,
+            });
+        }
+        rm.scheme = one(&m.scheme, "scheme", &mut ok);
+        rm.method = one(&m.method, "method", &mut ok);
+        rm.authority = one(&m.authority, "authority", &mut ok);
+        for (field, map, invert) in [
+            ("headers", &m.headers, false),
+            ("withoutHeaders", &m.without_headers, true),
+        ] {
+            for (name, spec) in map.iter().flatten() {
+                match string_match(spec, &format!("{mpath}.{field}.{name}"), true, doc, diag) {
+                    Ok(matcher) => rm.headers.push(HeaderMatch {
+                        name: name.to_ascii_lowercase(),
+                        matcher,
+                        invert,
+                    }),
+                    Err(()) => ok = false,
+                }
+            }
+        }
+        for (name, spec) in m.query_params.iter().flatten() {
+            let qpath = format!("{mpath}.queryParams.{name}");
+            if spec.prefix.is_some() {
+                diag.error(
+                    doc,
+                    at(&qpath, "prefix"),
+                    "query parameters support only exact and regex matches",
+                );
+                ok = false;
+                continue;
+            }
+            match string_match(spec, &qpath, true, doc, diag) {
+                Ok(matcher) => rm.query.push(QueryMatch {
+                    name: name.clone(),
+                    matcher,
+                }),
+                Err(()) => ok = false,
+            }
+        }
+        rm.port = m.port;
+        matches.push(rm);
+        match_gateways.push(
+            m.gateways
+                .as_ref()
+                .map(|gs| gs.iter().map(|g| GatewayRef::parse(g, &doc.namespace)).collect()),
+        );
+    }
+
+    let actions = [
+        http.route.is_some(),
+        http.redirect.is_some(),
+        http.direct_response.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if actions == 0 {
+        if http.delegate.is_none() {
+            diag.error(
+                doc,
+                path.clone(),
+                "exactly one of route, redirect or directResponse is required",
+            );
+        }
+        // A delegate-only route was already reported as unsupported; skip it.
+        return None;
+    }
+    if actions > 1 {
+        diag.error(
+            doc,
+            path.clone(),
+            "route, redirect and directResponse are mutually exclusive",
+        );
+        return None;
+    }
+    let action = if let Some(dests) = &http.route {
+        forward(doc, &path, http, dests, registry, diag)
+    } else if let Some(r) = &http.redirect {
+        if http.rewrite.is_some() {
+            diag.error(doc, at(&path, "rewrite"), "rewrite cannot be used with redirect");
+        }
+        redirect(doc, &path, r, diag)
+    } else if let Some(d) = &http.direct_response {
+        if http.rewrite.is_some() {
+            diag.warn(
+                doc,
+                at(&path, "rewrite"),
+                "rewrite has no effect with directResponse, ignored",
+            );
+        }
+        direct_response(doc, &path, d, diag)
+    } else {
+        None
+    };
+    let (request_headers, response_headers) = header_ops(http.headers.as_ref());
+    match (action, ok) {
+        (Some(action), true) => Some(CompiledRoute {
+            route: Route {
+                name,
+                matches,
+                action,
+                request_headers,
+                response_headers,
+            },
+            match_gateways,
+        }),
+        _ => None,
+    }
+}
+
+/// Converts an Istio `StringMatch`. `empty_is_presence`: for headers and query parameters an
+/// empty `{}` means "present with any value".
+fn string_match(
+    spec: &StringMatchSpec,
+    path: &str,
+    empty_is_presence: bool,
+    doc: &Document,
+    diag: &mut Diag,
+) -> Result<Option<StringMatch>, ()> {
+    match (&spec.exact, &spec.prefix, &spec.regex) {
+        (Some(e), None, None) => Ok(Some(StringMatch::Exact(e.clone()))),
+        (None, Some(p), None) => Ok(Some(StringMatch::Prefix(p.clone()))),
+        (None, None, Some(r)) => match StringMatch::regex(r) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                diag.error(doc, at(path, "regex"), format!("invalid regex {r:?}: {e}"));
+                Err(())
+            }
+        },
+        (None, None, None) if empty_is_presence => Ok(None),
+        _ => {
+            diag.error(doc, path, "exactly one of exact, prefix or regex is required");
+            Err(())
+        }
+    }
+}
+
+fn header_ops(headers: Option<&Headers>) -> (HeaderOps, HeaderOps) {
+    let convert = |ops: Option<&HeaderOperations>| {
+        let Some(ops) = ops else {
+            return HeaderOps::default();
+        };
+        let pairs = |m: &Option<std::collections::BTreeMap<String, String>>| {
+            m.iter()
+                .flatten()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        HeaderOps {
+            remove: ops.remove.iter().flatten().map(|h| h.to_ascii_lowercase()).collect(),
+            set: pairs(&ops.set),
+            add: pairs(&ops.add),
+        }
+    };
+    match headers {
+        None => (HeaderOps::default(), HeaderOps::default()),
+        Some(h) => (convert(h.request.as_ref()), convert(h.response.as_ref())),
+    }
+}
+
+fn forward(
+    doc: &Document,
+    path: &str,
+    http: &HttpRoute,
+    dests: &[super::types::HttpRouteDestination],
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Option<RouteAction> {
+    let route_path = at(path, "route");
+    if dests.is_empty() {
+        diag.error(doc, route_path, "at least one destination is required");
+        return None;
+    }
+    let mut ok = true;
+    let mut destinations = Vec::new();
+    let single = dests.len() == 1;
+    let mut sum: u64 = 0;
+    for (k, d) in dests.iter().enumerate() {
+        let dpath = format!("{route_path}[{k}]");
+        // Istio: a lone destination gets all traffic whatever its weight says.
+        let weight = if single { 100 } else { d.weight.unwrap_or(0) };
+        if weight > 100 {
+            diag.error(doc, at(&dpath, "weight"), format!("weight {weight} is above 100"));
+            ok = false;
+        }
+        sum += u64::from(weight);
+        let dest = &d.destination;
+        if dest.host.is_empty() {
+            diag.error(doc, at(&dpath, "destination.host"), "host is required");
+            ok = false;
+            continue;
+        }
+        let port = dest.port.as_ref().and_then(|p| p.number);
+        let cluster = registry.cluster(
+            doc,
+            &at(&dpath, "destination"),
+            &dest.host,
+            port,
+            dest.subset.as_deref().filter(|s| !s.is_empty()),
+            diag,
+        );
+        let (request_headers, response_headers) = header_ops(d.headers.as_ref());
+        match cluster {
+            Some(cluster) => destinations.push(WeightedDestination {
+                cluster,
+                weight,
+                request_headers,
+                response_headers,
+            }),
+            None => ok = false,
+        }
+    }
+    if !single && sum != 100 {
+        diag.error(
+            doc,
+            route_path,
+            format!("destination weights must sum to 100, they sum to {sum}"),
+        );
+        ok = false;
+    }
+    let timeout = match http.timeout.as_deref() {
+        None => None,
+        Some(t) => match crate::duration::parse(t) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                diag.error(doc, at(path, "timeout"), e);
+                ok = false;
+                None
+            }
+        },
+    };
+    let rewrite = match &http.rewrite {
+        None => None,
+        Some(rw) => {
+            let mut rewrite = Rewrite {
+                path: None,
+                authority: rw.authority.clone(),
+            };
+            match (&rw.uri, &rw.uri_regex_rewrite) {
+                (Some(_), Some(_)) => {
+                    diag.error(
+                        doc,
+                        at(path, "rewrite"),
+                        "uri and uriRegexRewrite are mutually exclusive",
+                    );
+                    ok = false;
+                }
+                (Some(uri), None) => rewrite.path = Some(PathRewrite::ReplaceMatched(uri.clone())),
+                (None, Some(rr)) => match regex::Regex::new(&rr.pattern) {
+                    Ok(pattern) => {
+                        rewrite.path = Some(PathRewrite::Regex {
+                            pattern,
+                            substitution: re2_substitution(&rr.rewrite),
+                        })
+                    }
+                    Err(e) => {
+                        diag.error(
+                            doc,
+                            at(path, "rewrite.uriRegexRewrite.match"),
+                            format!("invalid regex: {e}"),
+                        );
+                        ok = false;
+                    }
+                },
+                (None, None) => {}
+            }
+            Some(rewrite)
+        }
+    };
+    ok.then(|| {
+        RouteAction::Forward(Forward {
+            total_weight: destinations.iter().map(|d| d.weight).sum(),
+            destinations,
+            rewrite,
+            timeout,
+        })
+    })
+}
+
+/// RE2/Envoy substitutions write captures as `\1`; the regex crate wants `${1}`, and a
+/// literal `$` must be doubled.
+pub(crate) fn re2_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push_str("${");
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    out.push(d);
+                    chars.next();
+                }
+                out.push('}');
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn redirect(doc: &Document, path: &str, r: &super::types::HttpRedirect, diag: &mut Diag) -> Option<RouteAction> {
+    let rpath = at(path, "redirect");
+    let port = match (r.port, r.derive_port.as_deref()) {
+        (Some(_), Some(_)) => {
+            diag.error(doc, rpath, "port and derivePort are mutually exclusive");
+            return None;
+        }
+        (Some(p), None) => Some(RedirectPort::Fixed(p)),
+        (None, Some("FROM_PROTOCOL_DEFAULT")) => Some(RedirectPort::FromProtocolDefault),
+        (None, Some("FROM_REQUEST_PORT")) => Some(RedirectPort::FromRequestPort),
+        (None, Some(other)) => {
+            diag.error(
+                doc,
+                at(&rpath, "derivePort"),
+                format!("unknown derivePort {other:?} (FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT)"),
+            );
+            return None;
+        }
+        (None, None) => None,
+    };
+    let status = r.redirect_code.unwrap_or(301);
+    if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+        diag.error(
+            doc,
+            at(&rpath, "redirectCode"),
+            format!("redirect code {status} is not a redirect (301, 302, 303, 307 or 308)"),
+        );
+        return None;
+    }
+    Some(RouteAction::Redirect(Redirect {
+        path: r.uri.clone(),
+        authority: r.authority.clone(),
+        scheme: r.scheme.clone(),
+        port,
+        status,
+    }))
+}
+
+fn direct_response(
+    doc: &Document,
+    path: &str,
+    d: &super::types::HttpDirectResponse,
+    diag: &mut Diag,
+) -> Option<RouteAction> {
+    let dpath = at(path, "directResponse");
+    if !(100..=599).contains(&d.status) {
+        diag.error(
+            doc,
+            at(&dpath, "status"),
+            format!("status {} is not an HTTP status", d.status),
+        );
+        return None;
+    }
+    let body = match d.body.as_ref().map(|b| (&b.string, &b.bytes)) {
+        None | Some((None, None)) => Bytes::new(),
+        Some((Some(s), None)) => Bytes::from(s.clone()),
+        Some((None, Some(b))) => match base64::engine::general_purpose::STANDARD.decode(b.trim()) {
+            Ok(v) => Bytes::from(v),
+            Err(e) => {
+                diag.error(doc, at(&dpath, "body.bytes"), format!("invalid base64: {e}"));
+                return None;
+            }
+        },
+        Some((Some(_), Some(_))) => {
+            diag.error(doc, at(&dpath, "body"), "string and bytes are mutually exclusive");
+            return None;
+        }
+    };
+    Some(RouteAction::DirectResponse(DirectResponse { status: d.status, body }))
+}

@@ -1,0 +1,573 @@
+//! End-to-end: Istio YAML → snapshot, and one test per validation error.
+
+use std::path::{Path, PathBuf};
+
+use http::HeaderMap;
+use meshgate_model::matcher::RequestInfo;
+use meshgate_model::snapshot::{Discovery, HashKey, LoadBalancer, RouteAction, Snapshot, UpstreamProtocol};
+use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
+
+fn load_at(file: &Path, yaml: &str) -> Result<Compiled, Findings> {
+    let docs = source::parse_str(file, yaml)?;
+    compile(&docs, &CompileOptions::default())
+}
+
+fn load(yaml: &str) -> Result<Compiled, Findings> {
+    load_at(Path::new("test.yaml"), yaml)
+}
+
+fn ok(yaml: &str) -> Compiled {
+    match load(yaml) {
+        Ok(c) => c,
+        Err(f) => panic!("unexpected findings:\n{f}"),
+    }
+}
+
+fn errors(yaml: &str) -> Vec<Finding> {
+    match load(yaml) {
+        Ok(_) => panic!("expected errors"),
+        Err(f) => f.errors().cloned().collect(),
+    }
+}
+
+/// Looks up a request on the listener for `port`; returns the route name and the clusters
+/// with their weights.
+fn route(
+    snap: &Snapshot,
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(String, Vec<(String, u32)>)> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let req = RequestInfo {
+        host,
+        authority: host,
+        path,
+        query,
+        method: "GET",
+        scheme: "http",
+        port,
+        headers: &map,
+    };
+    let listener = snap.listeners.iter().find(|l| l.port == port)?;
+    let m = listener.routes.find(&req)?;
+    let clusters = match &m.route.action {
+        RouteAction::Forward(f) => f
+            .destinations
+            .iter()
+            .map(|d| (snap.clusters[d.cluster].name.clone(), d.weight))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some((m.route.name.clone(), clusters))
+}
+
+const GATEWAY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+"#;
+
+const REVIEWS: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}}
+  - {address: 10.0.0.2, labels: {version: v1}}
+  - {address: 10.0.0.3, labels: {version: v2}, ports: {http: 9999}, weight: 3}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpCookie: {name: user}}
+"#;
+
+fn canary() -> String {
+    format!(
+        r#"{GATEWAY}
+---
+{REVIEWS}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: ["*"]
+  gateways: [bookinfo-gateway]
+  http:
+  - name: jason
+    match:
+    - headers:
+        end-user: {{exact: jason}}
+    - headers:
+        X-Tenant: {{regex: "gold|platinum"}}
+    route:
+    - destination: {{host: reviews, subset: v2}}
+  - match:
+    - headers:
+        cookie: {{regex: ".*experiment=new-ui.*"}}
+    route:
+    - destination: {{host: reviews, subset: v2}}
+  - match:
+    - uri: {{prefix: /api}}
+    timeout: 1.5s
+    route:
+    - destination: {{host: reviews, subset: v1}}
+      weight: 90
+    - destination: {{host: reviews, subset: v2}}
+      weight: 10
+  - route:
+    - destination: {{host: reviews}}
+      weight: 30
+"#
+    )
+}
+
+#[test]
+fn canary_with_subsets_and_header_routing() {
+    let c = ok(&canary());
+    let snap = &c.snapshot;
+    assert_eq!(snap.listeners.len(), 1);
+    assert_eq!(snap.listeners[0].name, "0.0.0.0_8080");
+    let v1 = "outbound|9080|v1|reviews.default.svc.cluster.local".to_string();
+    let v2 = "outbound|9080|v2|reviews.default.svc.cluster.local".to_string();
+    let all = "outbound|9080||reviews.default.svc.cluster.local".to_string();
+
+    let (name, dests) = route(snap, 8080, "shop.example.com", "/api/x", &[]).unwrap();
+    assert_eq!(name, "default/reviews[2]");
+    assert_eq!(dests, vec![(v1.clone(), 90), (v2.clone(), 10)]);
+    let (name, dests) = route(snap, 8080, "a.com", "/", &[("end-user", "jason")]).unwrap();
+    assert_eq!(name, "default/reviews.jason");
+    assert_eq!(dests, vec![(v2.clone(), 100)]);
+    let (name, _) = route(snap, 8080, "a.com", "/", &[("x-tenant", "gold")]).unwrap();
+    assert_eq!(name, "default/reviews.jason");
+    let (name, _) = route(snap, 8080, "a.com", "/", &[("cookie", "a=1; experiment=new-ui; b=2")]).unwrap();
+    assert_eq!(name, "default/reviews[1]");
+    // A lone destination takes all traffic whatever its weight says.
+    let (name, dests) = route(snap, 8080, "a.com", "/other", &[("x-tenant", "silver")]).unwrap();
+    assert_eq!(name, "default/reviews[3]");
+    assert_eq!(dests, vec![(all.clone(), 100)]);
+
+    // Clusters: deduplicated, subset endpoints filtered, endpoint ports and weights.
+    assert_eq!(snap.clusters.len(), 3);
+    let c1 = &snap.clusters[snap.cluster_by_name(&v1).unwrap()];
+    assert_eq!(
+        c1.endpoints.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(),
+        ["10.0.0.1", "10.0.0.2"]
+    );
+    assert_eq!(c1.discovery, Discovery::Static);
+    let c2 = &snap.clusters[snap.cluster_by_name(&v2).unwrap()];
+    assert_eq!(
+        (c2.endpoints.len(), c2.endpoints[0].port, c2.endpoints[0].weight),
+        (1, 9999, 3)
+    );
+    let c_all = &snap.clusters[snap.cluster_by_name(&all).unwrap()];
+    assert_eq!(c_all.endpoints.len(), 3);
+    // LB precedence: subset > port level > top level.
+    assert_eq!(
+        c2.load_balancer,
+        LoadBalancer::ConsistentHash(HashKey::Cookie("user".into()))
+    );
+    assert_eq!(c1.load_balancer, LoadBalancer::Random);
+    assert_eq!(c_all.load_balancer, LoadBalancer::Random);
+    assert_eq!(c1.protocol, UpstreamProtocol::Http1);
+
+    // Timeout and total weight.
+    let l = &snap.listeners[0].routes;
+    let vh = &l.virtual_hosts[0];
+    match &vh.routes[2].action {
+        RouteAction::Forward(f) => {
+            assert_eq!(f.total_weight, 100);
+            assert_eq!(f.timeout, Some(std::time::Duration::from_millis(1500)));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn host_binding_redirects_rewrites_and_direct_responses() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*/*.example.com", "./local.test"]
+    tls: {httpsRedirect: yes}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: other}
+spec:
+  selector: {app: not-me}
+  servers:
+  - port: {number: 81, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: apps}
+spec:
+  hosts: [www.example.com, local.test, other.org]
+  gateways: [edge/gw]
+  http:
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - match: [{uri: {prefix: /health}, queryParams: {full: {}}}]
+    directResponse: {status: 200, body: {bytes: aGVsbG8=}}
+  - match: [{uri: {regex: "/u/([0-9]+)"}}]
+    rewrite:
+      uriRegexRewrite: {match: "/u/([0-9]+)", rewrite: '/users/\1'}
+    route: [{destination: {host: users.example.internal, port: {number: 8080}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: local, namespace: edge}
+spec:
+  hosts: [local.test]
+  gateways: [gw]
+  http:
+  - directResponse: {status: 204}
+"#;
+    let c = ok(yaml);
+    let snap = &c.snapshot;
+    // The gateway with a non-matching selector is not served.
+    assert_eq!(snap.listeners.len(), 1);
+    let table = &snap.listeners[0].routes;
+    // `local.test` is restricted to VirtualServices of namespace `edge`; other.org has no overlap.
+    assert!(table.virtual_host("other.org").is_none());
+    let www = table.virtual_host("www.example.com").unwrap();
+    assert!(www.https_redirect);
+    assert_eq!(www.routes.len(), 3);
+    let local = table.virtual_host("local.test").unwrap();
+    assert_eq!(local.routes.len(), 1);
+    assert_eq!(local.routes[0].name, "edge/local[0]");
+    match &www.routes[0].action {
+        RouteAction::Redirect(r) => assert_eq!((r.path.as_deref(), r.status), (Some("/new"), 302)),
+        other => panic!("{other:?}"),
+    }
+    match &www.routes[1].action {
+        RouteAction::DirectResponse(d) => assert_eq!(&d.body[..], b"hello"),
+        other => panic!("{other:?}"),
+    }
+    match &www.routes[2].action {
+        RouteAction::Forward(f) => match f.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+            Some(meshgate_model::snapshot::PathRewrite::Regex { pattern, substitution }) => {
+                assert_eq!(pattern.replace("/u/42", substitution.as_str()), "/users/42");
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let (name, dests) = route(snap, 80, "www.example.com", "/u/7", &[]).unwrap();
+    assert_eq!(name, "apps/web[2]");
+    assert_eq!(dests[0].0, "outbound|8080||users.example.internal");
+    assert!(c.warnings.iter().any(|w| {
+        w.message
+            .contains("no ServiceEntry defines host users.example.internal")
+    }));
+    let cluster = &snap.clusters[0];
+    assert_eq!(cluster.discovery, Discovery::Dns);
+    assert_eq!(cluster.endpoints[0].address, "users.example.internal");
+}
+
+#[test]
+fn host_intersection() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*.a.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  hosts: ["*", "b.a.com", "*.a.com", "B.Other.com"]
+  gateways: [gw]
+  http:
+  - directResponse: {status: 200}
+"#;
+    let c = ok(yaml);
+    let vh = &c.snapshot.listeners[0].routes.virtual_hosts[0];
+    assert_eq!(vh.domains, ["*.a.com", "b.a.com"]);
+}
+
+#[test]
+fn mesh_listener_and_grpc_protocol() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: prod}
+spec:
+  hosts: [ratings.prod.svc.cluster.local]
+  ports: [{number: 50051, name: grpc-api, protocol: TCP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-1, namespace: prod}
+spec: {address: 10.1.0.1, labels: {app: ratings}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other, namespace: prod}
+spec: {address: 10.1.0.9, labels: {app: other}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext}
+spec:
+  hosts: [api.ext.com]
+  ports: [{number: 443, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: prod}
+spec:
+  hosts: [ratings]
+  http:
+  - route: [{destination: {host: ratings}}]
+"#;
+    let docs = source::parse_str(Path::new("m.yaml"), yaml).unwrap();
+    let options = CompileOptions {
+        mesh_port: Some(15001),
+        ..CompileOptions::default()
+    };
+    let c = compile(&docs, &options).unwrap();
+    let snap = &c.snapshot;
+    let mesh = snap.listeners.iter().find(|l| l.port == 15001).unwrap();
+    assert_eq!(mesh.name, "0.0.0.0_15001");
+    for host in [
+        "ratings",
+        "ratings.prod",
+        "ratings.prod.svc",
+        "ratings.prod.svc.cluster.local",
+    ] {
+        let vh = mesh.routes.virtual_host(host).unwrap();
+        assert_eq!(vh.routes[0].name, "prod/ratings[0]");
+    }
+    let (_, dests) = route(snap, 15001, "ratings.prod", "/", &[]).unwrap();
+    let cluster = &snap.clusters[snap.cluster_by_name(&dests[0].0).unwrap()];
+    assert_eq!(cluster.protocol, UpstreamProtocol::Http2);
+    assert_eq!(cluster.endpoints.len(), 1);
+    assert_eq!(cluster.endpoints[0].address, "10.1.0.1");
+    assert_eq!(cluster.endpoints[0].port, 50051);
+    assert_eq!(cluster.load_balancer, LoadBalancer::LeastRequest);
+    // Default route for a service no VirtualService claims; DNS endpoint is the host itself.
+    let (name, dests) = route(snap, 15001, "api.ext.com", "/", &[]).unwrap();
+    assert_eq!(name, "default/api.ext.com");
+    let ext = &snap.clusters[snap.cluster_by_name(&dests[0].0).unwrap()];
+    assert_eq!(ext.discovery, Discovery::Dns);
+    assert_eq!(
+        (ext.endpoints[0].address.as_str(), ext.endpoints[0].port),
+        ("api.ext.com", 443)
+    );
+    // Unsupported fields are warned, not dropped silently.
+    assert!(c.warnings.iter().all(|w| w.severity == Severity::Warning));
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meshgate-istio-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const HTTPS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: SIMPLE, serverCertificate: certs/a.pem, privateKey: certs/a.key}
+  - port: {number: 443, name: https-b, protocol: HTTPS}
+    hosts: [b.example.com]
+    tls: {mode: SIMPLE, serverCertificate: certs/b.pem, privateKey: certs/a.key}
+"#;
+
+#[test]
+fn tls_certificates_are_loaded_relative_to_the_yaml_file() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    let pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(dir.join("certs/a.pem"), pem).unwrap();
+    std::fs::write(dir.join("certs/b.pem"), pem).unwrap();
+    std::fs::write(
+        dir.join("certs/a.key"),
+        b"-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let c = load_at(&dir.join("gw.yaml"), HTTPS).unwrap();
+    let tls = c.snapshot.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.alpn, ["h2", "http/1.1"]);
+    assert_eq!(tls.certificates.len(), 2);
+    assert_eq!(tls.certificates[1].sni_hosts, ["b.example.com"]);
+    assert_eq!(tls.certificates[0].cert_pem, pem);
+
+    std::fs::remove_file(dir.join("certs/b.pem")).unwrap();
+    let err = load_at(&dir.join("gw.yaml"), HTTPS).unwrap_err();
+    let e: Vec<_> = err.errors().collect();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].file, dir.join("gw.yaml"));
+    assert_eq!(e[0].resource, "Gateway default/gw");
+    assert_eq!(e[0].field, "spec.servers[1].tls.serverCertificate");
+    assert!(e[0].message.contains("b.pem"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn error_malformed_yaml() {
+    let err = load("kind: [\n").unwrap_err();
+    assert_eq!(err.0[0].file, Path::new("test.yaml"));
+    assert!(err.0[0].message.contains("malformed YAML"));
+}
+
+#[test]
+fn error_unknown_istio_kind_and_warning_for_other_groups() {
+    let e = errors(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+    );
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].resource, "Sidecar default/s");
+    let c = ok("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+    assert!(
+        c.warnings[0]
+            .message
+            .contains("ignored: kind Deployment of apiVersion apps/v1 is not supported yet")
+    );
+}
+
+#[test]
+fn error_duplicate_names() {
+    let docs = [
+        source::parse_str(Path::new("a.yaml"), GATEWAY).unwrap(),
+        source::parse_str(Path::new("b.yaml"), GATEWAY).unwrap(),
+    ]
+    .concat();
+    let err = compile(&docs, &CompileOptions::default()).unwrap_err();
+    let e: Vec<_> = err.errors().collect();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].file, Path::new("b.yaml"));
+    assert!(e[0].message.contains("a.yaml"), "{}", e[0].message);
+}
+
+fn vs_with(http: &str) -> String {
+    format!(
+        "{REVIEWS}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs}}\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+    )
+}
+
+#[test]
+fn error_invalid_regex() {
+    let e = errors(&vs_with(
+        "  - match: [{uri: {regex: \"(unclosed\"}}]\n    route: [{destination: {host: reviews}}]\n",
+    ));
+    assert_eq!(e[0].resource, "VirtualService default/vs");
+    assert_eq!(e[0].field, "spec.http[0].match[0].uri.regex");
+    assert!(e[0].message.contains("unclosed"), "{}", e[0].message);
+}
+
+#[test]
+fn error_weights_not_100() {
+    let e = errors(&vs_with(
+        "  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 60}\n    - {destination: {host: reviews, subset: v2}, weight: 30}\n",
+    ));
+    assert_eq!(e[0].field, "spec.http[0].route");
+    assert!(e[0].message.contains("90"));
+}
+
+#[test]
+fn error_undefined_subset() {
+    let e = errors(&vs_with("  - route: [{destination: {host: reviews, subset: v3}}]\n"));
+    assert_eq!(e[0].field, "spec.http[0].route[0].destination.subset");
+}
+
+#[test]
+fn error_unknown_field_has_its_path() {
+    let e = errors(&vs_with("  - route: [{destination: {hostt: reviews}}]\n"));
+    assert_eq!(e[0].field, "spec.http[0].route[0].destination.hostt");
+    assert!(e[0].message.contains("hostt"));
+}
+
+#[test]
+fn error_several_actions_and_missing_hosts() {
+    let e = errors(&vs_with("  - redirect: {uri: /x}\n    directResponse: {status: 200}\n"));
+    assert_eq!(e[0].field, "spec.http[0]");
+    let e =
+        errors("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  http: []\n");
+    assert_eq!(e[0].field, "spec.hosts");
+}
+
+#[test]
+fn error_query_prefix_and_duplicate_subset() {
+    let e = errors(&vs_with(
+        "  - match: [{queryParams: {a: {prefix: x}}}]\n    route: [{destination: {host: reviews}}]\n",
+    ));
+    assert_eq!(e[0].field, "spec.http[0].match[0].queryParams.a.prefix");
+    let e = errors(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: x\n  subsets: [{name: a}, {name: a}]\n",
+    );
+    assert_eq!(e[0].field, "spec.subsets[1].name");
+}
+
+#[test]
+fn unsupported_fields_are_warnings_with_paths() {
+    let c = ok(&vs_with(
+        "  - retries: {attempts: 3}\n    fault: {abort: {httpStatus: 500}}\n    route: [{destination: {host: reviews}}]\n",
+    ));
+    let fields: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert!(fields.contains(&"spec.http[0].retries"), "{fields:?}");
+    assert!(fields.contains(&"spec.http[0].fault"), "{fields:?}");
+}
+
+#[test]
+fn error_mixed_tls_and_plain_on_one_port() {
+    let e = errors(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 80, name: a, protocol: HTTP}\n    hosts: ['*']\n  - port: {number: 80, name: b, protocol: HTTPS}\n    hosts: ['*']\n    tls: {mode: SIMPLE, serverCertificate: /nonexistent/c.pem, privateKey: /nonexistent/k.pem}\n",
+    );
+    assert!(e.iter().any(|f| f.field == "spec.servers[1].tls.serverCertificate"));
+}

@@ -1,0 +1,183 @@
+//! Listeners on the worker threads: binding, accepting, TLS, and serving HTTP/1.1 and HTTP/2.
+//!
+//! Every worker binds each listener itself with `SO_REUSEPORT`, so the kernel spreads new
+//! connections across workers and no accept lock is shared. On a config change each worker
+//! reconciles its sockets: new listeners are bound, removed ones stop accepting, and the
+//! connections already accepted keep being served.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+use crate::Shared;
+use crate::service::{self, Connection};
+use crate::stats::ListenerStats;
+use crate::worker;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry period for listeners that failed to bind (e.g. the port was busy).
+const BIND_RETRY: Duration = Duration::from_secs(1);
+
+/// Starts `shared.options.workers` worker threads.
+pub fn spawn_workers(shared: &Arc<Shared>) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    (0..shared.options.workers)
+        .map(|id| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("meshgate-worker-{id}"))
+                .spawn(move || run_worker(shared, id))
+        })
+        .collect()
+}
+
+fn run_worker(shared: Arc<Shared>, id: usize) {
+    worker::set_current(id);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(worker = id, error = %e, "cannot start worker runtime");
+            return;
+        }
+    };
+    runtime.block_on(reconcile_forever(shared, id));
+}
+
+async fn reconcile_forever(shared: Arc<Shared>, id: usize) {
+    let mut versions = shared.version.subscribe();
+    let mut bound: HashMap<SocketAddr, AbortHandle> = HashMap::new();
+    loop {
+        let active = shared.active.load_full();
+        bound.retain(|addr, accept| {
+            let keep = active.listener_by_addr.contains_key(addr);
+            if !keep {
+                accept.abort();
+            }
+            keep
+        });
+        let mut all_bound = true;
+        for &addr in active.listener_by_addr.keys() {
+            if bound.contains_key(&addr) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(listener) => {
+                    let task = tokio::spawn(accept_loop(listener, addr, shared.clone()));
+                    bound.insert(addr, task.abort_handle());
+                }
+                Err(e) => {
+                    all_bound = false;
+                    if id == 0 {
+                        tracing::error!(%addr, error = %e, "cannot bind listener; retrying");
+                    }
+                }
+            }
+        }
+        shared.ready[id].store(if all_bound { active.version } else { 0 }, Relaxed);
+        drop(active);
+        if all_bound {
+            if versions.changed().await.is_err() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                changed = versions.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(BIND_RETRY) => {}
+            }
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, remote, addr, shared.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(%addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Decrements the active-connection gauge however the connection ends.
+struct OpenConnection(Arc<ListenerStats>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shared: Arc<Shared>) {
+    let (tls, stats) = {
+        let active = shared.active.load();
+        let Some(&i) = active.listener_by_addr.get(&listener) else {
+            return;
+        };
+        (active.listeners[i].tls.clone(), active.listeners[i].stats.clone())
+    };
+    stats.connections_opened.fetch_add(1, Relaxed);
+    stats.connections_active.fetch_add(1, Relaxed);
+    let _open = OpenConnection(stats);
+
+    let conn = Arc::new(Connection {
+        shared: shared.clone(),
+        listener,
+        remote,
+        tls: tls.is_some(),
+    });
+    let service = service_fn(move |req| service::handle(req, conn.clone()));
+    let result = match tls {
+        None => {
+            shared
+                .http
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+        }
+        Some(config) => {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(tls_stream)) => {
+                    shared
+                        .http
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .await
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}

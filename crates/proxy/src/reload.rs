@@ -1,0 +1,137 @@
+//! Loading and hot-reloading configuration.
+//!
+//! A reload compiles the files from scratch. Only a config that parses, validates and
+//! activates completely replaces the one being served; anything else is logged with the
+//! findings that name file, resource and field, and the last good config keeps serving.
+//! File events are debounced because editors and `notify` report several events per save.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use meshgate_model::Severity;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::Shared;
+use crate::active::Active;
+
+/// Quiet period after the last file event before reloading.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Compiles the config files and, if everything is valid, makes them the served config.
+pub fn reload(shared: &Shared) -> Result<u64, String> {
+    let result = meshgate_model::load(&shared.options.config_paths, &shared.options.compile)
+        .map_err(|findings| {
+            for f in &findings.0 {
+                match f.severity {
+                    Severity::Error => tracing::error!("{f}"),
+                    Severity::Warning => tracing::warn!("{f}"),
+                }
+            }
+            format!("{} error(s) in the configuration", findings.errors().count())
+        })
+        .and_then(|compiled| {
+            for w in &compiled.warnings {
+                tracing::warn!("{w}");
+            }
+            let previous = shared.active.load();
+            let version = previous.version + 1;
+            Active::build(
+                compiled.snapshot,
+                version,
+                &previous,
+                shared.options.bind_address,
+                shared.options.workers,
+                &shared.stats,
+            )
+        });
+    match result {
+        Ok(active) => {
+            let version = active.version;
+            let (listeners, clusters) = (active.listeners.len(), active.clusters.len());
+            shared.active.store(Arc::new(active));
+            shared.stats.config_version.store(version, Relaxed);
+            shared.stats.config_reloads.fetch_add(1, Relaxed);
+            shared.version.send_replace(version);
+            tracing::info!(version, listeners, clusters, "configuration activated");
+            Ok(version)
+        }
+        Err(e) => {
+            shared.stats.config_reload_failures.fetch_add(1, Relaxed);
+            tracing::error!(
+                "configuration rejected, still serving version {}: {e}",
+                shared.active.load().version
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Reloads on SIGHUP and whenever a config file changes, until the process ends.
+pub async fn watch(shared: Arc<Shared>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let _watcher = match file_watcher(&shared.options.config_paths, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
+            None
+        }
+    };
+    let sighup_tx = tx;
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            if sighup_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    while rx.recv().await.is_some() {
+        // Debounce: wait until events stop arriving for a moment.
+        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
+    }
+}
+
+/// Watches each config path. A file is watched through its folder, so editors that save by
+/// writing a new file and renaming it over the old one are still seen.
+fn file_watcher(paths: &[PathBuf], tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    let files: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_file())
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let watched_files = files.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let relevant = event
+            .paths
+            .iter()
+            .any(|p| watched_files.iter().any(|f| f == p) || dirs.iter().any(|d| p.starts_with(d)));
+        if relevant {
+            let _ = tx.send(());
+        }
+    })?;
+    for file in &files {
+        let dir = file.parent().unwrap_or(file);
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    for path in paths.iter().filter(|p| p.is_dir()) {
+        watcher.watch(path, RecursiveMode::Recursive)?;
+    }
+    Ok(watcher)
+}

@@ -1,0 +1,580 @@
+//! The per-request path: route lookup, local replies, and forwarding upstream.
+//!
+//! Header handling follows Envoy at the edge: hop-by-hop headers are dropped (RFC 9110
+//! §7.6.1), the client address is appended to `x-forwarded-for`, `x-forwarded-proto` is set
+//! to the downstream scheme, and `x-request-id` is generated (edge) or kept (mesh).
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use meshgate_model::matcher::{RequestInfo, StringMatch};
+use meshgate_model::snapshot::{
+    Forward, HashKey, HeaderOps, LoadBalancer, PathRewrite, Redirect, RedirectPort, RequestMatch, RouteAction,
+};
+
+use crate::Shared;
+use crate::body::{self, ResponseBody};
+use crate::stats::RouteStats;
+use crate::upstream::cluster::ClusterRuntime;
+
+/// What the request path knows about the connection a request arrived on.
+pub struct Connection {
+    pub shared: Arc<Shared>,
+    /// The listener's bound address; identifies its config across reloads.
+    pub listener: SocketAddr,
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+/// Envoy's local-reply texts, so clients and scripts see familiar bodies.
+const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const CONNECTION_TERMINATION: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+
+pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
+    let active = conn.shared.active.load_full();
+    let Some(&li) = active.listener_by_addr.get(&conn.listener) else {
+        // The listener was removed by a reload while this connection stayed open.
+        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+    };
+    let listener = &active.snapshot.listeners[li];
+    let runtime = &active.listeners[li];
+    runtime.stats.requests.fetch_add(1, Relaxed);
+
+    let authority = request_authority(&req).unwrap_or("");
+    let host = host_of(authority);
+    let scheme = if conn.tls { "https" } else { "http" };
+    let info = RequestInfo {
+        host: &host,
+        authority,
+        path: req.uri().path(),
+        query: req.uri().query(),
+        method: req.method().as_str(),
+        scheme,
+        port: conn.listener.port(),
+        headers: req.headers(),
+    };
+    let Some(found) = listener.routes.find(&info) else {
+        runtime.stats.no_route.fetch_add(1, Relaxed);
+        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+    };
+    let route = found.route;
+    let stats = &runtime.route_stats[found.virtual_host_index][found.route_index];
+
+    if found.virtual_host.https_redirect && !conn.tls {
+        let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let location = format!("https://{host}{pq}");
+        stats[0].record(301);
+        return Ok(redirect_reply(StatusCode::MOVED_PERMANENTLY, &location));
+    }
+
+    let response = match &route.action {
+        RouteAction::DirectResponse(d) => {
+            let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut resp = local_reply(status, "");
+            if !d.body.is_empty() {
+                *resp.body_mut() = body::full(d.body.clone());
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            stats[0].record(d.status);
+            resp
+        }
+        RouteAction::Redirect(r) => {
+            let location = redirect_location(r, &req, scheme, &host, conn.listener.port(), found.matched);
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            stats[0].record(status.as_u16());
+            redirect_reply(status, &location)
+        }
+        RouteAction::Forward(forward) => {
+            let pick = pick_destination(forward);
+            let destination = &forward.destinations[pick];
+            let cluster = &active.clusters[destination.cluster];
+            let mut resp = forward_request(
+                req,
+                &conn,
+                forward,
+                pick,
+                found.matched,
+                &route.request_headers,
+                cluster,
+                &stats[pick],
+            )
+            .await;
+            apply_header_ops(resp.headers_mut(), &destination.response_headers);
+            resp
+        }
+    };
+    let mut response = response;
+    apply_header_ops(response.headers_mut(), &route.response_headers);
+    Ok(response)
+}
+
+/// The request's authority: `:authority` for HTTP/2, else the Host header.
+fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
+/// Lower-cased host without the port; borrows when already lower-case.
+fn host_of(authority: &str) -> Cow<'_, str> {
+    let host = if authority.starts_with('[') {
+        authority.find(']').map_or(authority, |i| &authority[..=i])
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+fn pick_destination(forward: &Forward) -> usize {
+    if forward.destinations.len() == 1 || forward.total_weight == 0 {
+        return 0;
+    }
+    let mut ticket = fastrand::u32(..forward.total_weight);
+    for (i, d) in forward.destinations.iter().enumerate() {
+        if ticket < d.weight {
+            return i;
+        }
+        ticket -= d.weight;
+    }
+    forward.destinations.len() - 1
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward_request(
+    mut req: Request<Incoming>,
+    conn: &Connection,
+    forward: &Forward,
+    pick: usize,
+    matched: Option<&RequestMatch>,
+    route_headers: &HeaderOps,
+    cluster: &ClusterRuntime,
+    stats: &RouteStats,
+) -> Response<ResponseBody> {
+    let destination = &forward.destinations[pick];
+    let downstream_authority = request_authority(&req).unwrap_or("").to_string();
+
+    // Endpoint selection.
+    let authority = if cluster.is_original_destination() {
+        let target = req
+            .headers()
+            .get("x-envoy-original-dst-host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&downstream_authority);
+        let target = if target.contains(':') && !target.ends_with(']') {
+            target.to_string()
+        } else {
+            format!("{target}:80")
+        };
+        match http::uri::Authority::try_from(target) {
+            Ok(a) => Some((a, None)),
+            Err(_) => None,
+        }
+    } else {
+        let hash = match &cluster.config.load_balancer {
+            LoadBalancer::ConsistentHash(key) => hash_key(key, &req, conn.remote),
+            _ => None,
+        };
+        cluster
+            .pick(hash)
+            .map(|i| (cluster.endpoints[i].authority.clone(), Some(i)))
+    };
+    let Some((authority, endpoint)) = authority else {
+        stats.record(503);
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
+    };
+
+    // WebSocket and other HTTP/1.1 upgrades are tunnelled after the upstream's 101.
+    let upgrade = is_upgrade_request(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let grpc = is_grpc(req.headers());
+    let http2_upstream = !upgrade && (grpc && req.version() == Version::HTTP_2);
+
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = rewritten_path(&parts.uri, forward, matched);
+    let host = match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
+        Some(a) => a.to_string(),
+        None => downstream_authority,
+    };
+
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers, upgrade);
+    append_forwarded_for(headers, conn.remote);
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if !headers.contains_key("x-request-id") || conn.shared.options.edge {
+        if let Ok(id) = HeaderValue::from_str(&request_id()) {
+            headers.insert("x-request-id", id);
+        }
+    }
+    if let Ok(h) = HeaderValue::from_str(&host) {
+        headers.insert(header::HOST, h);
+    }
+    apply_header_ops(headers, route_headers);
+    apply_header_ops(headers, &destination.request_headers);
+
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(Scheme::HTTP);
+    uri_parts.authority = Some(authority);
+    uri_parts.path_and_query = Some(path_and_query);
+    parts.uri = match Uri::from_parts(uri_parts) {
+        Ok(u) => u,
+        Err(_) => return local_reply(StatusCode::BAD_REQUEST, ""),
+    };
+    let use_http2 = http2_upstream || cluster.config.protocol == meshgate_model::snapshot::UpstreamProtocol::Http2;
+    parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let upstream_req = Request::from_parts(parts, Either::Left(body));
+
+    let client = cluster.client(use_http2);
+    cluster.stats.requests.fetch_add(1, Relaxed);
+    let in_flight = InFlight::start(cluster, endpoint);
+    let sent = client.request(upstream_req);
+    let result = match forward.timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                drop(in_flight);
+                stats.record(504);
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
+            }
+        },
+        None => sent.await,
+    };
+    drop(in_flight);
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            stats.record(503);
+            let text = if e.is_connect() {
+                CONNECT_FAILURE
+            } else {
+                CONNECTION_TERMINATION
+            };
+            tracing::debug!(cluster = %cluster.config.name, error = %e, "upstream request failed");
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, text);
+        }
+    };
+    stats.record(resp.status().as_u16());
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(down), Ok(up)) = (downstream.await, upstream.await) {
+                    let mut down = hyper_util::rt::TokioIo::new(down);
+                    let mut up = hyper_util::rt::TokioIo::new(up);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+        return resp.map(|_| body::empty());
+    }
+    remove_hop_by_hop(resp.headers_mut(), false);
+    resp.map(Either::Left)
+}
+
+/// Keeps the endpoint's and cluster's in-flight counts right however the request ends.
+struct InFlight<'a> {
+    cluster: &'a ClusterRuntime,
+    endpoint: Option<usize>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.cluster.stats.requests_active.fetch_sub(1, Relaxed);
+        if let Some(i) = self.endpoint {
+            self.cluster.endpoints[i].active.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl<'a> InFlight<'a> {
+    fn start(cluster: &'a ClusterRuntime, endpoint: Option<usize>) -> Self {
+        cluster.stats.requests_active.fetch_add(1, Relaxed);
+        if let Some(i) = endpoint {
+            cluster.endpoints[i].active.fetch_add(1, Relaxed);
+        }
+        InFlight { cluster, endpoint }
+    }
+}
+
+fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim).filter(|t| !t.is_empty()))
+}
+
+/// Removes hop-by-hop headers: those RFC 9110 §7.6.1 names and any listed in `Connection`.
+/// `TE: trailers` survives (gRPC needs it); an upgrade keeps `Connection`/`Upgrade`.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| n != header::TE)
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
+            headers.remove(header::CONNECTION);
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            return;
+        }
+        let trailers = te
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, remote: SocketAddr) {
+    let ip = remote.ip().to_canonical().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// A random (version 4) UUID, the form Envoy generates for `x-request-id`.
+fn request_id() -> String {
+    let n = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc << 60)) | (0x4000 << 64) | (0x8 << 60);
+    let h = format!("{n:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// The path and query sent upstream after `rewrite.uri` / `uriRegexRewrite`.
+fn rewritten_path(uri: &Uri, forward: &Forward, matched: Option<&RequestMatch>) -> PathAndQuery {
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let Some(rewrite) = forward.rewrite.as_ref().and_then(|r| r.path.as_ref()) else {
+        return original;
+    };
+    let path = original.path();
+    let new_path: String = match rewrite {
+        PathRewrite::Full(p) => p.clone(),
+        PathRewrite::ReplaceMatched(replacement) => match matched.and_then(|m| m.path.as_ref()) {
+            Some(m) => match &m.matcher {
+                StringMatch::Prefix(prefix) if path.len() >= prefix.len() => {
+                    let rest = &path[prefix.len()..];
+                    if m.segment_prefix && replacement.ends_with('/') && rest.starts_with('/') {
+                        format!("{replacement}{}", &rest[1..])
+                    } else {
+                        format!("{replacement}{rest}")
+                    }
+                }
+                _ => replacement.clone(),
+            },
+            None => replacement.clone(),
+        },
+        PathRewrite::Regex { pattern, substitution } => pattern.replace_all(path, substitution.as_str()).into_owned(),
+    };
+    let new_path = if new_path.is_empty() { "/".to_string() } else { new_path };
+    let full = match original.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    PathAndQuery::try_from(full).unwrap_or(original)
+}
+
+fn redirect_location<B>(
+    r: &Redirect,
+    req: &Request<B>,
+    scheme: &str,
+    host: &str,
+    listener_port: u16,
+    matched: Option<&RequestMatch>,
+) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let authority = request_authority(req).unwrap_or("");
+    let request_port = authority
+        .rsplit_once(':')
+        .and_then(|(h, p)| (!h.ends_with(']') || p.parse::<u16>().is_ok()).then_some(p))
+        .and_then(|p| p.parse::<u16>().ok());
+    let host = r.authority.as_deref().unwrap_or(host);
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = match &r.port {
+        Some(RedirectPort::Fixed(p)) => Some(*p),
+        Some(RedirectPort::FromProtocolDefault) => None,
+        Some(RedirectPort::FromRequestPort) => Some(request_port.unwrap_or(listener_port)),
+        // Without a port directive the port is kept unless the scheme changes.
+        None if r.scheme.is_some() => None,
+        None => request_port,
+    };
+    let port = port.filter(|p| *p != default_port);
+    let path = match &r.path {
+        Some(p) => {
+            if p.contains('?') {
+                p.clone()
+            } else {
+                match (matched.and_then(|m| m.path.as_ref()), req.uri().query()) {
+                    (_, Some(q)) => format!("{p}?{q}"),
+                    _ => p.clone(),
+                }
+            }
+        }
+        None => req.uri().path_and_query().map_or("/", PathAndQuery::as_str).to_string(),
+    };
+    match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+fn hash_key<B>(key: &HashKey, req: &Request<B>, remote: SocketAddr) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match key {
+        HashKey::Header(name) => req.headers().get(name.as_str())?.as_bytes().hash(&mut h),
+        HashKey::SourceIp => remote.ip().to_canonical().hash(&mut h),
+        HashKey::Cookie(name) => {
+            let value = req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))?;
+            value.hash(&mut h);
+        }
+        HashKey::QueryParameter(name) => {
+            let value = req
+                .uri()
+                .query()?
+                .split('&')
+                .find_map(|p| p.strip_prefix(name.as_str())?.strip_prefix('='))?;
+            value.hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
+
+/// Applies header edits in Envoy's order: remove, set, add.
+pub fn apply_header_ops(headers: &mut HeaderMap, ops: &HeaderOps) {
+    if ops.is_empty() {
+        return;
+    }
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.append(n, v);
+        }
+    }
+}
+
+/// A reply made by the proxy itself; a non-empty body is sent as `text/plain`.
+pub fn local_reply(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(if text.is_empty() {
+        body::empty()
+    } else {
+        body::full(text)
+    });
+    *resp.status_mut() = status;
+    if !text.is_empty() {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
+fn redirect_reply(status: StatusCode, location: &str) -> Response<ResponseBody> {
+    let mut resp = local_reply(status, "");
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_a_v4_uuid() {
+        let id = request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn host_strips_port_and_lowercases() {
+        assert_eq!(host_of("Example.COM:8080"), "example.com");
+        assert_eq!(host_of("[::1]:80"), "[::1]");
+        assert_eq!(host_of("plain"), "plain");
+    }
+}

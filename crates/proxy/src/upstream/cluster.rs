@@ -1,0 +1,254 @@
+//! Runtime state of an upstream cluster: endpoints, load balancing and connection pools.
+//!
+//! A [`ClusterRuntime`] is built from a compiled [`Cluster`] and reused across reloads while
+//! the cluster's definition is unchanged, so pooled connections and balancer state survive
+//! config edits that do not touch it.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::uri::Authority;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use meshgate_model::snapshot::{Cluster, Discovery, LoadBalancer, UpstreamProtocol};
+
+use super::connector::CountingConnector;
+use crate::body::UpstreamBody;
+use crate::stats::UpstreamStats;
+use crate::worker;
+
+pub type HttpClient = Client<CountingConnector, UpstreamBody>;
+
+/// How long an idle pooled upstream connection is kept (Envoy's default idle timeout is 1 h;
+/// a shorter one keeps memory flat when traffic moves between endpoints).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One endpoint as the request path needs it.
+pub struct EndpointRuntime {
+    /// `address:port`, ready to put in an upstream URI.
+    pub authority: Authority,
+    pub weight: u32,
+    /// Requests in flight, for least-request balancing.
+    pub active: AtomicU32,
+}
+
+/// Connection pools of one worker thread for one cluster.
+struct WorkerClients {
+    http1: HttpClient,
+    http2: OnceLock<HttpClient>,
+}
+
+pub struct ClusterRuntime {
+    pub config: Cluster,
+    pub endpoints: Vec<EndpointRuntime>,
+    pub stats: Arc<UpstreamStats>,
+    /// Endpoint indexes in smooth weighted round-robin order; empty when weights are equal.
+    schedule: Vec<u32>,
+    next: AtomicUsize,
+    /// One pool set per worker thread (plus one for other threads), created on first use.
+    clients: Box<[OnceLock<WorkerClients>]>,
+}
+
+impl ClusterRuntime {
+    pub fn new(config: Cluster, stats: Arc<UpstreamStats>, workers: usize) -> Result<Self, String> {
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for ep in &config.endpoints {
+            let host = if ep.address.contains(':') {
+                format!("[{}]", ep.address)
+            } else {
+                ep.address.clone()
+            };
+            let authority = Authority::try_from(format!("{host}:{}", ep.port))
+                .map_err(|e| format!("cluster {}: endpoint {}:{}: {e}", config.name, ep.address, ep.port))?;
+            endpoints.push(EndpointRuntime {
+                authority,
+                weight: ep.weight.max(1),
+                active: AtomicU32::new(0),
+            });
+        }
+        let schedule = weighted_schedule(&endpoints);
+        Ok(ClusterRuntime {
+            config,
+            endpoints,
+            stats,
+            schedule,
+            next: AtomicUsize::new(fastrand::usize(..1024)),
+            clients: (0..=workers).map(|_| OnceLock::new()).collect(),
+        })
+    }
+
+    pub fn is_original_destination(&self) -> bool {
+        self.config.discovery == Discovery::OriginalDestination
+    }
+
+    /// Picks an endpoint index. `hash` is the request's consistent-hash key, when the cluster
+    /// balances by one and the request carries it.
+    pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n <= 1 {
+            return (n == 1).then_some(0);
+        }
+        Some(match (&self.config.load_balancer, hash) {
+            (LoadBalancer::ConsistentHash(_), Some(h)) => self.rendezvous(h),
+            (LoadBalancer::Random, _) | (LoadBalancer::ConsistentHash(_), None) => self.weighted_random(),
+            (LoadBalancer::LeastRequest, _) => {
+                // Envoy's default: two random choices, the one with fewer requests in flight.
+                let a = self.weighted_random();
+                let b = self.weighted_random();
+                let load =
+                    |i: usize| self.endpoints[i].active.load(Relaxed) as u64 * 1000 / self.endpoints[i].weight as u64;
+                if load(b) < load(a) { b } else { a }
+            }
+            (LoadBalancer::RoundRobin, _) => {
+                let i = self.next.fetch_add(1, Relaxed);
+                if self.schedule.is_empty() {
+                    i % n
+                } else {
+                    self.schedule[i % self.schedule.len()] as usize
+                }
+            }
+        })
+    }
+
+    fn weighted_random(&self) -> usize {
+        if self.schedule.is_empty() {
+            return fastrand::usize(..self.endpoints.len());
+        }
+        self.schedule[fastrand::usize(..self.schedule.len())] as usize
+    }
+
+    /// Highest-random-weight hashing: the endpoint whose (key, endpoint) hash is largest
+    /// wins, so removing an endpoint only moves the keys that were on it.
+    fn rendezvous(&self, key: u64) -> usize {
+        let mut best = (0, 0.0f64);
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            ep.authority.as_str().hash(&mut h);
+            let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+            // Weighted: score = -w / ln(u) favours heavier endpoints in proportion.
+            let score = -(ep.weight as f64) / unit.max(f64::MIN_POSITIVE).ln();
+            if score > best.1 {
+                best = (i, score);
+            }
+        }
+        best.0
+    }
+
+    /// The HTTP client for this worker thread and protocol.
+    pub fn client(&self, http2: bool) -> &HttpClient {
+        let slot = worker::current().min(self.clients.len() - 1);
+        let clients = self.clients[slot].get_or_init(|| WorkerClients {
+            http1: build_client(&self.stats, false),
+            http2: OnceLock::new(),
+        });
+        if http2 || self.config.protocol == UpstreamProtocol::Http2 {
+            clients.http2.get_or_init(|| build_client(&self.stats, true))
+        } else {
+            &clients.http1
+        }
+    }
+}
+
+fn build_client(stats: &Arc<UpstreamStats>, http2: bool) -> HttpClient {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(http2);
+    builder.build(CountingConnector::new(stats.clone()))
+}
+
+/// Smooth weighted round-robin order (as nginx does it), so heavier endpoints are spread
+/// out rather than hit in bursts. Long schedules are scaled down to at most 1024 slots.
+fn weighted_schedule(endpoints: &[EndpointRuntime]) -> Vec<u32> {
+    if endpoints.windows(2).all(|w| w[0].weight == w[1].weight) {
+        return Vec::new();
+    }
+    let total: u64 = endpoints.iter().map(|e| e.weight as u64).sum();
+    let scale = total.div_ceil(1024).max(1);
+    let weights: Vec<i64> = endpoints
+        .iter()
+        .map(|e| (e.weight as u64 / scale).max(1) as i64)
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        let mut best = 0;
+        for i in 0..weights.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= sum;
+        schedule.push(best as u32);
+    }
+    schedule
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(weights: &[u32], lb: LoadBalancer) -> ClusterRuntime {
+        let endpoints = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| meshgate_model::snapshot::Endpoint {
+                address: format!("127.0.0.{}", i + 1),
+                port: 80,
+                weight: *w,
+                labels: Default::default(),
+            })
+            .collect();
+        let config = Cluster {
+            name: "c".into(),
+            service: "s".into(),
+            subset: String::new(),
+            port: 80,
+            protocol: UpstreamProtocol::Http1,
+            load_balancer: lb,
+            discovery: Discovery::Static,
+            endpoints,
+        };
+        ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights_and_interleaves() {
+        let c = cluster(&[3, 1], LoadBalancer::RoundRobin);
+        let picks: Vec<usize> = (0..8).map(|_| c.pick(None).expect("endpoint")).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 6);
+        assert!(picks.windows(2).all(|w| !(w[0] == 1 && w[1] == 1)), "{picks:?}");
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_spreads() {
+        let c = cluster(
+            &[1, 1, 1],
+            LoadBalancer::ConsistentHash(meshgate_model::snapshot::HashKey::SourceIp),
+        );
+        let mut seen = [0; 3];
+        for key in 0..300u64 {
+            let first = c.pick(Some(key)).expect("endpoint");
+            assert_eq!(c.pick(Some(key)), Some(first));
+            seen[first] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoint() {
+        let c = cluster(&[1, 1], LoadBalancer::LeastRequest);
+        c.endpoints[0].active.store(100, Relaxed);
+        let picks_of_busy = (0..200).filter(|_| c.pick(None) == Some(0)).count();
+        // Only when both random choices land on the busy endpoint (about 1 in 4).
+        assert!(picks_of_busy < 90, "{picks_of_busy}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Everything on the upstream side: clusters, load balancing, connection pools.
+
+pub mod cluster;
+pub mod connector;
