@@ -109,7 +109,6 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         workers,
         compile,
-        edge: true,
     };
     meshgate_proxy::run(options)
         .map_err(anyhow::Error::msg)

@@ -107,13 +107,13 @@ impl Active {
         for listener in &snapshot.listeners {
             for vh in &listener.routes.virtual_hosts {
                 for route in &vh.routes {
-                    if let RouteAction::Forward(f) = &route.action {
-                        if let Some(d) = f.destinations.iter().find(|d| d.cluster >= clusters.len()) {
-                            return Err(format!(
-                                "route {} refers to cluster #{} that does not exist",
-                                route.name, d.cluster
-                            ));
-                        }
+                    if let RouteAction::Forward(f) = &route.action
+                        && let Some(d) = f.destinations.iter().find(|d| d.cluster >= clusters.len())
+                    {
+                        return Err(format!(
+                            "route {} refers to cluster #{} that does not exist",
+                            route.name, d.cluster
+                        ));
                     }
                 }
             }

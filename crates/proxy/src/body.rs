@@ -1,14 +1,14 @@
 //! Body types on both sides of the proxy.
 //!
-//! Bodies stream through untouched (`Incoming` on either side); only replies the proxy makes
-//! itself carry a buffered `Full` body. An `Either` keeps that choice free of boxing.
+//! Bodies stream through untouched; only replies the proxy makes itself carry a buffered
+//! body. Enums rather than boxed trait objects keep the request path free of allocations.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-
-/// Body of a request sent upstream.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 /// Body of a response sent downstream.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -20,4 +20,59 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 
 pub fn empty() -> ResponseBody {
     Either::Right(Full::new(Bytes::new()))
+}
+
+/// Body of a request sent upstream.
+pub enum UpstreamBody {
+    /// The downstream body, streamed as it arrives.
+    Streaming(Incoming),
+    /// A frame already read from the downstream body (to validate its framing before
+    /// anything goes upstream), then the rest of it.
+    Prefixed {
+        first: Option<Frame<Bytes>>,
+        rest: Incoming,
+    },
+    /// A body the proxy holds whole.
+    Buffered(Full<Bytes>),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Prefixed { first, rest } => match first.take() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+            UpstreamBody::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming(b) => b.is_end_stream(),
+            UpstreamBody::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
+            UpstreamBody::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming(b) => b.size_hint(),
+            UpstreamBody::Prefixed { first, rest } => {
+                let extra = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+            UpstreamBody::Buffered(b) => b.size_hint(),
+        }
+    }
 }

@@ -44,9 +44,6 @@ pub struct ProxyOptions {
     pub admin_addr: SocketAddr,
     pub workers: usize,
     pub compile: CompileOptions,
-    /// An edge proxy (gateway) regenerates `x-request-id` as Envoy does at the edge;
-    /// an inner hop keeps the one it receives.
-    pub edge: bool,
 }
 
 /// State shared by the workers, the admin listener and the reloader.

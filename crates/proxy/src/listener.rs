@@ -146,11 +146,13 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     stats.connections_active.fetch_add(1, Relaxed);
     let _open = OpenConnection(stats);
 
+    let edge = shared.options.compile.mesh_port != Some(listener.port());
     let conn = Arc::new(Connection {
         shared: shared.clone(),
         listener,
         remote,
         tls: tls.is_some(),
+        edge,
     });
     let service = service_fn(move |req| service::handle(req, conn.clone()));
     let result = match tls {

@@ -21,7 +21,7 @@ use meshgate_model::snapshot::{
 };
 
 use crate::Shared;
-use crate::body::{self, ResponseBody};
+use crate::body::{self, ResponseBody, UpstreamBody};
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
 
@@ -32,6 +32,9 @@ pub struct Connection {
     pub listener: SocketAddr,
     pub remote: SocketAddr,
     pub tls: bool,
+    /// An edge listener (a gateway) regenerates `x-request-id` as Envoy does at the edge;
+    /// the mesh (sidecar outbound) listener keeps the one the application propagates.
+    pub edge: bool,
 }
 
 /// Envoy's local-reply texts, so clients and scripts see familiar bodies.
@@ -208,6 +211,16 @@ async fn forward_request(
     let http2_upstream = !upgrade && (grpc && req.version() == Version::HTTP_2);
 
     let (mut parts, body) = req.into_parts();
+    let body = match checked_chunked_body(&parts, body).await {
+        Ok(b) => b,
+        Err(()) => {
+            stats.record(400);
+            let mut resp = local_reply(StatusCode::BAD_REQUEST, "Bad Request");
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
     let path_and_query = rewritten_path(&parts.uri, forward, matched);
     let host = match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
         Some(a) => a.to_string(),
@@ -221,10 +234,10 @@ async fn forward_request(
         "x-forwarded-proto",
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if !headers.contains_key("x-request-id") || conn.shared.options.edge {
-        if let Ok(id) = HeaderValue::from_str(&request_id()) {
-            headers.insert("x-request-id", id);
-        }
+    if (conn.edge || !headers.contains_key("x-request-id"))
+        && let Ok(id) = HeaderValue::from_str(&request_id())
+    {
+        headers.insert("x-request-id", id);
     }
     if let Ok(h) = HeaderValue::from_str(&host) {
         headers.insert(header::HOST, h);
@@ -242,7 +255,7 @@ async fn forward_request(
     };
     let use_http2 = http2_upstream || cluster.config.protocol == meshgate_model::snapshot::UpstreamProtocol::Http2;
     parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let upstream_req = Request::from_parts(parts, Either::Left(body));
+    let upstream_req = Request::from_parts(parts, body);
 
     let client = cluster.client(use_http2);
     cluster.stats.requests.fetch_add(1, Relaxed);
@@ -290,6 +303,25 @@ async fn forward_request(
     }
     remove_hop_by_hop(resp.headers_mut(), false);
     resp.map(Either::Left)
+}
+
+/// For a chunked HTTP/1 request, reads the first body frame before anything is sent
+/// upstream, so broken chunk framing is answered with 400 instead of reaching the upstream.
+/// Bodies with a length, and HTTP/2 bodies, are streamed without waiting.
+async fn checked_chunked_body(parts: &http::request::Parts, mut body: Incoming) -> Result<UpstreamBody, ()> {
+    use hyper::body::Body;
+    let chunked = parts.version <= Version::HTTP_11 && parts.headers.contains_key(header::TRANSFER_ENCODING);
+    if !chunked || body.is_end_stream() {
+        return Ok(UpstreamBody::Streaming(body));
+    }
+    match http_body_util::BodyExt::frame(&mut body).await {
+        Some(Ok(first)) => Ok(UpstreamBody::Prefixed {
+            first: Some(first),
+            rest: body,
+        }),
+        None => Ok(UpstreamBody::Streaming(body)),
+        Some(Err(_)) => Err(()),
+    }
 }
 
 /// Keeps the endpoint's and cluster's in-flight counts right however the request ends.

@@ -58,7 +58,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             mesh_address: Some(loopback),
             ..CompileOptions::default()
         },
-        edge: true,
     };
     meshgate_proxy::run(options).map_err(anyhow::Error::msg)
 }

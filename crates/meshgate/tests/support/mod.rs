@@ -64,11 +64,16 @@ impl Echo {
         let name_owned = name.to_string();
         let counter = requests.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(std_listener).expect("listener");
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let name = name_owned.clone();
                     let counter = counter.clone();
                     tokio::spawn(async move {
@@ -80,7 +85,11 @@ impl Echo {
                 }
             });
         });
-        Echo { name: name.to_string(), addr, requests }
+        Echo {
+            name: name.to_string(),
+            addr,
+            requests,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -320,8 +329,11 @@ impl Drop for Proxy {
     }
 }
 
+/// Status, lower-cased headers and body of a response read off a raw socket.
+pub type RawResponse = (u16, Vec<(String, String)>, String);
+
 /// A minimal blocking HTTP/1.1 GET with `Connection: close`: (status, headers, body).
-pub fn raw_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+pub fn raw_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<RawResponse> {
     raw_request(
         addr,
         &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
@@ -330,7 +342,7 @@ pub fn raw_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16
 
 /// Sends raw bytes and parses the (single) response; a closed connection without a response
 /// is reported as status 0.
-pub fn raw_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+pub fn raw_request(addr: SocketAddr, request: &str) -> std::io::Result<RawResponse> {
     let mut stream = StdStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(request.as_bytes())?;
@@ -339,7 +351,7 @@ pub fn raw_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, Vec
     Ok(parse_response(&buf))
 }
 
-pub fn parse_response(buf: &[u8]) -> (u16, Vec<(String, String)>, String) {
+pub fn parse_response(buf: &[u8]) -> RawResponse {
     let text = String::from_utf8_lossy(buf);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return (0, Vec::new(), String::new());

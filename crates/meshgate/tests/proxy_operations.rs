@@ -1,0 +1,364 @@
+//! Operating a real meshgate process: hot reload under load, rejected configs, malformed
+//! requests over raw sockets, and the admin listener.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn routed_to(port: u16, services: &[(&str, u16)], target: &str, extra_port: Option<u16>) -> String {
+    let mut yaml = gateway("gw", port);
+    if let Some(p) = extra_port {
+        yaml.push_str(&gateway("gw2", p));
+    }
+    for (name, p) in services {
+        yaml.push_str(&service_entry(name, &format!("{name}.test"), &[(*p, "v1")]));
+    }
+    let gateways = if extra_port.is_some() { "[gw, gw2]" } else { "[gw]" };
+    yaml.push_str(&format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: vs
+spec:
+  hosts: ["*"]
+  gateways: {gateways}
+  http:
+  - route:
+    - destination:
+        host: {target}.test
+"#
+    ));
+    yaml
+}
+
+/// Replaces the config the way editors and Kubernetes ConfigMap mounts do: write, then rename.
+fn replace_config(proxy: &Proxy, yaml: &str) {
+    let tmp = proxy.config.with_extension("tmp");
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(&tmp, &proxy.config).expect("rename");
+}
+
+fn wait_version_above(proxy: &Proxy, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while proxy.config_version() <= version {
+        assert!(
+            Instant::now() < deadline,
+            "reload took over 1 s; log:\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn hundred_reloads_under_concurrent_load_fail_no_request() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let configs = [
+        routed_to(port, &services, "a", None),
+        routed_to(port, &services, "b", None),
+    ];
+    let proxy = Proxy::start(&configs[0]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let mut loaders = Vec::new();
+    for i in 0..6 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        loaders.push(runtime.spawn(async move {
+            // Half the clients keep connections alive across reloads; half open new ones.
+            let pooled = client(i % 2 == 1);
+            while !stop.load(Ordering::Relaxed) {
+                let c = if i % 2 == 0 { client(false) } else { pooled.clone() };
+                match send(&c, get(port, "/", "any.test", &[])).await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("status {}: {}", r.status, r.body)),
+                    Err(e) => failures.lock().expect("lock").push(e),
+                }
+            }
+        }));
+    }
+    for i in 1..=100 {
+        let before = proxy.config_version();
+        replace_config(&proxy, &configs[i % 2]);
+        wait_version_above(&proxy, before);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        runtime.block_on(l).expect("loader");
+    }
+    let failures = failures.lock().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 500,
+        "too little load: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(a.count() > 0 && b.count() > 0);
+    assert!(proxy.config_version() >= 101);
+}
+
+#[test]
+fn invalid_config_is_rejected_and_the_last_good_one_keeps_serving() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let good = routed_to(port, &[("a", a.port())], "a", None);
+    let proxy = Proxy::start(&good);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let version = proxy.config_version();
+
+    let bad_regex = good.replace(
+        "  - route:\n",
+        "  - match:\n    - uri:\n        regex: \"/(unclosed\"\n    route:\n",
+    );
+    let bad_configs = [
+        ("invalid regex", bad_regex, "spec.http[0].match[0].uri"),
+        ("malformed yaml", format!("{good}\n  : : [\n"), "config.yaml"),
+        (
+            "unknown subset",
+            good.replace("host: a.test\n", "host: a.test\n        subset: nope\n"),
+            "subset",
+        ),
+        (
+            "bad weights",
+            good.replace(
+                "        host: a.test\n",
+                "        host: a.test\n      weight: 60\n    - destination:\n        host: a.test\n      weight: 30\n",
+            ),
+            "100",
+        ),
+    ];
+    for (what, yaml, needle) in bad_configs {
+        let failures_before = metric(&proxy, "meshgate_config_reload_failures_total");
+        replace_config(&proxy, &yaml);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while metric(&proxy, "meshgate_config_reload_failures_total") == failures_before {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no rejection logged:\n{}",
+                proxy.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(proxy.config_version(), version, "{what}: version changed");
+        let (status, headers, _) = raw_get(addr, "/", "x").expect("request");
+        assert_eq!(status, 200, "{what}: last good config stopped serving");
+        assert!(headers.iter().any(|(k, v)| k == "x-echo-name" && v == "a"));
+        let log = proxy.log_text();
+        assert!(log.contains(needle), "{what}: log does not name `{needle}`:\n{log}");
+    }
+    replace_config(&proxy, &good);
+    wait_version_above(&proxy, version);
+    assert!(!proxy.log_text().contains("panicked"));
+}
+
+fn metric(proxy: &Proxy, name: &str) -> u64 {
+    let (_, text) = proxy.admin_get("/stats/prometheus");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn listeners_follow_the_config() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let extra = free_port();
+    let proxy = Proxy::start(&routed_to(port, &[("a", a.port())], "a", None));
+    let extra_addr: SocketAddr = format!("127.0.0.1:{extra}").parse().expect("addr");
+    assert!(std::net::TcpStream::connect(extra_addr).is_err());
+
+    let v = proxy.config_version();
+    replace_config(&proxy, &routed_to(port, &[("a", a.port())], "a", Some(extra)));
+    wait_version_above(&proxy, v);
+    proxy.wait_ready();
+    assert_eq!(raw_get(extra_addr, "/", "x").expect("new listener").0, 200);
+
+    let v = proxy.config_version();
+    replace_config(&proxy, &routed_to(port, &[("a", a.port())], "a", None));
+    wait_version_above(&proxy, v);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::net::TcpStream::connect(extra_addr).is_err(),
+        "removed listener still accepts"
+    );
+}
+
+#[test]
+fn sighup_reloads() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let proxy = Proxy::start(&routed_to(port, &services, "a", None));
+    // Write in place without a rename, then signal.
+    let v = proxy.config_version();
+    std::fs::write(&proxy.config, routed_to(port, &services, "b", None)).expect("write");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_version_above(&proxy, v);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
+        "{headers:?}"
+    );
+}
+
+#[test]
+fn bad_initial_config_exits_with_a_clear_error() {
+    let dir = scratch_dir("bad-start");
+    let config = dir.join("vs.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: broken\nspec:\n  hosts: [x]\n  http:\n  - route:\n    - destination:\n        hostt: a\n",
+    )
+    .expect("write");
+    let mut proxy = Proxy::spawn(&config, &[]);
+    let status = proxy.child.wait().expect("wait");
+    assert!(!status.success());
+    let log = proxy.log_text();
+    assert!(
+        log.contains("vs.yaml") && log.contains("VirtualService default/broken") && log.contains("hostt"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn malformed_requests_never_reach_the_upstream() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let proxy = Proxy::start(&routed_to(port, &[("a", a.port())], "a", None));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let huge = "x".repeat(70 * 1024);
+    let cases = [
+        (
+            "oversized header block",
+            format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n"),
+        ),
+        (
+            "space in header name",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".to_string(),
+        ),
+        (
+            "control byte in header value",
+            "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n".to_string(),
+        ),
+        (
+            "two different content-lengths",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_string(),
+        ),
+        (
+            "bad chunk size",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_string(),
+        ),
+        ("bad request line", "GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
+        (
+            "unknown transfer-encoding",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_string(),
+        ),
+    ];
+    for (what, request) in cases {
+        let (status, _, _) = raw_request(addr, &request).expect("send");
+        assert!(status == 0 || (400..500).contains(&status), "{what}: got {status}");
+        if what == "oversized header block" {
+            assert_eq!(status, 431, "{what}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.count(), 0, "a malformed request reached the upstream");
+    // The proxy is still healthy.
+    assert_eq!(raw_get(addr, "/", "x").expect("ok").0, 200);
+    assert_eq!(a.count(), 1);
+    assert!(!proxy.log_text().contains("panicked"));
+}
+
+/// RFC 9112 §6.3: with both headers, Transfer-Encoding wins and the connection must be closed
+/// after the response, so nothing smuggled after the chunked body is read as a request.
+#[test]
+fn content_length_with_transfer_encoding_cannot_smuggle() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let _proxy = Proxy::start(&routed_to(port, &[("a", a.port())], "a", None));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let smuggle = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (status, headers, body) = raw_request(addr, smuggle).expect("send");
+    assert!(
+        status == 0 || status == 200 || (400..500).contains(&status),
+        "got {status}"
+    );
+    if status == 200 {
+        let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(j["body_len"], 0, "the chunked framing was used");
+        assert!(j["headers"].get("content-length").is_none(), "{j}");
+        assert!(
+            headers.iter().any(|(k, v)| k == "connection" && v == "close"),
+            "{headers:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(a.count() <= 1, "the smuggled request was forwarded");
+}
+
+#[test]
+fn admin_reports_readiness_config_and_metrics() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let proxy = Proxy::start(&routed_to(port, &[("a", a.port())], "a", None));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    for _ in 0..3 {
+        assert_eq!(raw_get(addr, "/", "x").expect("req").0, 200);
+    }
+    assert_eq!(proxy.admin_get("/ready").0, 200);
+    assert_eq!(proxy.admin_get("/healthz").0, 200);
+    let (status, dump) = proxy.admin_get("/config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config dump is JSON");
+    assert_eq!(dump["version"], 1);
+    assert_eq!(dump["snapshot"]["listeners"][0]["port"], port);
+    assert_eq!(dump["snapshot"]["clusters"][0]["name"], "outbound|80||a.test");
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.contains(
+            "meshgate_requests_total{route=\"default/vs[0]\",destination=\"outbound|80||a.test\",code=\"200\"} 3"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshgate_upstream_connections_total{cluster=\"outbound|80||a.test\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshgate_upstream_requests_total{cluster=\"outbound|80||a.test\"} 3"),
+        "{metrics}"
+    );
+    assert_eq!(proxy.admin_get("/nope").0, 404);
+}
