@@ -40,8 +40,11 @@ fn demo_serves_canary_header_routing_and_mesh_calls() {
     assert_eq!(j["service"], "frontend");
     assert_eq!(j["catalog_via_mesh"]["service"], "catalog", "{j}");
 
-    let beta = raw_request(gateway, "GET /catalog HTTP/1.1\r\nHost: shop\r\nx-user-group: beta\r\nConnection: close\r\n\r\n")
-        .expect("beta");
+    let beta = raw_request(
+        gateway,
+        "GET /catalog HTTP/1.1\r\nHost: shop\r\nx-user-group: beta\r\nConnection: close\r\n\r\n",
+    )
+    .expect("beta");
     assert!(beta.2.contains("\"version\":\"v2\""), "{}", beta.2);
     let cookie = raw_request(
         gateway,
@@ -64,5 +67,8 @@ fn demo_serves_canary_header_routing_and_mesh_calls() {
 
     let (status, headers, _) = raw_get(gateway, "/shop", "shop").expect("redirect");
     assert_eq!(status, 301);
-    assert!(headers.iter().any(|(k, v)| k == "location" && v == "http://shop/"), "{headers:?}");
+    assert!(
+        headers.iter().any(|(k, v)| k == "location" && v == "http://shop/"),
+        "{headers:?}"
+    );
 }
