@@ -185,10 +185,13 @@ impl RouteTable {
         if let Some(&i) = self.exact.get(host) {
             return Some(i);
         }
-        for (suffix, i) in &self.suffixes {
-            // `*.example.com` needs at least one character before `.example.com`.
-            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                return Some(*i);
+        if !self.suffixes.is_empty() {
+            // `*.example.com` needs at least one character before `.example.com`, so the
+            // candidate suffixes start at each dot after the first character.
+            for (i, _) in host.match_indices('.').filter(|(i, _)| *i > 0) {
+                if let Some(&vh) = self.suffixes.get(&host[i..]) {
+                    return Some(vh);
+                }
             }
         }
         self.catch_all
@@ -218,15 +221,12 @@ impl RouteTable {
                 if d == "*" {
                     self.catch_all.get_or_insert(i);
                 } else if let Some(suffix) = d.strip_prefix('*') {
-                    if !self.suffixes.iter().any(|(s, _)| s == suffix) {
-                        self.suffixes.push((suffix.to_string(), i));
-                    }
+                    self.suffixes.entry(suffix.to_string()).or_insert(i);
                 } else {
                     self.exact.entry(d.clone()).or_insert(i);
                 }
             }
         }
-        self.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
     }
 }
 

@@ -91,9 +91,11 @@ pub struct RouteTable {
     /// Lower-cased exact domain → index into `virtual_hosts`.
     #[serde(skip)]
     pub exact: HashMap<String, usize>,
-    /// Wildcard suffixes (e.g. `.example.com` for `*.example.com`), longest first.
+    /// Wildcard suffixes (e.g. `.example.com` for `*.example.com`) → index into
+    /// `virtual_hosts`. Looked up once per dot in the host, longest suffix first, so the cost
+    /// does not grow with the number of wildcard domains.
     #[serde(skip)]
-    pub suffixes: Vec<(String, usize)>,
+    pub suffixes: HashMap<String, usize>,
     /// Index of the virtual host holding `*`.
     #[serde(skip)]
     pub catch_all: Option<usize>,
