@@ -53,7 +53,7 @@ fn lookup(c: &mut Criterion) {
     for (hosts, per_host) in [(1000, 10), (100, 100)] {
         let t = table(hosts, per_host);
         // Worst case inside a host: the last route matches.
-        let exact_host = format!("svc-{}.example.com", hosts / 2 & !1);
+        let exact_host = format!("svc-{}.example.com", (hosts / 2) & !1);
         let wildcard_host = format!("api.zone-{}.example.com", hosts - 1);
         let path = format!("/api/v{}/items/42", per_host - 1);
         for (label, host) in [("exact host", &exact_host), ("wildcard host", &wildcard_host)] {

@@ -151,6 +151,8 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
         shared: shared.clone(),
         listener,
         remote,
+        remote_ip: http::HeaderValue::from_str(&remote.ip().to_canonical().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
         tls: tls.is_some(),
         edge,
     });

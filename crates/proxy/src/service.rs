@@ -13,17 +13,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
     Forward, HashKey, HeaderOps, LoadBalancer, PathRewrite, Redirect, RedirectPort, RequestMatch, RouteAction,
+    UpstreamProtocol,
 };
 
 use crate::Shared;
 use crate::body::{self, ResponseBody, UpstreamBody};
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
+use crate::upstream::pool::UpstreamError;
 
 /// What the request path knows about the connection a request arrived on.
 pub struct Connection {
@@ -31,6 +32,8 @@ pub struct Connection {
     /// The listener's bound address; identifies its config across reloads.
     pub listener: SocketAddr,
     pub remote: SocketAddr,
+    /// The client's IP as a header value, for `x-forwarded-for`.
+    pub remote_ip: HeaderValue,
     pub tls: bool,
     /// An edge listener (a gateway) regenerates `x-request-id` as Envoy does at the edge;
     /// the mesh (sidecar outbound) listener keeps the one the application propagates.
@@ -172,34 +175,21 @@ async fn forward_request(
     stats: &RouteStats,
 ) -> Response<ResponseBody> {
     let destination = &forward.destinations[pick];
-    let downstream_authority = request_authority(&req).unwrap_or("").to_string();
 
-    // Endpoint selection.
-    let authority = if cluster.is_original_destination() {
-        let target = req
-            .headers()
-            .get("x-envoy-original-dst-host")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(&downstream_authority);
-        let target = if target.contains(':') && !target.ends_with(']') {
-            target.to_string()
-        } else {
-            format!("{target}:80")
-        };
-        match http::uri::Authority::try_from(target) {
-            Ok(a) => Some((a, None)),
-            Err(_) => None,
-        }
+    // Endpoint selection: the pool to use, the address to connect to, the endpoint index.
+    let target = if cluster.is_original_destination() {
+        original_destination(&req).map(|address| (cluster.pool_for_address(&address), address, None))
     } else {
         let hash = match &cluster.config.load_balancer {
             LoadBalancer::ConsistentHash(key) => hash_key(key, &req, conn.remote),
             _ => None,
         };
-        cluster
-            .pick(hash)
-            .map(|i| (cluster.endpoints[i].authority.clone(), Some(i)))
+        cluster.pick(hash).map(|i| {
+            let address = cluster.endpoints[i].authority.as_str().to_string();
+            (cluster.pool(i).clone(), address, Some(i))
+        })
     };
-    let Some((authority, endpoint)) = authority else {
+    let Some((pool, address, endpoint)) = target else {
         stats.record(503);
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
     };
@@ -207,8 +197,9 @@ async fn forward_request(
     // WebSocket and other HTTP/1.1 upgrades are tunnelled after the upstream's 101.
     let upgrade = is_upgrade_request(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let grpc = is_grpc(req.headers());
-    let http2_upstream = !upgrade && (grpc && req.version() == Version::HTTP_2);
+    let use_http2 = !upgrade
+        && (cluster.config.protocol == UpstreamProtocol::Http2
+            || (req.version() == Version::HTTP_2 && is_grpc(req.headers())));
 
     let (mut parts, body) = req.into_parts();
     let body = match checked_chunked_body(&parts, body).await {
@@ -222,45 +213,70 @@ async fn forward_request(
         }
     };
     let path_and_query = rewritten_path(&parts.uri, forward, matched);
-    let host = match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
-        Some(a) => a.to_string(),
-        None => downstream_authority,
-    };
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers, upgrade);
-    append_forwarded_for(headers, conn.remote);
+    append_forwarded_for(headers, &conn.remote_ip);
     headers.insert(
         "x-forwarded-proto",
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if (conn.edge || !headers.contains_key("x-request-id"))
-        && let Ok(id) = HeaderValue::from_str(&request_id())
-    {
-        headers.insert("x-request-id", id);
+    if conn.edge || !headers.contains_key("x-request-id") {
+        headers.insert("x-request-id", request_id());
     }
-    if let Ok(h) = HeaderValue::from_str(&host) {
-        headers.insert(header::HOST, h);
+    // The Host sent upstream: a rewrite, else what the client sent (`:authority` for HTTP/2).
+    match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
+        Some(a) => {
+            if let Ok(h) = HeaderValue::from_str(a) {
+                headers.insert(header::HOST, h);
+            }
+        }
+        None => {
+            if let Some(h) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(header::HOST, h);
+            }
+        }
     }
     apply_header_ops(headers, route_headers);
     apply_header_ops(headers, &destination.request_headers);
 
-    let mut uri_parts = http::uri::Parts::default();
-    uri_parts.scheme = Some(Scheme::HTTP);
-    uri_parts.authority = Some(authority);
-    uri_parts.path_and_query = Some(path_and_query);
-    parts.uri = match Uri::from_parts(uri_parts) {
-        Ok(u) => u,
-        Err(_) => return local_reply(StatusCode::BAD_REQUEST, ""),
+    // HTTP/1.1 upstream requests use origin-form; HTTP/2 needs `:scheme` and `:authority`.
+    parts.uri = if use_http2 {
+        let authority = headers
+            .get(header::HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| cluster_authority(&address));
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.scheme = Some(Scheme::HTTP);
+        uri_parts.authority = Some(authority);
+        uri_parts.path_and_query = Some(path_and_query);
+        match Uri::from_parts(uri_parts) {
+            Ok(u) => u,
+            Err(_) => return local_reply(StatusCode::BAD_REQUEST, ""),
+        }
+    } else {
+        Uri::from(path_and_query)
     };
-    let use_http2 = http2_upstream || cluster.config.protocol == meshgate_model::snapshot::UpstreamProtocol::Http2;
     parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let upstream_req = Request::from_parts(parts, body);
 
-    let client = cluster.client(use_http2);
     cluster.stats.requests.fetch_add(1, Relaxed);
     let in_flight = InFlight::start(cluster, endpoint);
-    let sent = client.request(upstream_req);
+    let sent = async {
+        if use_http2 {
+            pool.send_http2(&address, &cluster.stats, upstream_req)
+                .await
+                .map(|r| (r, None))
+        } else {
+            pool.send_http1(&address, &cluster.stats, upstream_req)
+                .await
+                .map(|(r, ret)| (r, Some(ret)))
+        }
+    };
     let result = match forward.timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
@@ -273,22 +289,23 @@ async fn forward_request(
         None => sent.await,
     };
     drop(in_flight);
-    let mut resp = match result {
+    let (mut resp, pool_return) = match result {
         Ok(r) => r,
         Err(e) => {
             stats.record(503);
-            let text = if e.is_connect() {
-                CONNECT_FAILURE
-            } else {
-                CONNECTION_TERMINATION
+            let text = match e {
+                UpstreamError::Connect(_) => CONNECT_FAILURE,
+                UpstreamError::Reset(_) => CONNECTION_TERMINATION,
             };
-            tracing::debug!(cluster = %cluster.config.name, error = %e, "upstream request failed");
+            tracing::debug!(cluster = %cluster.config.name, error = ?e, "upstream request failed");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, text);
         }
     };
     stats.record(resp.status().as_u16());
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection now belongs to the tunnel, never to the pool.
+        drop(pool_return);
         if let Some(downstream) = downstream_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -302,7 +319,31 @@ async fn forward_request(
         return resp.map(|_| body::empty());
     }
     remove_hop_by_hop(resp.headers_mut(), false);
-    resp.map(Either::Left)
+    resp.map(|b| ResponseBody::upstream(b, pool_return))
+}
+
+/// Where an original-destination (PASSTHROUGH) request goes: `x-envoy-original-dst-host`,
+/// else the authority the client asked for, port 80 by default.
+fn original_destination<B>(req: &Request<B>) -> Option<String> {
+    let target = req
+        .headers()
+        .get("x-envoy-original-dst-host")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request_authority(req))?;
+    let has_port = target
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !p.contains(']'));
+    let target = if has_port {
+        target.to_string()
+    } else {
+        format!("{target}:80")
+    };
+    http::uri::Authority::try_from(target.as_str()).ok()?;
+    Some(target)
+}
+
+fn cluster_authority(address: &str) -> http::uri::Authority {
+    http::uri::Authority::try_from(address).unwrap_or_else(|_| http::uri::Authority::from_static("upstream"))
 }
 
 /// For a chunked HTTP/1 request, reads the first body frame before anything is sent
@@ -408,22 +449,32 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, remote: SocketAddr) {
-    let ip = remote.ip().to_canonical().to_string();
+fn append_forwarded_for(headers: &mut HeaderMap, remote_ip: &HeaderValue) {
     let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {ip}"),
-        _ => ip,
+        Some(existing) if !existing.is_empty() => {
+            let joined = format!("{existing}, {}", remote_ip.to_str().unwrap_or(""));
+            HeaderValue::from_str(&joined).unwrap_or_else(|_| remote_ip.clone())
+        }
+        _ => remote_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert("x-forwarded-for", value);
 }
 
 /// A random (version 4) UUID, the form Envoy generates for `x-request-id`.
-fn request_id() -> String {
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc << 60)) | (0x4000 << 64) | (0x8 << 60);
-    let h = format!("{n:032x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (i, byte) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *byte = b'-';
+        } else {
+            *byte = HEX[((n >> (124 - 4 * nibble)) & 0xf) as usize];
+            nibble += 1;
+        }
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// The path and query sent upstream after `rewrite.uri` / `uriRegexRewrite`.
@@ -584,6 +635,7 @@ mod tests {
     #[test]
     fn request_id_is_a_v4_uuid() {
         let id = request_id();
+        let id = id.to_str().expect("ascii");
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");

@@ -4,27 +4,18 @@
 //! the cluster's definition is unchanged, so pooled connections and balancer state survive
 //! config edits that do not touch it.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32, AtomicUsize};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::uri::Authority;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use meshgate_model::snapshot::{Cluster, Discovery, LoadBalancer, UpstreamProtocol};
+use meshgate_model::snapshot::{Cluster, Discovery, LoadBalancer};
 
-use super::connector::CountingConnector;
-use crate::body::UpstreamBody;
+use super::pool::EndpointPool;
 use crate::stats::UpstreamStats;
 use crate::worker;
-
-pub type HttpClient = Client<CountingConnector, UpstreamBody>;
-
-/// How long an idle pooled upstream connection is kept (Envoy's default idle timeout is 1 h;
-/// a shorter one keeps memory flat when traffic moves between endpoints).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One endpoint as the request path needs it.
 pub struct EndpointRuntime {
@@ -36,9 +27,11 @@ pub struct EndpointRuntime {
 }
 
 /// Connection pools of one worker thread for one cluster.
-struct WorkerClients {
-    http1: HttpClient,
-    http2: OnceLock<HttpClient>,
+struct WorkerPools {
+    /// Indexed like [`ClusterRuntime::endpoints`].
+    endpoints: Vec<Arc<EndpointPool>>,
+    /// Original-destination clusters: pools by the `host:port` the client asked for.
+    by_address: Mutex<HashMap<String, Arc<EndpointPool>>>,
 }
 
 pub struct ClusterRuntime {
@@ -49,7 +42,7 @@ pub struct ClusterRuntime {
     schedule: Vec<u32>,
     next: AtomicUsize,
     /// One pool set per worker thread (plus one for other threads), created on first use.
-    clients: Box<[OnceLock<WorkerClients>]>,
+    pools: Box<[OnceLock<WorkerPools>]>,
 }
 
 impl ClusterRuntime {
@@ -76,7 +69,7 @@ impl ClusterRuntime {
             stats,
             schedule,
             next: AtomicUsize::new(fastrand::usize(..1024)),
-            clients: (0..=workers).map(|_| OnceLock::new()).collect(),
+            pools: (0..=workers).map(|_| OnceLock::new()).collect(),
         })
     }
 
@@ -138,29 +131,28 @@ impl ClusterRuntime {
         best.0
     }
 
-    /// The HTTP client for this worker thread and protocol.
-    pub fn client(&self, http2: bool) -> &HttpClient {
-        let slot = worker::current().min(self.clients.len() - 1);
-        let clients = self.clients[slot].get_or_init(|| WorkerClients {
-            http1: build_client(&self.stats, false),
-            http2: OnceLock::new(),
-        });
-        if http2 || self.config.protocol == UpstreamProtocol::Http2 {
-            clients.http2.get_or_init(|| build_client(&self.stats, true))
-        } else {
-            &clients.http1
-        }
+    fn worker_pools(&self) -> &WorkerPools {
+        let slot = worker::current().min(self.pools.len() - 1);
+        self.pools[slot].get_or_init(|| WorkerPools {
+            endpoints: self.endpoints.iter().map(|_| Arc::default()).collect(),
+            by_address: Mutex::default(),
+        })
     }
-}
 
-fn build_client(stats: &Arc<UpstreamStats>, http2: bool) -> HttpClient {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(http2);
-    builder.build(CountingConnector::new(stats.clone()))
+    /// This worker's pool for endpoint `index`.
+    pub fn pool(&self, index: usize) -> &Arc<EndpointPool> {
+        &self.worker_pools().endpoints[index]
+    }
+
+    /// This worker's pool for an address outside the endpoint list (original destination).
+    pub fn pool_for_address(&self, address: &str) -> Arc<EndpointPool> {
+        let mut pools = self.worker_pools().by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if pools.len() > 1024 {
+            // Bound the memory a client choosing arbitrary destinations can make us hold.
+            pools.clear();
+        }
+        pools.entry(address.to_string()).or_default().clone()
+    }
 }
 
 /// Smooth weighted round-robin order (as nginx does it), so heavier endpoints are spread
@@ -212,7 +204,7 @@ mod tests {
             service: "s".into(),
             subset: String::new(),
             port: 80,
-            protocol: UpstreamProtocol::Http1,
+            protocol: meshgate_model::snapshot::UpstreamProtocol::Http1,
             load_balancer: lb,
             discovery: Discovery::Static,
             endpoints,
