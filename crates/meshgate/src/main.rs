@@ -114,3 +114,8 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("proxy")
 }
+
+/// mimalloc: the request path allocates and frees many small, short-lived buffers per
+/// request; mimalloc's thread-local free lists serve them without glibc's arena locking.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

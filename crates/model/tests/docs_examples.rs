@@ -80,7 +80,8 @@ fn every_yaml_example_in_the_docs_loads_or_fails_as_documented() {
             continue;
         }
         match (first.strip_prefix("# expect-error:").map(str::trim), load(block)) {
-            (None, Ok(_)) => {}
+            // Shown with `--nocapture`, to review what each example warns about.
+            (None, Ok(warnings)) => println!("{}: {} warning(s) {warnings:#?}", block.origin, warnings.len()),
             (None, Err(findings)) => failures.push(format!("{}: unexpected errors:\n{findings}", block.origin)),
             (Some(expected), Ok(warnings)) => failures.push(format!(
                 "{}: expected an error containing {expected:?}, but it loaded (warnings: {warnings:?})",
