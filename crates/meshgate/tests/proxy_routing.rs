@@ -468,3 +468,88 @@ spec:
     }
     assert!(owners.len() >= 2, "30 users all hashed to {owners:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_service_entries_and_workload_entries_supply_endpoints() {
+    let by_name = Echo::start("by-name");
+    let workload = Echo::start("workload");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: by-name
+spec:
+  hosts: ["by-name.test"]
+  resolution: DNS
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  endpoints:
+  - address: localhost
+    ports:
+      http: {by_name_port}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: vm-1
+spec:
+  address: 127.0.0.1
+  ports:
+    http: {workload_port}
+  labels:
+    app: legacy
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: legacy
+spec:
+  hosts: ["legacy.test"]
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  workloadSelector:
+    labels:
+      app: legacy
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: vs
+spec:
+  hosts: ["*"]
+  gateways: ["gw"]
+  http:
+  - match:
+    - uri:
+        prefix: /legacy
+    route:
+    - destination:
+        host: legacy.test
+  - route:
+    - destination:
+        host: by-name.test
+"#,
+        gw = gateway("gw", port),
+        by_name_port = by_name.port(),
+        workload_port = workload.port(),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    assert_eq!(
+        send(&c, get(port, "/", "x", &[])).await.expect("dns").served_by(),
+        "by-name"
+    );
+    assert_eq!(
+        send(&c, get(port, "/legacy", "x", &[]))
+            .await
+            .expect("workload")
+            .served_by(),
+        "workload"
+    );
+}

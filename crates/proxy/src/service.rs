@@ -71,19 +71,23 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
         port: conn.listener.port(),
         headers: req.headers(),
     };
-    let Some(found) = listener.routes.find(&info) else {
+    let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
         return Ok(local_reply(StatusCode::NOT_FOUND, ""));
     };
-    let route = found.route;
-    let stats = &runtime.route_stats[found.virtual_host_index][found.route_index];
-
-    if found.virtual_host.https_redirect && !conn.tls {
+    let virtual_host = &listener.routes.virtual_hosts[vh_index];
+    if virtual_host.https_redirect && !conn.tls {
+        // Gateway `tls.httpsRedirect`: every plain-HTTP request to these hosts, routed or not.
         let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
         let location = format!("https://{host}{pq}");
-        stats[0].record(301);
         return Ok(redirect_reply(StatusCode::MOVED_PERMANENTLY, &location));
     }
+    let Some((route_index, matched)) = virtual_host.find(&info) else {
+        runtime.stats.no_route.fetch_add(1, Relaxed);
+        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+    };
+    let route = &virtual_host.routes[route_index];
+    let stats = &runtime.route_stats[vh_index][route_index];
 
     let response = match &route.action {
         RouteAction::DirectResponse(d) => {
@@ -98,7 +102,7 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
             resp
         }
         RouteAction::Redirect(r) => {
-            let location = redirect_location(r, &req, scheme, &host, conn.listener.port(), found.matched);
+            let location = redirect_location(r, &req, scheme, &host, conn.listener.port(), matched);
             let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
             stats[0].record(status.as_u16());
             redirect_reply(status, &location)
@@ -112,7 +116,7 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
                 &conn,
                 forward,
                 pick,
-                found.matched,
+                matched,
                 &route.request_headers,
                 cluster,
                 &stats[pick],
@@ -241,8 +245,10 @@ async fn forward_request(
             }
         }
     }
-    apply_header_ops(headers, route_headers);
+    // Envoy's order: the destination's (weighted cluster's) edits, then the route's, so the
+    // route-level value wins where both set a header — the same order as for responses.
     apply_header_ops(headers, &destination.request_headers);
+    apply_header_ops(headers, route_headers);
 
     // HTTP/1.1 upstream requests use origin-form; HTTP/2 needs `:scheme` and `:authority`.
     parts.uri = if use_http2 {
@@ -322,14 +328,11 @@ async fn forward_request(
     resp.map(|b| ResponseBody::upstream(b, pool_return))
 }
 
-/// Where an original-destination (PASSTHROUGH) request goes: `x-envoy-original-dst-host`,
-/// else the authority the client asked for, port 80 by default.
+/// Where an original-destination (PASSTHROUGH) request goes: the authority the client asked
+/// for, port 80 by default. (Envoy's `x-envoy-original-dst-host` header is not honoured: any
+/// client could use it to reach any host.)
 fn original_destination<B>(req: &Request<B>) -> Option<String> {
-    let target = req
-        .headers()
-        .get("x-envoy-original-dst-host")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request_authority(req))?;
+    let target = request_authority(req)?;
     let has_port = target
         .rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && !p.contains(']'));

@@ -153,8 +153,26 @@ fn compile_http_route(
     let mut ok = true;
     let mut matches = Vec::new();
     let mut match_gateways = Vec::new();
+    let mut skipped_alternatives = 0;
     for (j, m) in http.matches.iter().flatten().enumerate() {
         let mpath = format!("{path}.match[{j}]");
+        // Source restrictions narrow a rule to some clients; ignoring them would widen it to
+        // every client, so an alternative carrying one is left out until they are supported.
+        if let Some(field) = [
+            ("sourceLabels", m.source_labels.is_some()),
+            ("sourceNamespace", m.source_namespace.is_some()),
+        ]
+        .iter()
+        .find_map(|(f, set)| set.then_some(*f))
+        {
+            diag.warn(
+                doc,
+                at(&mpath, field),
+                "not supported yet: this match alternative never matches (ignoring it would apply the rule to every client)",
+            );
+            skipped_alternatives += 1;
+            continue;
+        }
         let mut rm = RequestMatch::default();
         let mut one = |spec: &Option<StringMatchSpec>, field: &str, ok: &mut bool| -> Option<StringMatch> {
             let spec = spec.as_ref()?;
@@ -217,6 +235,10 @@ fn compile_http_route(
                 .as_ref()
                 .map(|gs| gs.iter().map(|g| GatewayRef::parse(g, &doc.namespace)).collect()),
         );
+    }
+
+    if matches.is_empty() && skipped_alternatives > 0 {
+        return None;
     }
 
     let actions = [
@@ -394,6 +416,8 @@ fn forward(
     let timeout = match http.timeout.as_deref() {
         None => None,
         Some(t) => match crate::duration::parse(t) {
+            // As in Istio and Envoy, a zero timeout disables the timeout.
+            Ok(d) if d.is_zero() => None,
             Ok(d) => Some(d),
             Err(e) => {
                 diag.error(doc, at(path, "timeout"), e);

@@ -22,8 +22,6 @@ const VIRTUAL_SERVICE: &[&str] = &[
     "http[].mirrorPercent",
     "http[].corsPolicy",
     "http[].delegate",
-    "http[].match[].sourceLabels",
-    "http[].match[].sourceNamespace",
     "http[].match[].statPrefix",
 ];
 
