@@ -571,3 +571,41 @@ fn error_mixed_tls_and_plain_on_one_port() {
     );
     assert!(e.iter().any(|f| f.field == "spec.servers[1].tls.serverCertificate"));
 }
+
+#[test]
+fn zero_timeout_disables_it() {
+    let c = ok(&format!(
+        "{GATEWAY}\n---\n{}",
+        vs_with("  - timeout: 0s\n    route: [{destination: {host: reviews}}]\n")
+            .replace("hosts: [reviews]\n", "hosts: [\"*\"]\n  gateways: [bookinfo-gateway]\n")
+    ));
+    let route = &c.snapshot.listeners[0].routes.virtual_hosts[0].routes[0];
+    match &route.action {
+        RouteAction::Forward(f) => assert_eq!(f.timeout, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn source_restricted_alternatives_never_match() {
+    let yaml = format!(
+        "{GATEWAY}\n---\n{}",
+        vs_with(
+            "  - match: [{sourceLabels: {app: admin}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - match: [{sourceLabels: {app: admin}}, {uri: {prefix: /open}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n",
+        )
+        .replace("hosts: [reviews]\n", "hosts: [\"*\"]\n  gateways: [bookinfo-gateway]\n")
+    );
+    let c = ok(&yaml);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.field == "spec.http[0].match[0].sourceLabels"),
+        "{:?}",
+        c.warnings
+    );
+    // Without the restriction the first rule would catch every request; instead it is left out.
+    let (name, _) = route(&c.snapshot, 8080, "any", "/", &[]).expect("route");
+    assert_eq!(name, "default/vs[2]");
+    let (name, _) = route(&c.snapshot, 8080, "any", "/open/x", &[]).expect("route");
+    assert_eq!(name, "default/vs[1]");
+}
