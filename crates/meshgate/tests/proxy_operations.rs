@@ -122,6 +122,34 @@ fn hundred_reloads_under_concurrent_load_fail_no_request() {
 }
 
 #[test]
+fn in_flight_requests_finish_on_the_config_they_started_with() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let proxy = Proxy::start(&routed_to(port, &services, "a", None));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let slow = std::thread::spawn(move || raw_get(addr, "/delay/1500", "x").expect("slow request"));
+    while a.count() == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = proxy.config_version();
+    replace_config(&proxy, &routed_to(port, &services, "b", None));
+    wait_version_above(&proxy, v);
+    let (_, headers, _) = raw_get(addr, "/", "x").expect("new request");
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
+        "new requests use the new config"
+    );
+    let (status, headers, _) = slow.join().expect("join");
+    assert_eq!(status, 200);
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "a"),
+        "{headers:?}"
+    );
+}
+
+#[test]
 fn invalid_config_is_rejected_and_the_last_good_one_keeps_serving() {
     let a = Echo::start("a");
     let port = free_port();

@@ -45,7 +45,8 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// An echo upstream: answers every request with a JSON description of what it received.
 ///
-/// Paths with special meaning: `/status/NNN` answers with that status; `/bytes/N` streams N
+/// Paths with special meaning: `/delay/MS` answers after MS milliseconds; `/status/NNN`
+/// answers with that status; `/bytes/N` streams N
 /// bytes; `/trailers` answers with `grpc-status: 0` trailers; an `Upgrade: websocket` request
 /// is switched and every byte is echoed back.
 pub struct Echo {
@@ -124,6 +125,9 @@ async fn echo(
             .body(Full::new(Bytes::new()).boxed())
             .expect("response");
         return Ok(resp);
+    }
+    if let Some(ms) = path.strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let code: u16 = code.parse().unwrap_or(500);

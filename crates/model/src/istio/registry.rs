@@ -118,6 +118,15 @@ impl<'r> Registry<'r> {
                 Discovery::OriginalDestination
             }
         };
+        if discovery == Discovery::OriginalDestination
+            && (!spec.endpoints.is_empty() || spec.workload_selector.is_some())
+        {
+            diag.warn(
+                doc,
+                "spec.resolution",
+                "resolution NONE (the default) forwards to the address the client asked for; the listed endpoints are not used (set STATIC or DNS to use them)",
+            );
+        }
         // Endpoints: inline ones, then WorkloadEntries selected in the same namespace.
         let mut sources: Vec<(&Document, String, &WorkloadEntrySpec)> = spec
             .endpoints
