@@ -35,6 +35,8 @@ fn table(hosts: usize, per_host: usize) -> RouteTable {
                 }),
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
+                mirrors: Vec::new(),
+                cors: None,
             })
             .collect();
         t.virtual_hosts.push(VirtualHost {

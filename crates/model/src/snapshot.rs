@@ -1,9 +1,9 @@
 //! The compiled, format-independent proxy configuration.
 //!
-//! Every input format (Istio today; Gateway API, Kong and others later) compiles into a
-//! [`Snapshot`]. The data plane only ever sees this model, never the YAML it came from, so a
-//! rule behaves the same whichever format expressed it. A snapshot is immutable: a reload
-//! compiles a new one and swaps it in whole.
+//! Every input format (Istio and the Kubernetes Gateway API today; Kong and others later)
+//! compiles into a [`Snapshot`]. The data plane only ever sees this model, never the YAML it
+//! came from, so a rule behaves the same whichever format expressed it. A snapshot is
+//! immutable: a reload compiles a new one and swaps it in whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -127,6 +127,50 @@ pub struct Route {
     pub request_headers: HeaderOps,
     /// Header edits applied to the response before it goes downstream.
     pub response_headers: HeaderOps,
+    /// Copies of the request sent to other clusters, fire-and-forget: their responses are
+    /// discarded and they never delay or fail the main request (Gateway API `RequestMirror`).
+    /// Mirrored requests carry the request as edited by `request_headers`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    /// CORS handling (Gateway API `CORS` filter): preflights are answered by the proxy,
+    /// other requests get the `Access-Control-*` response headers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsPolicy>,
+}
+
+/// A request mirror: a copy of a share of the matched requests is sent to `cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mirror {
+    pub cluster: ClusterId,
+    /// `(numerator, denominator)`: the share of requests mirrored; `(1, 1)` mirrors all of them.
+    /// `numerator <= denominator` and `denominator > 0` always hold.
+    pub fraction: (u32, u32),
+}
+
+/// A CORS policy (Gateway API `HTTPCORSFilter`, see
+/// https://gateway-api.sigs.k8s.io/reference/spec/#httpcorsfilter for the full semantics).
+///
+/// A request carrying `Origin` is a CORS request; an `OPTIONS` request with `Origin` and
+/// `Access-Control-Request-Method` is a preflight and must be answered by the proxy itself
+/// (status 200 or 204, never forwarded). When the origin is allowed, the response gets
+/// `Access-Control-Allow-Origin` (the request's origin, or `*` when `allow_origins` contains
+/// `*` and `allow_credentials` is false), plus on preflights `Access-Control-Allow-Methods`,
+/// `-Allow-Headers`, `-Max-Age`, and on all responses `-Allow-Credentials: true` (when set)
+/// and `-Expose-Headers`. When the origin is not allowed, no CORS header is added.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CorsPolicy {
+    /// Allowed origins as written: `scheme://host[:port]`, where host may start with `*.`
+    /// (any non-empty label sequence), or the single value `*` for any origin.
+    pub allow_origins: Vec<String>,
+    /// Allowed methods (upper case as written), or `*` for any.
+    pub allow_methods: Vec<String>,
+    /// Allowed request headers (lower-cased), or `*` for any.
+    pub allow_headers: Vec<String>,
+    /// Response headers the browser may read (lower-cased), or `*`.
+    pub expose_headers: Vec<String>,
+    pub allow_credentials: bool,
+    /// `Access-Control-Max-Age` in seconds for preflights; Gateway API's default is 5.
+    pub max_age: u32,
 }
 
 /// Conditions that must all hold (AND) for a [`RequestMatch`] to match.
@@ -161,6 +205,12 @@ pub struct Forward {
     pub rewrite: Option<Rewrite>,
     /// Overall request timeout; `None` means no timeout (Istio's default).
     pub timeout: Option<Duration>,
+    /// Timeout of each request the proxy sends upstream (one try), from sending the request
+    /// until the complete response (Gateway API `timeouts.backendRequest`); on expiry the
+    /// answer is 504. `None`: only `timeout` applies. Never longer than `timeout` when both
+    /// are set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,9 +218,21 @@ pub struct WeightedDestination {
     pub cluster: ClusterId,
     /// Relative weight; 0 receives no traffic.
     pub weight: u32,
+    /// The destination names a backend that cannot be used (Gateway API: a Service that does
+    /// not exist, a backend of unknown kind, a cross-namespace reference no ReferenceGrant
+    /// allows). Requests whose weighted pick lands here must be answered with HTTP 500 by
+    /// the proxy itself, never forwarded; `cluster` then points at the empty placeholder
+    /// cluster [`INVALID_BACKEND_CLUSTER`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub invalid: bool,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
 }
+
+/// Name of the endpoint-less cluster that invalid destinations point at
+/// ([`WeightedDestination::invalid`]), so a data plane that does not check the flag still
+/// fails these requests (with 503) instead of sending them anywhere.
+pub const INVALID_BACKEND_CLUSTER: &str = "invalid-backend";
 
 /// Request rewrites applied before forwarding.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -200,6 +262,12 @@ pub enum PathRewrite {
 pub struct Redirect {
     /// Replaces the path; the query string is kept unless this value contains `?`.
     pub path: Option<String>,
+    /// Gateway API `ReplacePrefixMatch`: replaces the prefix matched by the route's path
+    /// match, exactly as [`PathRewrite::ReplaceMatched`] does for forwarded requests
+    /// (segment-aware with `PathMatch::segment_prefix`; the whole path when the match is not a
+    /// prefix). Never set together with `path`. The query string is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replace_prefix: Option<String>,
     pub authority: Option<String>,
     pub scheme: Option<String>,
     pub port: Option<RedirectPort>,

@@ -118,6 +118,18 @@ impl Active {
                 }
             }
         }
+        for listener in &snapshot.listeners {
+            for vh in &listener.routes.virtual_hosts {
+                for route in &vh.routes {
+                    if !route.mirrors.is_empty() || route.cors.is_some() {
+                        tracing::warn!(
+                            route = %route.name,
+                            "request mirrors and CORS are compiled but not applied by the data plane yet; ignored"
+                        );
+                    }
+                }
+            }
+        }
         Ok(Active {
             version,
             snapshot,

@@ -110,6 +110,13 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
         RouteAction::Forward(forward) => {
             let pick = pick_destination(forward);
             let destination = &forward.destinations[pick];
+            if destination.invalid {
+                // Gateway API: the share of traffic sent to an unresolvable backend gets 500.
+                stats[pick].record(500);
+                let mut resp = local_reply(StatusCode::INTERNAL_SERVER_ERROR, "");
+                apply_header_ops(resp.headers_mut(), &route.response_headers);
+                return Ok(resp);
+            }
             let cluster = &active.clusters[destination.cluster];
             let mut resp = forward_request(
                 req,
@@ -283,7 +290,12 @@ async fn forward_request(
                 .map(|(r, ret)| (r, Some(ret)))
         }
     };
-    let result = match forward.timeout {
+    // Without retries, one upstream try is the whole request: the shorter timeout applies.
+    let timeout = match (forward.timeout, forward.backend_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let result = match timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
             Err(_) => {
@@ -480,6 +492,32 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
+/// Replaces the part of `path` a prefix match matched (the whole path after other matches),
+/// as Istio's `rewrite.uri` and Gateway API's `ReplacePrefixMatch` do.
+fn replace_matched(path: &str, matched: Option<&RequestMatch>, replacement: &str) -> String {
+    match matched.and_then(|m| m.path.as_ref()) {
+        Some(m) => match &m.matcher {
+            StringMatch::Prefix(prefix) if path.len() >= prefix.len() => {
+                let prefix_len = if m.segment_prefix {
+                    prefix.trim_end_matches('/').len()
+                } else {
+                    prefix.len()
+                };
+                let rest = &path[prefix_len..];
+                if m.segment_prefix && replacement.ends_with('/') && rest.starts_with('/') {
+                    format!("{replacement}{}", &rest[1..])
+                } else if m.segment_prefix && rest.is_empty() && replacement.is_empty() {
+                    "/".to_string()
+                } else {
+                    format!("{replacement}{rest}")
+                }
+            }
+            _ => replacement.to_string(),
+        },
+        None => replacement.to_string(),
+    }
+}
+
 /// The path and query sent upstream after `rewrite.uri` / `uriRegexRewrite`.
 fn rewritten_path(uri: &Uri, forward: &Forward, matched: Option<&RequestMatch>) -> PathAndQuery {
     let original = uri
@@ -492,20 +530,7 @@ fn rewritten_path(uri: &Uri, forward: &Forward, matched: Option<&RequestMatch>) 
     let path = original.path();
     let new_path: String = match rewrite {
         PathRewrite::Full(p) => p.clone(),
-        PathRewrite::ReplaceMatched(replacement) => match matched.and_then(|m| m.path.as_ref()) {
-            Some(m) => match &m.matcher {
-                StringMatch::Prefix(prefix) if path.len() >= prefix.len() => {
-                    let rest = &path[prefix.len()..];
-                    if m.segment_prefix && replacement.ends_with('/') && rest.starts_with('/') {
-                        format!("{replacement}{}", &rest[1..])
-                    } else {
-                        format!("{replacement}{rest}")
-                    }
-                }
-                _ => replacement.clone(),
-            },
-            None => replacement.clone(),
-        },
+        PathRewrite::ReplaceMatched(replacement) => replace_matched(path, matched, replacement),
         PathRewrite::Regex { pattern, substitution } => pattern.replace_all(path, substitution.as_str()).into_owned(),
     };
     let new_path = if new_path.is_empty() { "/".to_string() } else { new_path };
@@ -541,7 +566,11 @@ fn redirect_location<B>(
         None => request_port,
     };
     let port = port.filter(|p| *p != default_port);
-    let path = match &r.path {
+    let replaced_prefix = r
+        .replace_prefix
+        .as_deref()
+        .map(|replacement| replace_matched(req.uri().path(), matched, replacement));
+    let path = match replaced_prefix.as_ref().or(r.path.as_ref()) {
         Some(p) => {
             if p.contains('?') {
                 p.clone()

@@ -8,11 +8,12 @@
 //! - [`routes`]: VirtualService HTTP routes → snapshot routes;
 //! - [`listeners`]: Gateways and the mesh listener, binding VirtualServices to them.
 //!
-//! This module classifies the documents, decodes their specs and collects findings.
+//! This module classifies the documents and decodes their specs; [`crate::compile`] runs the
+//! steps and merges the result with the other formats' into one snapshot.
 
-mod listeners;
-mod registry;
-mod routes;
+pub(crate) mod listeners;
+pub(crate) mod registry;
+pub(crate) mod routes;
 pub mod types;
 mod unsupported;
 
@@ -20,9 +21,8 @@ use std::collections::HashMap;
 
 use serde::de::DeserializeOwned;
 
-use crate::finding::{Finding, Severity};
-use crate::snapshot::Snapshot;
-use crate::{CompileOptions, Compiled, Findings, source::Document};
+pub(crate) use crate::diag::{Diag, Res, at, resource_name};
+use crate::source::Document;
 
 /// API versions of `networking.istio.io` whose schema meshgate reads (they share one schema).
 const VERSIONS: &[&str] = &["v1alpha3", "v1beta1", "v1"];
@@ -35,47 +35,6 @@ const KINDS: &[&str] = &[
     "WorkloadEntry",
 ];
 
-/// Collected findings for one compilation.
-#[derive(Default)]
-pub(crate) struct Diag {
-    findings: Vec<Finding>,
-}
-
-impl Diag {
-    pub(crate) fn error(&mut self, doc: &Document, field: impl Into<String>, message: impl Into<String>) {
-        self.push(Severity::Error, doc, field.into(), message.into());
-    }
-
-    pub(crate) fn warn(&mut self, doc: &Document, field: impl Into<String>, message: impl Into<String>) {
-        self.push(Severity::Warning, doc, field.into(), message.into());
-    }
-
-    fn push(&mut self, severity: Severity, doc: &Document, field: String, message: String) {
-        self.findings.push(Finding {
-            severity,
-            file: doc.file.clone(),
-            resource: resource_name(doc),
-            field,
-            message,
-        });
-    }
-
-    fn has_errors(&self) -> bool {
-        self.findings.iter().any(|f| f.severity == Severity::Error)
-    }
-}
-
-/// `Kind namespace/name`, as findings name resources.
-pub(crate) fn resource_name(doc: &Document) -> String {
-    format!("{} {}/{}", doc.kind, doc.namespace, doc.name)
-}
-
-/// A decoded resource with the document it came from.
-pub(crate) struct Res<'a, T> {
-    pub doc: &'a Document,
-    pub spec: T,
-}
-
 /// All decoded Istio resources, in document order.
 #[derive(Default)]
 pub(crate) struct Resources<'a> {
@@ -86,33 +45,20 @@ pub(crate) struct Resources<'a> {
     pub workload_entries: Vec<Res<'a, types::WorkloadEntrySpec>>,
 }
 
-/// Compiles Istio documents. Documents of other API groups are ignored with a warning; any
-/// error fails the compilation, returning every finding (warnings included).
-pub fn compile(documents: &[Document], options: &CompileOptions) -> Result<Compiled, Findings> {
-    let mut diag = Diag::default();
-    let resources = decode_all(documents, &mut diag);
-    let mut registry = registry::Registry::build(&resources, &mut diag);
-    let compiled_routes = routes::compile_virtual_services(&resources, &mut registry, &mut diag);
-    let mut snapshot = Snapshot::default();
-    listeners::build(
-        &resources,
-        &compiled_routes,
-        &mut registry,
-        options,
-        &mut snapshot,
-        &mut diag,
-    );
-    snapshot.clusters = registry.take_clusters();
-    if diag.has_errors() {
-        return Err(Findings(diag.findings));
-    }
-    Ok(Compiled {
-        snapshot,
-        warnings: diag.findings,
-    })
+pub(crate) use unsupported::walk as unsupported_walk;
+
+/// The group of a document's `apiVersion` (`""` for the core group).
+pub(crate) fn api_group(doc: &Document) -> &str {
+    doc.api_version.rsplit_once('/').map_or("", |(g, _)| g)
 }
 
-fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
+/// Whether the document belongs to an Istio API group (and is thus this module's to judge).
+pub(crate) fn claims(doc: &Document) -> bool {
+    let group = api_group(doc);
+    group == "istio.io" || group.ends_with(".istio.io")
+}
+
+pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
     let mut resources = Resources::default();
     let mut seen: HashMap<(String, String, String), &Document> = HashMap::new();
     for doc in documents {
@@ -121,7 +67,7 @@ fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
             None => ("", doc.api_version.as_str()),
         };
         if group != GROUP || !VERSIONS.contains(&version) || !KINDS.contains(&doc.kind.as_str()) {
-            if group == "istio.io" || group.ends_with(".istio.io") {
+            if claims(doc) {
                 let what = if group == GROUP && KINDS.contains(&doc.kind.as_str()) {
                     format!(
                         "unsupported apiVersion {} for kind {} (use one of {GROUP}/{})",
@@ -136,7 +82,7 @@ fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
                     )
                 };
                 diag.error(doc, "", what);
-            } else {
+            } else if !crate::gateway_api::claims(doc) {
                 diag.warn(
                     doc,
                     "",
@@ -181,22 +127,5 @@ fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
 fn decode<T: DeserializeOwned>(doc: &Document, diag: &mut Diag) -> Option<T> {
     let empty = serde_json::Value::Object(serde_json::Map::new());
     let spec = doc.body.get("spec").filter(|v| !v.is_null()).unwrap_or(&empty);
-    match serde_path_to_error::deserialize::<_, T>(spec) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() {
-                "spec".to_string()
-            } else {
-                format!("spec.{path}")
-            };
-            diag.error(doc, field, e.into_inner().to_string());
-            None
-        }
-    }
-}
-
-/// Joins a field path and a child (`spec.http[0]` + `route` → `spec.http[0].route`).
-pub(crate) fn at(base: &str, child: impl std::fmt::Display) -> String {
-    format!("{base}.{child}")
+    crate::diag::decode_value(doc, spec, "spec", diag)
 }

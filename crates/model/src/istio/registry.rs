@@ -422,6 +422,26 @@ impl<'r> Registry<'r> {
         self.by_host.get(host).map(|&i| self.services[i].doc)
     }
 
+    /// Adds a cluster built elsewhere (Gateway API backends), or returns the id of the
+    /// cluster that already has its name: clusters are shared by name across input formats.
+    pub(crate) fn add_cluster(&mut self, cluster: Cluster) -> ClusterId {
+        if let Some(&id) = self.cluster_ids.get(&cluster.name) {
+            return id;
+        }
+        let id = self.clusters.len();
+        self.cluster_ids.insert(cluster.name.clone(), id);
+        self.clusters.push(cluster);
+        id
+    }
+
+    pub(crate) fn has_cluster(&self, name: &str) -> bool {
+        self.cluster_ids.contains_key(name)
+    }
+
+    pub(crate) fn cluster_mut(&mut self, id: ClusterId) -> Option<&mut Cluster> {
+        self.clusters.get_mut(id)
+    }
+
     pub(crate) fn take_clusters(&mut self) -> Vec<Cluster> {
         std::mem::take(&mut self.clusters)
     }

@@ -296,6 +296,8 @@ fn compile_http_route(
                 action,
                 request_headers,
                 response_headers,
+                mirrors: Vec::new(),
+                cors: None,
             },
             match_gateways,
         }),
@@ -399,6 +401,7 @@ fn forward(
             Some(cluster) => destinations.push(WeightedDestination {
                 cluster,
                 weight,
+                invalid: false,
                 request_headers,
                 response_headers,
             }),
@@ -470,6 +473,7 @@ fn forward(
             destinations,
             rewrite,
             timeout,
+            backend_timeout: None,
         })
     })
 }
@@ -527,6 +531,7 @@ fn redirect(doc: &Document, path: &str, r: &super::types::HttpRedirect, diag: &m
     }
     Some(RouteAction::Redirect(Redirect {
         path: r.uri.clone(),
+        replace_prefix: None,
         authority: r.authority.clone(),
         scheme: r.scheme.clone(),
         port,

@@ -118,7 +118,7 @@ pub(crate) fn report(doc: &Document, diag: &mut Diag) {
     }
 }
 
-fn walk(value: &Value, segments: &[&str], path: String, found: &mut Vec<String>) {
+pub(crate) fn walk(value: &Value, segments: &[&str], path: String, found: &mut Vec<String>) {
     let Some((first, rest)) = segments.split_first() else {
         if !value.is_null() {
             found.push(path);

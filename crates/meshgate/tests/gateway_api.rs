@@ -1,0 +1,123 @@
+//! Gateway API resources served by a real meshgate process: GatewayClass, Gateway, HTTPRoute,
+//! Service + EndpointSlice as the registry.
+
+mod support;
+
+use support::*;
+
+fn service(name: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: apps}}
+spec:
+  ports:
+  - {{name: http, port: 8080, targetPort: 3000}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abc
+  namespace: apps
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, port: {port}}}
+endpoints:
+- addresses: ["127.0.0.1"]
+---
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httproute_matches_rewrites_redirects_and_answers_500_for_missing_backends() {
+    let one = Echo::start("one");
+    let two = Echo::start("two");
+    let port = free_port();
+    let yaml = format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: apps}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - name: http
+    port: {port}
+    protocol: HTTP
+---
+{one_svc}{two_svc}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: shop, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  hostnames: ["shop.example.com"]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite:
+        path: {{type: ReplacePrefixMatch, replacePrefixMatch: /api}}
+    backendRefs: [{{name: two, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+        statusCode: 302
+  - matches: [{{path: {{type: Exact, value: /broken}}}}]
+    backendRefs: [{{name: nonexistent, port: 8080}}]
+  - backendRefs: [{{name: one, port: 8080}}]
+"#,
+        one_svc = service("one", one.port()),
+        two_svc = service("two", two.port()),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    let r = send(&c, get(port, "/v2/items?x=1", "shop.example.com", &[]))
+        .await
+        .expect("rewrite");
+    assert_eq!(r.served_by(), "two");
+    assert_eq!(r.json()["uri"], "/api/items?x=1");
+    // PathPrefix is segment-aware: /v2x is not under /v2.
+    assert_eq!(
+        send(&c, get(port, "/v2x", "shop.example.com", &[]))
+            .await
+            .expect("req")
+            .served_by(),
+        "one"
+    );
+    let r = send(&c, get(port, "/old/page", "shop.example.com", &[]))
+        .await
+        .expect("redirect");
+    assert_eq!(r.status, 302);
+    // No port in the filter: the listener's port is kept (omitted only for 80 with http).
+    assert_eq!(
+        r.header("location"),
+        Some(format!("http://shop.example.com:{port}/new/page").as_str())
+    );
+    assert_eq!(
+        send(&c, get(port, "/broken", "shop.example.com", &[]))
+            .await
+            .expect("req")
+            .status,
+        500
+    );
+    assert_eq!(
+        send(&c, get(port, "/", "other.example.com", &[]))
+            .await
+            .expect("req")
+            .status,
+        404
+    );
+}

@@ -1,0 +1,73 @@
+//! Findings collected during one compilation, shared by every input format.
+
+use crate::finding::{Finding, Severity};
+use crate::source::Document;
+
+/// Collected findings for one compilation.
+#[derive(Default)]
+pub(crate) struct Diag {
+    pub(crate) findings: Vec<Finding>,
+}
+
+impl Diag {
+    pub(crate) fn error(&mut self, doc: &Document, field: impl Into<String>, message: impl Into<String>) {
+        self.push(Severity::Error, doc, field.into(), message.into());
+    }
+
+    pub(crate) fn warn(&mut self, doc: &Document, field: impl Into<String>, message: impl Into<String>) {
+        self.push(Severity::Warning, doc, field.into(), message.into());
+    }
+
+    fn push(&mut self, severity: Severity, doc: &Document, field: String, message: String) {
+        self.findings.push(Finding {
+            severity,
+            file: doc.file.clone(),
+            resource: resource_name(doc),
+            field,
+            message,
+        });
+    }
+
+    pub(crate) fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+}
+
+/// `Kind namespace/name`, as findings name resources.
+pub(crate) fn resource_name(doc: &Document) -> String {
+    format!("{} {}/{}", doc.kind, doc.namespace, doc.name)
+}
+
+/// A decoded resource with the document it came from.
+pub(crate) struct Res<'a, T> {
+    pub doc: &'a Document,
+    pub spec: T,
+}
+
+/// Joins a field path and a child (`spec.http[0]` + `route` → `spec.http[0].route`).
+pub(crate) fn at(base: &str, child: impl std::fmt::Display) -> String {
+    format!("{base}.{child}")
+}
+
+/// Decodes `value` as `T`, reporting the failing field's path (prefixed with `prefix`, e.g.
+/// `spec`) on error.
+pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
+    doc: &Document,
+    value: &serde_json::Value,
+    prefix: &str,
+    diag: &mut Diag,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = match (path.as_str(), prefix) {
+                ("." | "", _) => prefix.to_string(),
+                (p, "") => p.to_string(),
+                (p, pre) => format!("{pre}.{p}"),
+            };
+            diag.error(doc, field, e.into_inner().to_string());
+            None
+        }
+    }
+}

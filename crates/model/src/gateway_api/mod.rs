@@ -1,0 +1,519 @@
+//! Kubernetes Gateway API resources → [`crate::Snapshot`].
+//!
+//! meshgate serves the Gateways whose GatewayClass names [`crate::CompileOptions::controller_name`]
+//! as controller. The work is split by concern:
+//! - [`types`]: serde structs (strict: unknown fields are errors);
+//! - this module: classification, decoding, the Kubernetes objects Gateway API refers to
+//!   (Namespace labels, Service + EndpointSlice endpoints, TLS Secrets) and ReferenceGrants;
+//! - `routes`: HTTPRoute rules → snapshot routes with their Gateway API precedence;
+//! - `listeners`: Gateway listeners, route attachment, hostname intersection and listener
+//!   isolation, one snapshot listener per (address, port).
+//!
+//! Backends resolve to clusters named as Istio names them (`outbound|PORT||NAME.NS.svc.cluster.local`)
+//! in the registry shared with the Istio compiler: when an Istio ServiceEntry defines that host,
+//! its endpoints (and DestinationRules) are used, otherwise the Service's EndpointSlices.
+
+mod listeners;
+mod routes;
+pub mod types;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::diag::{Diag, Res, at, decode_value, resource_name};
+use crate::istio::registry::Registry;
+use crate::istio::types::Labels;
+use crate::snapshot::{
+    Cluster, ClusterId, Discovery, Endpoint, INVALID_BACKEND_CLUSTER, LoadBalancer, Snapshot, UpstreamProtocol,
+};
+use crate::source::Document;
+use crate::{CompileOptions, istio};
+use types::{
+    EndpointSlice, GatewayClassSpec, GatewaySpec, HttpRouteSpec, ReferenceGrantSpec, Secret, ServicePort, ServiceSpec,
+};
+
+/// The Gateway API group.
+pub const GROUP: &str = "gateway.networking.k8s.io";
+/// Versions whose schema meshgate reads (v1beta1 is the same schema for these kinds).
+const VERSIONS: &[&str] = &["v1", "v1beta1"];
+const KINDS: &[&str] = &["GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant"];
+/// `kubernetes.io/service-name`: the label tying an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Fields accepted but not implemented, as patterns over the `spec` (`a[]` walks an array).
+const UNSUPPORTED: &[(&str, &[&str])] = &[
+    ("GatewayClass", &["parametersRef"]),
+    (
+        "Gateway",
+        &[
+            "infrastructure",
+            "backendTLS",
+            "allowedListeners",
+            "tls",
+            "defaultScope",
+            "listeners[].tls.frontendValidation",
+            "listeners[].tls.options",
+        ],
+    ),
+    (
+        "HTTPRoute",
+        &["useDefaultGateways", "rules[].retry", "rules[].sessionPersistence"],
+    ),
+];
+
+/// Whether a document is read by this module: Gateway API kinds and the Kubernetes core
+/// objects they refer to.
+pub(crate) fn claims(doc: &Document) -> bool {
+    let group = istio::api_group(doc);
+    group == GROUP
+        || (doc.api_version == "v1" && matches!(doc.kind.as_str(), "Namespace" | "Service" | "Secret"))
+        || (group == "discovery.k8s.io" && doc.kind == "EndpointSlice")
+}
+
+/// All decoded Gateway API and Kubernetes resources, in document order.
+#[derive(Default)]
+pub(crate) struct Resources<'a> {
+    classes: Vec<Res<'a, GatewayClassSpec>>,
+    gateways: Vec<Res<'a, GatewaySpec>>,
+    routes: Vec<Res<'a, HttpRouteSpec>>,
+    grants: Vec<Res<'a, ReferenceGrantSpec>>,
+    /// Namespace name → labels (with the automatic `kubernetes.io/metadata.name`).
+    namespaces: HashMap<String, Labels>,
+    /// (namespace, name) → Service.
+    services: HashMap<(String, String), Res<'a, ServiceSpec>>,
+    slices: Vec<Res<'a, EndpointSlice>>,
+    /// (namespace, name) → Secret.
+    secrets: HashMap<(String, String), Res<'a, Secret>>,
+}
+
+pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
+    let mut res = Resources::default();
+    let mut seen: HashMap<(String, String, String, String), &Document> = HashMap::new();
+    for doc in documents {
+        if !claims(doc) {
+            continue;
+        }
+        let group = istio::api_group(doc).to_string();
+        if group == GROUP {
+            let version = doc.api_version.rsplit_once('/').map_or("", |(_, v)| v);
+            if !KINDS.contains(&doc.kind.as_str()) {
+                diag.warn(
+                    doc,
+                    "",
+                    format!(
+                        "ignored: kind {} of apiVersion {} is not supported yet",
+                        doc.kind, doc.api_version
+                    ),
+                );
+                continue;
+            }
+            if !VERSIONS.contains(&version) {
+                diag.error(
+                    doc,
+                    "apiVersion",
+                    format!(
+                        "unsupported apiVersion {} for kind {} (use {GROUP}/v1 or {GROUP}/v1beta1)",
+                        doc.api_version, doc.kind
+                    ),
+                );
+                continue;
+            }
+        }
+        let key = (group, doc.kind.clone(), doc.namespace.clone(), doc.name.clone());
+        if let Some(first) = seen.get(&key) {
+            diag.error(
+                doc,
+                "metadata.name",
+                format!(
+                    "duplicate {}: also defined in {} (document {}); this one (document {} of {}) is ignored",
+                    resource_name(doc),
+                    first.file.display(),
+                    first.index,
+                    doc.index,
+                    doc.file.display()
+                ),
+            );
+            continue;
+        }
+        seen.insert(key, doc);
+        report_unsupported(doc, diag);
+        let id = (doc.namespace.clone(), doc.name.clone());
+        match doc.kind.as_str() {
+            "GatewayClass" => decode_spec(doc, diag).map(|spec| res.classes.push(Res { doc, spec })),
+            "Gateway" => decode_spec(doc, diag).map(|spec| res.gateways.push(Res { doc, spec })),
+            "HTTPRoute" => decode_spec(doc, diag).map(|spec| res.routes.push(Res { doc, spec })),
+            "ReferenceGrant" => decode_spec(doc, diag).map(|spec| res.grants.push(Res { doc, spec })),
+            "Service" => decode_spec(doc, diag).map(|spec| {
+                res.services.insert(id, Res { doc, spec });
+            }),
+            "EndpointSlice" => decode_body(doc, diag).map(|spec| res.slices.push(Res { doc, spec })),
+            "Secret" => decode_body(doc, diag).map(|spec| {
+                res.secrets.insert(id, Res { doc, spec });
+            }),
+            _ => {
+                // Namespace: only its labels matter (for allowedRoutes selectors).
+                let mut labels = doc.labels.clone();
+                labels.insert("kubernetes.io/metadata.name".to_string(), doc.name.clone());
+                res.namespaces.insert(doc.name.clone(), labels);
+                None
+            }
+        };
+    }
+    res
+}
+
+/// Decodes `body.spec`.
+fn decode_spec<T: serde::de::DeserializeOwned>(doc: &Document, diag: &mut Diag) -> Option<T> {
+    let empty = Value::Object(serde_json::Map::new());
+    let spec = doc.body.get("spec").filter(|v| !v.is_null()).unwrap_or(&empty);
+    decode_value(doc, spec, "spec", diag)
+}
+
+/// Decodes the top-level fields of objects without `spec` (EndpointSlice, Secret), leaving
+/// out the identity, `metadata` and `status`.
+fn decode_body<T: serde::de::DeserializeOwned>(doc: &Document, diag: &mut Diag) -> Option<T> {
+    let mut body = doc.body.clone();
+    if let Value::Object(map) = &mut body {
+        for key in ["apiVersion", "kind", "metadata", "status"] {
+            map.remove(key);
+        }
+    }
+    decode_value(doc, &body, "", diag)
+}
+
+fn report_unsupported(doc: &Document, diag: &mut Diag) {
+    let Some(spec) = doc.body.get("spec") else {
+        return;
+    };
+    let mut found = Vec::new();
+    for (kind, patterns) in UNSUPPORTED {
+        if *kind != doc.kind {
+            continue;
+        }
+        for p in *patterns {
+            let segments: Vec<&str> = p.split('.').collect();
+            istio::unsupported_walk(spec, &segments, "spec".to_string(), &mut found);
+        }
+    }
+    found.sort();
+    for field in found {
+        diag.warn(doc, field, "not supported yet, ignored");
+    }
+}
+
+/// Compiles the served Gateways and the HTTPRoutes attached to them into `snapshot`.
+pub(crate) fn build(
+    res: &Resources<'_>,
+    registry: &mut Registry<'_>,
+    options: &CompileOptions,
+    snapshot: &mut Snapshot,
+    diag: &mut Diag,
+) {
+    let mut ctx = Ctx {
+        res,
+        registry,
+        invalid_cluster: None,
+        diag,
+    };
+    listeners::build(&mut ctx, options, snapshot);
+}
+
+/// State shared by the compilation steps.
+pub(crate) struct Ctx<'c, 'a, 'r> {
+    res: &'c Resources<'a>,
+    registry: &'c mut Registry<'r>,
+    invalid_cluster: Option<ClusterId>,
+    diag: &'c mut Diag,
+}
+
+/// Where a backend reference points, as written (`HTTPBackendRef` / mirror `backendRef`).
+pub(crate) struct BackendRef<'b> {
+    pub group: Option<&'b str>,
+    pub kind: Option<&'b str>,
+    pub name: &'b str,
+    pub namespace: Option<&'b str>,
+    pub port: Option<u16>,
+}
+
+impl Ctx<'_, '_, '_> {
+    /// Whether a ReferenceGrant in `to_ns` lets objects of kind `from_kind` (Gateway API
+    /// group) in `from_ns` refer to `to_group`/`to_kind` `to_name`. Same-namespace
+    /// references need none.
+    fn granted(
+        &self,
+        from_kind: &str,
+        from_ns: &str,
+        to_group: &str,
+        to_kind: &str,
+        to_ns: &str,
+        to_name: &str,
+    ) -> bool {
+        from_ns == to_ns
+            || self.res.grants.iter().any(|g| {
+                g.doc.namespace == to_ns
+                    && g.spec
+                        .from
+                        .iter()
+                        .any(|f| f.group == GROUP && f.kind == from_kind && f.namespace == from_ns)
+                    && g.spec.to.iter().any(|t| {
+                        t.group == to_group
+                            && t.kind == to_kind
+                            && t.name.as_deref().is_none_or(|n| n.is_empty() || n == to_name)
+                    })
+            })
+    }
+
+    /// The placeholder cluster invalid destinations point at.
+    fn invalid_cluster(&mut self) -> ClusterId {
+        if let Some(id) = self.invalid_cluster {
+            return id;
+        }
+        let id = self.registry.add_cluster(Cluster {
+            name: INVALID_BACKEND_CLUSTER.to_string(),
+            service: String::new(),
+            subset: String::new(),
+            port: 0,
+            protocol: UpstreamProtocol::Http1,
+            load_balancer: LoadBalancer::RoundRobin,
+            discovery: Discovery::Static,
+            endpoints: Vec::new(),
+        });
+        self.invalid_cluster = Some(id);
+        id
+    }
+
+    /// Resolves a backend reference of an HTTPRoute (`route_doc`) to a cluster. `Err` carries
+    /// why the backend is invalid (requests sent to it must get HTTP 500); errors in the
+    /// configuration itself are reported to `diag` and also give `Err`.
+    fn backend(&mut self, route_doc: &Document, field: &str, r: &BackendRef<'_>) -> Result<ClusterId, String> {
+        let group = r.group.unwrap_or("");
+        let kind = r.kind.unwrap_or("Service");
+        if !group.is_empty() || kind != "Service" {
+            return Err(format!(
+                "backend kind {kind:?} of group {group:?} is not supported (only core Services)"
+            ));
+        }
+        let ns = r.namespace.filter(|n| !n.is_empty()).unwrap_or(&route_doc.namespace);
+        let name = r.name;
+        let Some(port) = r.port else {
+            self.diag
+                .error(route_doc, at(field, "port"), "port is required for a Service backend");
+            return Err("no port".to_string());
+        };
+        if !self.granted("HTTPRoute", &route_doc.namespace, "", "Service", ns, name) {
+            return Err(format!(
+                "no ReferenceGrant in namespace {ns} allows HTTPRoutes of namespace {} to refer to Service {name}",
+                route_doc.namespace
+            ));
+        }
+        let host = format!("{name}.{ns}.svc.cluster.local");
+        let res = self.res;
+        let service = res.services.get(&(ns.to_string(), name.to_string()));
+        let service_port = service.and_then(|s| s.spec.ports.iter().find(|p| p.port == port));
+        let h2c = service_port.is_some_and(|p| p.app_protocol.as_deref() == Some("kubernetes.io/h2c"));
+        // Endpoints supplied as an Istio ServiceEntry for the Service's host take precedence.
+        if self.registry.resolve(&host, ns).is_some() {
+            let id = self
+                .registry
+                .cluster(route_doc, field, &host, Some(port), None, self.diag)
+                .ok_or_else(|| format!("cluster for {host} port {port} could not be built"))?;
+            if h2c && let Some(c) = self.registry.cluster_mut(id) {
+                c.protocol = UpstreamProtocol::Http2;
+            }
+            return Ok(id);
+        }
+        let Some(service) = service else {
+            return Err(format!("Service {ns}/{name} does not exist"));
+        };
+        let Some(service_port) = service_port else {
+            let known: Vec<String> = service.spec.ports.iter().map(|p| p.port.to_string()).collect();
+            return Err(format!(
+                "Service {ns}/{name} has no port {port} (ports: {})",
+                known.join(", ")
+            ));
+        };
+        let cluster_name = format!("outbound|{port}||{host}");
+        let is_new = !self.registry_has(&cluster_name);
+        let external = service
+            .spec
+            .external_name
+            .as_ref()
+            .and_then(Value::as_str)
+            .filter(|_| service.spec.kind.as_deref() == Some("ExternalName"));
+        let (endpoints, discovery, slices) = match external {
+            // An ExternalName Service is an alias: its name is resolved when connecting.
+            Some(target) => (
+                vec![Endpoint {
+                    address: target.to_ascii_lowercase(),
+                    port,
+                    weight: 1,
+                    labels: BTreeMap::new(),
+                }],
+                Discovery::Dns,
+                1,
+            ),
+            None => self.endpoints(ns, name, service_port),
+        };
+        if is_new && slices == 0 {
+            self.diag.warn(
+                service.doc,
+                "",
+                format!(
+                    "no EndpointSlice (label {SERVICE_NAME_LABEL}: {name}) or ServiceEntry for host {host} gives this Service endpoints; requests to it fail"
+                ),
+            );
+        }
+        Ok(self.registry.add_cluster(Cluster {
+            name: cluster_name,
+            service: host,
+            subset: String::new(),
+            port,
+            protocol: if h2c {
+                UpstreamProtocol::Http2
+            } else {
+                UpstreamProtocol::Http1
+            },
+            load_balancer: LoadBalancer::LeastRequest,
+            discovery,
+            endpoints,
+        }))
+    }
+
+    fn registry_has(&self, cluster_name: &str) -> bool {
+        self.registry.has_cluster(cluster_name)
+    }
+
+    /// Endpoints of a Service port from the EndpointSlices of the Service; also returns how
+    /// many slices belong to the Service.
+    fn endpoints(&self, ns: &str, name: &str, port: &ServicePort) -> (Vec<Endpoint>, Discovery, usize) {
+        let port_name = port.name.as_deref().unwrap_or("");
+        let target = match &port.target_port {
+            Some(types::IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(types::IntOrString::String(_)) => None,
+            None => Some(port.port),
+        };
+        let mut endpoints = Vec::new();
+        let mut slices = 0;
+        let mut fqdn = false;
+        let res = self.res;
+        for slice in &res.slices {
+            if slice.doc.namespace != ns || slice.doc.labels.get(SERVICE_NAME_LABEL).map(String::as_str) != Some(name) {
+                continue;
+            }
+            slices += 1;
+            let number = if slice.spec.ports.is_empty() {
+                target
+            } else {
+                slice
+                    .spec
+                    .ports
+                    .iter()
+                    .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+                    .and_then(|p| p.port)
+            };
+            let Some(number) = number else { continue };
+            if slice.spec.address_type.as_deref() == Some("FQDN") {
+                fqdn = true;
+            }
+            for ep in &slice.spec.endpoints {
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for address in &ep.addresses {
+                    endpoints.push(Endpoint {
+                        address: address.clone(),
+                        port: number,
+                        weight: 1,
+                        labels: BTreeMap::new(),
+                    });
+                }
+            }
+        }
+        let discovery = if fqdn { Discovery::Dns } else { Discovery::Static };
+        (endpoints, discovery, slices)
+    }
+
+    /// Reads a listener certificate from a `kubernetes.io/tls` Secret.
+    fn certificate(
+        &mut self,
+        gw_doc: &Document,
+        field: &str,
+        r: &types::ObjectRef,
+    ) -> Option<(PathBuf, Vec<u8>, PathBuf, Vec<u8>)> {
+        let group = r.group.as_deref().unwrap_or("");
+        let kind = r.kind.as_deref().unwrap_or("Secret");
+        if !group.is_empty() || kind != "Secret" {
+            self.diag.error(
+                gw_doc,
+                field,
+                format!("certificateRefs of kind {kind:?} (group {group:?}) are not supported; use a Secret"),
+            );
+            return None;
+        }
+        let ns = r
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&gw_doc.namespace);
+        if !self.granted("Gateway", &gw_doc.namespace, "", "Secret", ns, &r.name) {
+            self.diag.error(
+                gw_doc,
+                field,
+                format!(
+                    "no ReferenceGrant in namespace {ns} allows Gateways of namespace {} to use Secret {}",
+                    gw_doc.namespace, r.name
+                ),
+            );
+            return None;
+        }
+        let res = self.res;
+        let Some(secret) = res.secrets.get(&(ns.to_string(), r.name.clone())) else {
+            self.diag.error(
+                gw_doc,
+                field,
+                format!("Secret {ns}/{} is not defined in the configuration", r.name),
+            );
+            return None;
+        };
+        if let Some(t) = secret.spec.kind.as_deref()
+            && t != "kubernetes.io/tls"
+        {
+            self.diag.warn(
+                secret.doc,
+                "type",
+                format!("Secret type is {t:?}, expected kubernetes.io/tls; reading tls.crt and tls.key anyway"),
+            );
+        }
+        let mut read = |key: &str| -> Option<Vec<u8>> {
+            let bytes = if let Some(s) = secret.spec.string_data.get(key) {
+                s.as_bytes().to_vec()
+            } else if let Some(b64) = secret.spec.data.get(key) {
+                let cleaned: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+                match base64::engine::general_purpose::STANDARD.decode(cleaned) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.diag
+                            .error(secret.doc, format!("data.{key}"), format!("invalid base64: {e}"));
+                        return None;
+                    }
+                }
+            } else {
+                self.diag.error(secret.doc, "data", format!("{key} is missing"));
+                return None;
+            };
+            if !bytes.windows(10).any(|w| w == b"-----BEGIN") {
+                self.diag
+                    .error(secret.doc, format!("data.{key}"), format!("{key} is not PEM"));
+                return None;
+            }
+            Some(bytes)
+        };
+        let cert = read("tls.crt");
+        let key = read("tls.key");
+        let label = |k: &str| PathBuf::from(format!("{} (Secret {ns}/{} {k})", secret.doc.file.display(), r.name));
+        Some((label("tls.crt"), cert?, label("tls.key"), key?))
+    }
+}

@@ -1,0 +1,1009 @@
+//! End-to-end: Gateway API YAML → snapshot. The conformance manifests of
+//! `/work/shared/conformance/gateway-api` are loaded unchanged (base + one test's manifest, the
+//! GatewayClass placeholder replaced) and the HTTP cases of `cases.json` are checked against
+//! route lookups, plus targeted tests and one test per validation error.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use http::HeaderMap;
+use meshgate_model::matcher::{RequestInfo, StringMatch};
+use meshgate_model::snapshot::{
+    Discovery, Listener, PathRewrite, RedirectPort, Route, RouteAction, Snapshot, UpstreamProtocol,
+};
+use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
+use serde_json::{Value, json};
+
+const CONFORMANCE: &str = "/work/shared/conformance/gateway-api";
+const CLASS: &str = "meshgate-test";
+
+const GATEWAY_CLASS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: meshgate-test}
+spec:
+  controllerName: meshgate.io/gateway-controller
+"#;
+
+/// A stand-in for the TLS Secret the conformance runner creates (the model only checks PEM
+/// framing; the data plane parses it).
+const TLS_SECRET: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: tls-validity-checks-certificate, namespace: gateway-conformance-infra}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+  tls.key: "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
+"#;
+
+struct Loaded {
+    compiled: Compiled,
+    /// Gateway name → the address it was given.
+    addresses: HashMap<String, IpAddr>,
+}
+
+fn read_manifest(name: &str) -> Vec<source::Document> {
+    let path = Path::new(CONFORMANCE).join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = text.replace("{GATEWAY_CLASS_NAME}", CLASS);
+    source::parse_str(&path, &text).unwrap_or_else(|f| panic!("{f}"))
+}
+
+/// Base + `manifest` (+ extra YAML), each Gateway bound to its own loopback address as the
+/// conformance runner does, minus the documents `drop` names (`Kind namespace/name`).
+fn try_load(manifest: &str, extra: &str, drop: &[String]) -> (Result<Compiled, Findings>, HashMap<String, IpAddr>) {
+    let mut docs = source::parse_str(Path::new("class.yaml"), GATEWAY_CLASS).unwrap();
+    docs.extend(source::parse_str(Path::new("secret.yaml"), TLS_SECRET).unwrap());
+    docs.extend(read_manifest("manifests/base.yaml"));
+    if !manifest.is_empty() {
+        docs.extend(read_manifest(manifest));
+    }
+    if !extra.is_empty() {
+        docs.extend(source::parse_str(Path::new("extra.yaml"), extra).unwrap_or_else(|f| panic!("{f}")));
+    }
+    docs.retain(|d| !drop.contains(&format!("{} {}/{}", d.kind, d.namespace, d.name)));
+    let mut addresses = HashMap::new();
+    for doc in docs
+        .iter_mut()
+        .filter(|d| d.kind == "Gateway" && d.api_version.starts_with("gateway.networking.k8s.io/"))
+    {
+        let ip: IpAddr = format!("127.0.0.{}", 10 + addresses.len()).parse().unwrap();
+        addresses.insert(doc.name.clone(), ip);
+        doc.body["spec"]["addresses"] = json!([{"type": "IPAddress", "value": ip.to_string()}]);
+    }
+    (compile(&docs, &CompileOptions::default()), addresses)
+}
+
+fn load(manifest: &str) -> Loaded {
+    load_with(manifest, "", &[])
+}
+
+fn load_with(manifest: &str, extra: &str, drop: &[String]) -> Loaded {
+    match try_load(manifest, extra, drop) {
+        (Ok(compiled), addresses) => Loaded { compiled, addresses },
+        (Err(f), _) => panic!("unexpected findings for {manifest}:\n{f}"),
+    }
+}
+
+fn errors_of(manifest: &str, extra: &str) -> Vec<Finding> {
+    match try_load(manifest, extra, &[]) {
+        (Ok(_), _) => panic!("expected errors"),
+        (Err(f), _) => f.errors().cloned().collect(),
+    }
+}
+
+/// A request as the conformance client sends it.
+struct Req<'a> {
+    gateway: &'a str,
+    port: u16,
+    scheme: &'a str,
+    /// `None`: the Gateway address (with the port unless it is the scheme's default).
+    host: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    headers: Vec<(String, String)>,
+}
+
+fn req<'a>(gateway: &'a str, host: Option<&'a str>, path: &'a str) -> Req<'a> {
+    Req {
+        gateway,
+        port: 80,
+        scheme: "http",
+        host,
+        method: "GET",
+        path,
+        headers: Vec::new(),
+    }
+}
+
+impl Loaded {
+    fn snapshot(&self) -> &Snapshot {
+        &self.compiled.snapshot
+    }
+
+    fn listener(&self, gateway: &str, port: u16) -> Option<&Listener> {
+        let ip = self.addresses.get(gateway)?;
+        self.snapshot()
+            .listeners
+            .iter()
+            .find(|l| l.address == Some(*ip) && l.port == port)
+    }
+
+    /// The matched route and the request's (host without port, authority).
+    fn find(&self, r: &Req<'_>) -> Option<(&Route, String, String)> {
+        let listener = self.listener(r.gateway, r.port)?;
+        let authority = match r.host {
+            Some(h) => h.to_string(),
+            None => {
+                let ip = self.addresses[r.gateway].to_string();
+                let default = if r.scheme == "https" { 443 } else { 80 };
+                if r.port == default {
+                    ip
+                } else {
+                    format!("{ip}:{}", r.port)
+                }
+            }
+        };
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h)
+            .to_ascii_lowercase();
+        let mut headers = HeaderMap::new();
+        for (k, v) in &r.headers {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (path, query) = match r.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (r.path, None),
+        };
+        let info = RequestInfo {
+            host: &host,
+            authority: &authority,
+            path,
+            query,
+            method: r.method,
+            scheme: r.scheme,
+            port: r.port,
+            headers: &headers,
+        };
+        let m = listener.routes.find(&info)?;
+        Some((m.route, host, authority))
+    }
+
+    /// Backend Service names (`name.namespace`) of a forwarding route with their weights.
+    fn backends(&self, route: &Route) -> Vec<(String, u32, bool)> {
+        match &route.action {
+            RouteAction::Forward(f) => f
+                .destinations
+                .iter()
+                .map(|d| {
+                    let cluster = &self.snapshot().clusters[d.cluster];
+                    let host = cluster.service.trim_end_matches(".svc.cluster.local").to_string();
+                    (host, d.weight, d.invalid)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Applies a prefix replacement the way the data plane does.
+fn replace_prefix(route: &Route, path: &str, replacement: &str) -> String {
+    let Some(StringMatch::Prefix(prefix)) = route.matches.first().and_then(|m| m.path.as_ref()).map(|p| &p.matcher)
+    else {
+        return replacement.to_string();
+    };
+    let rest = &path[prefix.len().min(path.len())..];
+    let out = if replacement.ends_with('/') && rest.starts_with('/') {
+        format!("{replacement}{}", &rest[1..])
+    } else {
+        format!("{replacement}{rest}")
+    };
+    if out.is_empty() { "/".to_string() } else { out }
+}
+
+/// Checks one `http` case of `cases.json`; returns why it fails.
+fn check_case(loaded: &Loaded, case: &Value) -> Result<(), String> {
+    let r = &case["request"];
+    let e = &case["expect"];
+    let gateway = case["gateway"]["name"].as_str().unwrap_or_default();
+    let port = case["gateway"]["port"].as_u64().unwrap_or(80) as u16;
+    let headers = r["headers"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let request = Req {
+        gateway,
+        port,
+        scheme: r["scheme"].as_str().unwrap_or("http"),
+        host: r["host"].as_str(),
+        method: r["method"].as_str().unwrap_or("GET"),
+        path: r["path"].as_str().unwrap_or("/"),
+        headers,
+    };
+    let statuses: Vec<u64> = e["status_any_of"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let found = loaded.find(&request);
+    let Some((route, host, authority)) = found else {
+        return if statuses.contains(&404) {
+            Ok(())
+        } else {
+            Err(format!("no route, expected {statuses:?}"))
+        };
+    };
+    match &route.action {
+        RouteAction::DirectResponse(d) => {
+            if statuses.contains(&u64::from(d.status)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: direct response {}, expected {statuses:?}",
+                    route.name, d.status
+                ))
+            }
+        }
+        RouteAction::Redirect(rd) => {
+            if !statuses.contains(&u64::from(rd.status)) {
+                return Err(format!("{}: redirect {}, expected {statuses:?}", route.name, rd.status));
+            }
+            let Some(want) = e["redirect"].as_object() else {
+                return Ok(());
+            };
+            let scheme = rd.scheme.clone().unwrap_or_else(|| request.scheme.to_string());
+            let to_host = rd.authority.clone().unwrap_or(host);
+            let request_port = authority.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+            let to_port = match &rd.port {
+                Some(RedirectPort::Fixed(p)) => Some(*p),
+                Some(RedirectPort::FromProtocolDefault) => None,
+                Some(RedirectPort::FromRequestPort) => Some(request_port.unwrap_or(port)),
+                None if rd.scheme.is_some() => None,
+                None => request_port,
+            };
+            let default = if scheme == "https" { 443 } else { 80 };
+            let to_port = to_port.filter(|p| *p != default).map(|p| p.to_string());
+            let path = request.path.split('?').next().unwrap_or("/");
+            let to_path = match (&rd.path, &rd.replace_prefix) {
+                (Some(p), _) => p.clone(),
+                (None, Some(p)) => replace_prefix(route, path, p),
+                (None, None) => path.to_string(),
+            };
+            let got = json!({"scheme": scheme, "host": to_host, "port": to_port, "path": to_path});
+            for (k, v) in want {
+                // A null host means any host; a null port means the scheme's default.
+                if (k == "port" || !v.is_null()) && got[k] != *v {
+                    return Err(format!("{}: redirect to {got}, expected {want:?}", route.name));
+                }
+            }
+            Ok(())
+        }
+        RouteAction::Forward(f) => {
+            let backends = loaded.backends(route);
+            let live: Vec<&(String, u32, bool)> = backends.iter().filter(|b| b.1 > 0).collect();
+            if live.iter().all(|b| b.2) {
+                return if statuses.contains(&500) {
+                    Ok(())
+                } else {
+                    Err(format!("{}: only invalid backends, expected {statuses:?}", route.name))
+                };
+            }
+            if !statuses.contains(&200) {
+                return Err(format!(
+                    "{}: forwards to {backends:?}, expected {statuses:?}",
+                    route.name
+                ));
+            }
+            if let Some(b) = e["backend"].as_str() {
+                let ns = e["namespace"].as_str().unwrap_or_default();
+                if !live.iter().all(|(h, _, invalid)| !invalid && *h == format!("{b}.{ns}")) {
+                    return Err(format!("{}: forwards to {backends:?}, expected {b}.{ns}", route.name));
+                }
+            }
+            if let Some(want) = e["path_seen_by_backend"].as_str() {
+                let (path, query) = match request.path.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (request.path, None),
+                };
+                let mut seen = match f.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+                    Some(PathRewrite::Full(p)) => p.clone(),
+                    Some(PathRewrite::ReplaceMatched(p)) => replace_prefix(route, path, p),
+                    _ => path.to_string(),
+                };
+                if let Some(q) = query {
+                    seen = format!("{seen}?{q}");
+                }
+                if seen != want {
+                    return Err(format!("{}: backend sees path {seen}, expected {want}", route.name));
+                }
+            }
+            if let Some(want) = e["host_seen_by_backend"].as_str() {
+                let seen = f
+                    .rewrite
+                    .as_ref()
+                    .and_then(|r| r.authority.clone())
+                    .unwrap_or(authority);
+                if seen != want {
+                    return Err(format!("{}: backend sees host {seen}, expected {want}", route.name));
+                }
+            }
+            // Request header edits: route level, then the (single) destination's.
+            let mut seen: Vec<(String, String)> = request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect();
+            let ops = [&route.request_headers].into_iter().chain(
+                f.destinations
+                    .iter()
+                    .filter(|d| d.weight > 0)
+                    .take(1)
+                    .map(|d| &d.request_headers),
+            );
+            for ops in ops {
+                seen.retain(|(k, _)| !ops.remove.contains(k));
+                for (k, v) in &ops.set {
+                    seen.retain(|(n, _)| n != k);
+                    seen.push((k.clone(), v.clone()));
+                }
+                for (k, v) in &ops.add {
+                    seen.push((k.clone(), v.clone()));
+                }
+            }
+            let value = |name: &str| {
+                let vals: Vec<&str> = seen
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                (!vals.is_empty()).then(|| vals.join(","))
+            };
+            for (k, v) in e["request_headers_seen_by_backend"].as_object().into_iter().flatten() {
+                if value(k).as_deref() != v.as_str() {
+                    return Err(format!("{}: header {k} is {:?}, expected {v}", route.name, value(k)));
+                }
+            }
+            for k in e["absent_request_headers"].as_array().into_iter().flatten() {
+                let k = k.as_str().unwrap_or_default();
+                if value(k).is_some() {
+                    return Err(format!("{}: header {k} should be absent", route.name));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(Path::new(CONFORMANCE).join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Conformance tests whose `http` cases are decided by routing alone (no echo behaviour,
+/// TLS handshake, retries, timeouts or CORS handling in the data plane).
+const ROUTING_TESTS: &[&str] = &[
+    "HTTPRoute303Redirect",
+    "HTTPRoute307Redirect",
+    "HTTPRoute308Redirect",
+    "HTTPRouteCrossNamespace",
+    "HTTPRouteExactPathMatching",
+    "HTTPRouteHTTPSListener",
+    "HTTPRouteHeaderMatching",
+    "HTTPRouteHostnameIntersection",
+    "HTTPRouteInvalidBackendRefUnknownKind",
+    "HTTPRouteInvalidCrossNamespaceBackendRef",
+    "HTTPRouteInvalidNonExistentBackendRef",
+    "HTTPRouteInvalidReferenceGrant",
+    "HTTPRouteListenerHostnameMatching",
+    "HTTPRouteListenerPortMatching",
+    "HTTPRouteMatching",
+    "HTTPRouteMatchingAcrossRoutes",
+    "HTTPRouteMethodMatching",
+    "HTTPRouteMultipleGateways",
+    "HTTPRouteNamedRule",
+    "HTTPRouteNoBackendRefs",
+    "HTTPRoutePartiallyInvalidViaInvalidReferenceGrant",
+    "HTTPRoutePathMatchOrder",
+    "HTTPRouteQueryParamMatching",
+    "HTTPRouteRedirectHostAndStatus",
+    "HTTPRouteRedirectPath",
+    "HTTPRouteRedirectPort",
+    "HTTPRouteRedirectPortAndScheme",
+    "HTTPRouteRedirectScheme",
+    "HTTPRouteReferenceGrant",
+    "HTTPRouteRequestHeaderModifier",
+    "HTTPRouteBackendRequestHeaderModifier",
+    "HTTPRouteRewriteHost",
+    "HTTPRouteRewritePath",
+    "HTTPRouteSimpleSameNamespace",
+    "HTTPRouteBackendProtocolH2C",
+    "HTTPRouteBackendRequestRedirect",
+    "HTTPRouteBackendURLRewrite",
+    "GatewayHTTPListenerIsolation",
+];
+
+#[test]
+fn conformance_http_cases_route_as_expected() {
+    let all = cases();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for test in ROUTING_TESTS {
+        let test_cases: Vec<&Value> = all
+            .iter()
+            .filter(|c| c["test"] == *test && c["kind"] == "http")
+            .collect();
+        assert!(!test_cases.is_empty(), "no cases for {test}");
+        let manifest = test_cases[0]["manifest"].as_str().unwrap();
+        let mut drop: Vec<String> = Vec::new();
+        let mut step = -1;
+        let mut loaded = None;
+        for case in test_cases {
+            let case_step = case["step"].as_i64().unwrap_or(0);
+            if case_step != step || loaded.is_none() {
+                for action in case["before_step"].as_array().into_iter().flatten() {
+                    assert_eq!(action["action"], "delete");
+                    drop.push(format!(
+                        "{} {}/{}",
+                        action["kind"].as_str().unwrap(),
+                        action["namespace"].as_str().unwrap(),
+                        action["name"].as_str().unwrap()
+                    ));
+                }
+                loaded = Some(load_with(manifest, "", &drop));
+                step = case_step;
+            }
+            checked += 1;
+            if let Some(Err(why)) = loaded.as_ref().map(|l| check_case(l, case)) {
+                failures.push(format!("{}: {}: {why}", case["id"], case["name"]));
+            }
+        }
+    }
+    eprintln!("checked {checked} conformance cases");
+    assert!(checked > 200, "only {checked} cases checked");
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} cases fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn weights_are_relative_and_zero_is_kept() {
+    let l = load("manifests/httproute-weight.yaml");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/")).unwrap();
+    assert_eq!(
+        l.backends(route),
+        [
+            ("infra-backend-v1.gateway-conformance-infra".to_string(), 70, false),
+            ("infra-backend-v2.gateway-conformance-infra".to_string(), 30, false),
+            ("infra-backend-v3.gateway-conformance-infra".to_string(), 0, false),
+        ]
+    );
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    assert_eq!(f.total_weight, 100);
+    assert_eq!(route.name, "gateway-conformance-infra/weighted-backends[0]");
+}
+
+#[test]
+fn named_rules_name_routes() {
+    let l = load("manifests/httproute-named-rule.yaml");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/named")).unwrap();
+    assert_eq!(route.name, "gateway-conformance-infra/http-named-rules.named-rule");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/unnamed")).unwrap();
+    assert_eq!(route.name, "gateway-conformance-infra/http-named-rules[1]");
+}
+
+#[test]
+fn header_modifiers_mirrors_cors_and_timeouts_are_compiled() {
+    let l = load("manifests/httproute-request-mirror.yaml");
+    let (route, _, _) = l
+        .find(&req("same-namespace", None, "/mirror-and-modify-headers"))
+        .unwrap();
+    assert_eq!(route.mirrors.len(), 1);
+    assert_eq!(route.mirrors[0].fraction, (1, 1));
+    assert_eq!(
+        l.snapshot().clusters[route.mirrors[0].cluster].name,
+        "outbound|8080||infra-backend-v2.gateway-conformance-infra.svc.cluster.local"
+    );
+    assert_eq!(
+        route.request_headers.set,
+        [("x-header-set".to_string(), "set-overwrites-values".to_string())]
+    );
+    assert_eq!(route.request_headers.remove, ["x-header-remove"]);
+
+    let l = load("manifests/httproute-request-percentage-mirror.yaml");
+    let fractions: Vec<(u32, u32)> = l.snapshot().listeners[0]
+        .routes
+        .virtual_hosts
+        .iter()
+        .flat_map(|vh| &vh.routes)
+        .flat_map(|r| r.mirrors.iter().map(|m| m.fraction))
+        .collect();
+    assert!(
+        !fractions.is_empty() && fractions.iter().all(|(n, d)| n < d),
+        "{fractions:?}"
+    );
+
+    let l = load("manifests/httproute-response-header-modifier.yaml");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/add")).unwrap();
+    assert!(!route.response_headers.add.is_empty());
+
+    let l = load("manifests/httproute-cors.yaml");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/cors-1")).unwrap();
+    let cors = route.cors.as_ref().unwrap();
+    assert_eq!(cors.allow_origins, ["https://www.foo.com", "https://*.bar.com"]);
+    assert_eq!(cors.allow_methods, ["GET", "OPTIONS"]);
+    assert!(cors.allow_credentials);
+    assert_eq!(cors.max_age, 3600);
+    let (route, _, _) = l.find(&req("same-namespace", None, "/cors-2")).unwrap();
+    assert_eq!(route.cors.as_ref().unwrap().max_age, 5);
+
+    let l = load("manifests/httproute-timeout-backend-request.yaml");
+    let (route, _, _) = l.find(&req("same-namespace", None, "/backend-timeout")).unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    assert_eq!(f.backend_timeout, Some(std::time::Duration::from_millis(500)));
+    let (route, _, _) = l
+        .find(&req("same-namespace", None, "/disable-backend-timeout"))
+        .unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    assert_eq!(f.backend_timeout, None);
+
+    let l = load("manifests/httproute-timeout-request.yaml");
+    let found = l
+        .snapshot()
+        .listeners
+        .iter()
+        .flat_map(|li| &li.routes.virtual_hosts)
+        .flat_map(|vh| &vh.routes)
+        .any(|r| matches!(&r.action, RouteAction::Forward(f) if f.timeout.is_some()));
+    assert!(found);
+}
+
+#[test]
+fn h2c_app_protocol_and_endpoint_slices() {
+    let l = load("manifests/httproute-backend-protocol-h2c.yaml");
+    let c = l
+        .snapshot()
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8081||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
+        .unwrap();
+    assert_eq!(c.protocol, UpstreamProtocol::Http2);
+
+    let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: manual-extra
+  namespace: gateway-conformance-infra
+  labels: {kubernetes.io/service-name: manual-endpointslices}
+addressType: IPv4
+ports: [{name: first-port, port: 3000, protocol: TCP}]
+endpoints:
+- addresses: [10.1.0.1]
+- addresses: [10.1.0.2]
+  conditions: {ready: false}
+"#;
+    let external = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: gateway-conformance-infra}
+spec:
+  type: ExternalName
+  externalName: Backend.Example.com
+  ports: [{port: 443}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: external, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  rules:
+  - matches: [{path: {type: Exact, value: /external}}]
+    backendRefs: [{name: external, port: 443}]
+"#;
+    let l = load_with(
+        "manifests/httproute-service-types.yaml",
+        &format!("{slice}{external}"),
+        &[],
+    );
+    let (route, _, _) = l.find(&req("same-namespace", None, "/external")).unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    let c = &l.snapshot().clusters[f.destinations[0].cluster];
+    assert_eq!(c.discovery, Discovery::Dns);
+    assert_eq!(
+        (c.endpoints[0].address.as_str(), c.endpoints[0].port),
+        ("backend.example.com", 443)
+    );
+    let (route, _, _) = l.find(&req("same-namespace", None, "/manual-endpointslices")).unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    let c = &l.snapshot().clusters[f.destinations[0].cluster];
+    assert_eq!(c.discovery, Discovery::Static);
+    assert_eq!(
+        c.endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.port))
+            .collect::<Vec<_>>(),
+        [("10.1.0.1", 3000)]
+    );
+}
+
+#[test]
+fn istio_service_entries_supply_endpoints_and_listeners_merge() {
+    let extra = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: infra-backend-v1, namespace: gateway-conformance-infra}
+spec:
+  hosts: [infra-backend-v1.gateway-conformance-infra.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {http: 40001}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8000, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  hosts: [istio.example.com]
+  gateways: [istio-gw]
+  http:
+  - route: [{destination: {host: infra-backend-v1.gateway-conformance-infra.svc.cluster.local, port: {number: 8080}}}]
+"#;
+    let l = load_with("manifests/httproute-simple-same-namespace.yaml", extra, &[]);
+    let (route, _, _) = l.find(&req("same-namespace", None, "/")).unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    let c = &l.snapshot().clusters[f.destinations[0].cluster];
+    assert_eq!(c.endpoints[0].address, "127.0.0.1");
+    assert_eq!(c.endpoints[0].port, 40001);
+    // One cluster shared by the Istio VirtualService and the HTTPRoute.
+    let istio = l.snapshot().listeners.iter().find(|li| li.port == 8000).unwrap();
+    let vh = istio.routes.virtual_host("istio.example.com").unwrap();
+    let RouteAction::Forward(g) = &vh.routes[0].action else {
+        panic!()
+    };
+    assert_eq!(g.destinations[0].cluster, f.destinations[0].cluster);
+}
+
+#[test]
+fn gateways_without_addresses_share_one_listener_per_port() {
+    let yaml = format!(
+        "{GATEWAY_CLASS}---\n{}",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata: {name: a, namespace: web}
+spec:
+  gatewayClassName: meshgate-test
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, hostname: a.example.com}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: b, namespace: web}
+spec:
+  gatewayClassName: meshgate-test
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, hostname: "*.example.com"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: web}
+spec:
+  parentRefs: [{name: a}, {name: b}]
+  rules:
+  - backendRefs: [{name: svc, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: svc, namespace: web}
+spec:
+  ports: [{port: 80, targetPort: 8080}]
+"#
+    );
+    let docs = source::parse_str(Path::new("t.yaml"), &yaml).unwrap();
+    let c = compile(&docs, &CompileOptions::default()).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(c.snapshot.listeners.len(), 1);
+    let l = &c.snapshot.listeners[0];
+    assert_eq!((l.name.as_str(), l.address, l.port), ("0.0.0.0_8080", None, 8080));
+    assert!(l.routes.virtual_host("a.example.com").is_some());
+    assert!(l.routes.virtual_host("b.example.com").is_some());
+    assert!(l.routes.virtual_host("example.com").is_none());
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.message.contains("give each Gateway its own spec.addresses"))
+    );
+}
+
+#[test]
+fn routes_not_allowed_by_a_listener_are_warned_about() {
+    // The route lives in gateway-conformance-web-backend, same-namespace only allows its own.
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: stray, namespace: gateway-conformance-web-backend}
+spec:
+  parentRefs: [{name: same-namespace, namespace: gateway-conformance-infra}]
+  rules:
+  - matches: [{path: {type: Exact, value: /stray}}]
+    backendRefs: [{name: web-backend, port: 8080}]
+"#;
+    let l = load_with("", extra, &[]);
+    assert!(l.find(&req("same-namespace", None, "/stray")).is_none());
+    let w = l
+        .compiled
+        .warnings
+        .iter()
+        .find(|w| w.resource == "HTTPRoute gateway-conformance-web-backend/stray")
+        .unwrap();
+    assert_eq!(w.severity, Severity::Warning);
+    assert_eq!(w.field, "spec.parentRefs[0]");
+    assert!(
+        w.message.contains("only allows routes from its own namespace"),
+        "{}",
+        w.message
+    );
+}
+
+#[test]
+fn https_listener_certificates_come_from_secrets() {
+    let l = load("manifests/httproute-https-listener.yaml");
+    let listener = l.listener("same-namespace-with-https-listener", 443).unwrap();
+    let tls = listener.tls.as_ref().unwrap();
+    let sni: Vec<&str> = tls.certificates.iter().map(|c| c.sni_hosts[0].as_str()).collect();
+    assert_eq!(
+        sni,
+        [
+            "fourth-example.wildcard.org",
+            "second-example.org",
+            "*.wildcard.org",
+            "*"
+        ]
+    );
+    assert!(tls.certificates[0].cert_pem.starts_with(b"-----BEGIN CERTIFICATE"));
+}
+
+#[test]
+fn invalid_backends_are_marked_and_point_at_the_placeholder_cluster() {
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mixed, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  rules:
+  - matches: [{path: {type: Exact, value: /mixed}}]
+    backendRefs:
+    - {name: infra-backend-v1, port: 8080, weight: 1}
+    - {name: nonexistent, port: 8080, weight: 1}
+"#;
+    let l = load_with("", extra, &[]);
+    let (route, _, _) = l.find(&req("same-namespace", None, "/mixed")).unwrap();
+    let RouteAction::Forward(f) = &route.action else {
+        panic!()
+    };
+    assert!(!f.destinations[0].invalid);
+    assert!(f.destinations[1].invalid);
+    assert_eq!(l.snapshot().clusters[f.destinations[1].cluster].name, "invalid-backend");
+    assert!(l.snapshot().clusters[f.destinations[1].cluster].endpoints.is_empty());
+    assert!(l.compiled.warnings.iter().any(|w| {
+        w.field == "spec.rules[0].backendRefs[1]"
+            && w.message
+                .contains("Service gateway-conformance-infra/nonexistent does not exist")
+    }));
+}
+
+// ---------------------------------------------------------------- errors
+
+fn route_yaml(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: bad, namespace: gateway-conformance-infra}}\nspec:\n  parentRefs: [{{name: same-namespace}}]\n  rules:\n{rules}"
+    )
+}
+
+#[test]
+fn error_unknown_field_names_file_resource_and_path() {
+    let e = errors_of(
+        "",
+        &route_yaml(
+            "  - matches: [{path: {type: Exact, valeu: /x}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].file, PathBuf::from("extra.yaml"));
+    assert_eq!(e[0].resource, "HTTPRoute gateway-conformance-infra/bad");
+    assert_eq!(e[0].field, "spec.rules[0].matches[0].path.valeu");
+    assert!(e[0].message.contains("valeu"), "{}", e[0].message);
+}
+
+#[test]
+fn error_invalid_regex_filter_type_and_redirect_code() {
+    let e = errors_of(
+        "",
+        &route_yaml(
+            "  - matches: [{path: {type: RegularExpression, value: \"/(x\"}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - filters: [{type: Teleport}]\n  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 200}}]\n",
+        ),
+    );
+    let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.rules[0].matches[0].path.value",
+            "spec.rules[1].filters[0].type",
+            "spec.rules[2].filters[0].requestRedirect.statusCode"
+        ]
+    );
+}
+
+#[test]
+fn error_missing_certificate_secret_and_mixed_protocols() {
+    let (result, _) = try_load(
+        "",
+        "",
+        &["Secret gateway-conformance-infra/tls-validity-checks-certificate".to_string()],
+    );
+    let err = result.unwrap_err();
+    let e: Vec<&Finding> = err.errors().collect();
+    assert_eq!(e.len(), 4);
+    assert_eq!(
+        e[0].resource,
+        "Gateway gateway-conformance-infra/same-namespace-with-https-listener"
+    );
+    assert_eq!(e[0].field, "spec.listeners[0].tls.certificateRefs[0]");
+    assert!(e[0].message.contains("not defined"), "{}", e[0].message);
+
+    let mixed = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: mixed, namespace: gateway-conformance-infra}
+spec:
+  gatewayClassName: meshgate-test
+  addresses: [{value: 127.0.0.99}]
+  listeners:
+  - {name: a, port: 9000, protocol: HTTP}
+  - name: b
+    port: 9000
+    protocol: HTTPS
+    hostname: b.example.com
+    tls: {certificateRefs: [{name: tls-validity-checks-certificate}]}
+"#;
+    let e = errors_of("", mixed);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].field, "spec.listeners[1].protocol");
+    assert!(e[0].message.contains("mixes HTTPS and HTTP"));
+}
+
+#[test]
+fn error_cross_namespace_certificate_without_grant_and_bad_api_version() {
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other, namespace: elsewhere}
+spec:
+  gatewayClassName: meshgate-test
+  listeners:
+  - name: https
+    port: 8443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: tls-validity-checks-certificate, namespace: gateway-conformance-infra}]}
+---
+apiVersion: gateway.networking.k8s.io/v9
+kind: HTTPRoute
+metadata: {name: future, namespace: elsewhere}
+spec: {}
+"#;
+    let e = errors_of("", extra);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert_eq!(e[0].resource, "HTTPRoute elsewhere/future");
+    assert!(e[0].message.contains("unsupported apiVersion"));
+    assert_eq!(e[1].resource, "Gateway elsewhere/other");
+    assert_eq!(e[1].field, "spec.listeners[0].tls.certificateRefs[0]");
+    assert!(e[1].message.contains("no ReferenceGrant"), "{}", e[1].message);
+}
+
+#[test]
+fn unsupported_fields_are_warnings_with_paths() {
+    let l = load("manifests/httproute-retry.yaml");
+    assert!(
+        l.compiled
+            .warnings
+            .iter()
+            .any(|w| w.field == "spec.rules[0].retry" && w.message.contains("not supported yet")),
+        "{:?}",
+        l.compiled.warnings
+    );
+    // Deployments and ConfigMaps of base.yaml are ignored with a warning.
+    assert!(l.compiled.warnings.iter().any(|w| w.resource.starts_with("Deployment ")
+        && w.message.contains("ignored: kind Deployment of apiVersion apps/v1")));
+}
+
+#[test]
+fn istio_and_gateway_api_listeners_on_one_port_merge() {
+    let yaml = format!(
+        "{GATEWAY_CLASS}---\n{}",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: istio-gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: [istio.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  hosts: [istio.example.com]
+  gateways: [istio-gw]
+  http:
+  - directResponse: {status: 204}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  gatewayClassName: meshgate-test
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, hostname: gw.example.com}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{}]
+"#
+    );
+    let docs = source::parse_str(Path::new("t.yaml"), &yaml).unwrap();
+    let c = compile(&docs, &CompileOptions::default()).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(c.snapshot.listeners.len(), 1);
+    let routes = &c.snapshot.listeners[0].routes;
+    let istio = routes.virtual_host("istio.example.com").unwrap();
+    assert!(matches!(&istio.routes[0].action, RouteAction::DirectResponse(d) if d.status == 204));
+    // A rule without backendRefs answers 500.
+    let gw = routes.virtual_host("gw.example.com").unwrap();
+    assert_eq!(gw.routes[0].name, "default/r[0]");
+    assert!(matches!(&gw.routes[0].action, RouteAction::DirectResponse(d) if d.status == 500));
+
+    // Another controller's GatewayClass: its Gateways are left alone.
+    let options = CompileOptions {
+        controller_name: "example.com/other".to_string(),
+        ..CompileOptions::default()
+    };
+    let c = compile(&docs, &options).unwrap_or_else(|f| panic!("{f}"));
+    assert!(c.snapshot.listeners[0].routes.virtual_host("gw.example.com").is_none());
+}
