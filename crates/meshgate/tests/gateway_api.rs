@@ -121,3 +121,57 @@ spec:
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirror_copies_traffic_without_touching_the_response() {
+    let primary = Echo::start("primary");
+    let shadow = Echo::start("shadow");
+    let port = free_port();
+    let yaml = format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {{name: http, port: {port}, protocol: HTTP}}
+---
+{p}{s}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: mirrored, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {{name: shadow, port: 8080}}
+    backendRefs: [{{name: primary, port: 8080}}]
+"#,
+        p = service("primary", primary.port()),
+        s = service("shadow", shadow.port()),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    for _ in 0..20 {
+        let r = send(&c, get(port, "/", "any", &[])).await.expect("req");
+        assert_eq!((r.status, r.served_by()), (200, "primary".to_string()));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while shadow.count() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror saw {} of 20",
+            shadow.count()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(primary.count(), 20);
+    assert_eq!(shadow.count(), 20);
+}

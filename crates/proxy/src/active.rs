@@ -121,10 +121,10 @@ impl Active {
         for listener in &snapshot.listeners {
             for vh in &listener.routes.virtual_hosts {
                 for route in &vh.routes {
-                    if !route.mirrors.is_empty() || route.cors.is_some() {
+                    if route.cors.is_some() {
                         tracing::warn!(
                             route = %route.name,
-                            "request mirrors and CORS are compiled but not applied by the data plane yet; ignored"
+                            "CORS is compiled but not applied by the data plane yet; ignored"
                         );
                     }
                 }

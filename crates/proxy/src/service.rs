@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Forward, HashKey, HeaderOps, LoadBalancer, PathRewrite, Redirect, RedirectPort, RequestMatch, RouteAction,
+    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RouteAction,
     UpstreamProtocol,
 };
 
@@ -127,6 +127,10 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
                 &route.request_headers,
                 cluster,
                 &stats[pick],
+                Mirroring {
+                    mirrors: &route.mirrors,
+                    clusters: &active.clusters,
+                },
             )
             .await;
             apply_header_ops(resp.headers_mut(), &destination.response_headers);
@@ -184,6 +188,7 @@ async fn forward_request(
     route_headers: &HeaderOps,
     cluster: &ClusterRuntime,
     stats: &RouteStats,
+    mirroring: Mirroring<'_>,
 ) -> Response<ResponseBody> {
     let destination = &forward.destinations[pick];
 
@@ -275,6 +280,9 @@ async fn forward_request(
         Uri::from(path_and_query)
     };
     parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    if !mirroring.mirrors.is_empty() {
+        mirroring.send(&parts, hyper::body::Body::is_end_stream(&body));
+    }
     let upstream_req = Request::from_parts(parts, body);
 
     cluster.stats.requests.fetch_add(1, Relaxed);
@@ -338,6 +346,65 @@ async fn forward_request(
     }
     remove_hop_by_hop(resp.headers_mut(), false);
     resp.map(|b| ResponseBody::upstream(b, pool_return))
+}
+
+/// The route's request mirrors and the clusters they point at.
+struct Mirroring<'a> {
+    mirrors: &'a [Mirror],
+    clusters: &'a [Arc<ClusterRuntime>],
+}
+
+impl Mirroring<'_> {
+    /// Sends fire-and-forget copies of a request (as it goes upstream) to the mirror clusters,
+    /// each with its configured probability. The copy's Host gets Envoy's `-shadow` suffix, and
+    /// its response, failure or slowness never touches the primary request. Requests with a
+    /// body are not mirrored yet: that needs the body buffered for both copies.
+    fn send(&self, parts: &http::request::Parts, bodyless: bool) {
+        if !bodyless {
+            tracing::debug!("request with a body not mirrored");
+            return;
+        }
+        for mirror in self.mirrors {
+            let (num, den) = mirror.fraction;
+            if num < den && fastrand::u32(..den.max(1)) >= num {
+                continue;
+            }
+            let Some(cluster) = self.clusters.get(mirror.cluster).cloned() else {
+                continue;
+            };
+            let Some(endpoint) = cluster.pick(None) else { continue };
+            let address = cluster.endpoints[endpoint].authority.as_str().to_string();
+            let pool = cluster.pool(endpoint).clone();
+            let mut req = Request::new(UpstreamBody::Buffered(http_body_util::Full::new(bytes::Bytes::new())));
+            *req.method_mut() = parts.method.clone();
+            *req.headers_mut() = parts.headers.clone();
+            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = match parts.uri.path_and_query() {
+                Some(pq) => Uri::from(pq.clone()),
+                None => Uri::from_static("/"),
+            };
+            if let Some(host) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+                let shadow = match host.rsplit_once(':') {
+                    Some((h, p)) if p.parse::<u16>().is_ok() => format!("{h}-shadow:{p}"),
+                    _ => format!("{host}-shadow"),
+                };
+                if let Ok(v) = HeaderValue::from_str(&shadow) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            tokio::spawn(async move {
+                cluster.stats.requests.fetch_add(1, Relaxed);
+                match pool.send_http1(&address, &cluster.stats, req).await {
+                    Ok((resp, ret)) => {
+                        // Drain the mirror's response so its connection can be reused.
+                        let body = ResponseBody::upstream(resp.into_body(), Some(ret));
+                        let _ = http_body_util::BodyExt::collect(body).await;
+                    }
+                    Err(e) => tracing::debug!(cluster = %cluster.config.name, error = ?e, "mirror request failed"),
+                }
+            });
+        }
+    }
 }
 
 /// Where an original-destination (PASSTHROUGH) request goes: the authority the client asked
