@@ -175,3 +175,68 @@ spec:
     assert_eq!(primary.count(), 20);
     assert_eq!(shadow.count(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_and_allowed_origins_get_headers() {
+    let app = Echo::start("app");
+    let port = free_port();
+    let yaml = format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {{name: http, port: {port}, protocol: HTTP}}
+---
+{svc}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: api, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://www.foo.com", "https://*.bar.com"]
+        allowMethods: [GET, POST]
+        allowHeaders: [x-token]
+        exposeHeaders: [x-echo-name]
+        maxAge: 600
+    backendRefs: [{{name: app, port: 8080}}]
+"#,
+        svc = service("app", app.port()),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    let preflight = http::Request::builder()
+        .method("OPTIONS")
+        .uri(format!("http://127.0.0.1:{port}/items"))
+        .header("origin", "https://a.bar.com")
+        .header("access-control-request-method", "POST")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let r = send(&c, preflight).await.expect("preflight");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://a.bar.com"));
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST"));
+    assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert_eq!(app.count(), 0, "a preflight is never forwarded");
+
+    let r = send(&c, get(port, "/items", "x", &[("origin", "https://www.foo.com")]))
+        .await
+        .expect("cors get");
+    assert_eq!(r.served_by(), "app");
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://www.foo.com"));
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-echo-name"));
+    let r = send(&c, get(port, "/items", "x", &[("origin", "https://evil.example")]))
+        .await
+        .expect("bad origin");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}

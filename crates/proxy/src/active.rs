@@ -118,18 +118,6 @@ impl Active {
                 }
             }
         }
-        for listener in &snapshot.listeners {
-            for vh in &listener.routes.virtual_hosts {
-                for route in &vh.routes {
-                    if route.cors.is_some() {
-                        tracing::warn!(
-                            route = %route.name,
-                            "CORS is compiled but not applied by the data plane yet; ignored"
-                        );
-                    }
-                }
-            }
-        }
         Ok(Active {
             version,
             snapshot,

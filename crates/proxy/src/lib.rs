@@ -8,6 +8,7 @@
 pub mod active;
 pub mod admin;
 pub mod body;
+pub mod cors;
 pub mod listener;
 pub mod reload;
 pub mod service;

@@ -22,6 +22,7 @@ use meshgate_model::snapshot::{
 
 use crate::Shared;
 use crate::body::{self, ResponseBody, UpstreamBody};
+use crate::cors;
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
 use crate::upstream::pool::UpstreamError;
@@ -88,6 +89,15 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
+    let cors_origin = match &route.cors {
+        Some(policy) => {
+            if let Some(resp) = cors::preflight(policy, &req) {
+                return Ok(resp);
+            }
+            req.headers().get(header::ORIGIN).cloned()
+        }
+        None => None,
+    };
 
     let response = match &route.action {
         RouteAction::DirectResponse(d) => {
@@ -139,6 +149,9 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
     };
     let mut response = response;
     apply_header_ops(response.headers_mut(), &route.response_headers);
+    if let Some(policy) = &route.cors {
+        cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
+    }
     Ok(response)
 }
 
