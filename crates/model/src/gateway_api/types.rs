@@ -11,39 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::Value;
 
-use crate::istio::types::Labels;
-
-fn lenient_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Error> {
-    let raw: Option<BTreeMap<String, Value>> = Option::deserialize(d)?;
-    let Some(raw) = raw else { return Ok(None) };
-    let mut out = Labels::new();
-    for (k, v) in raw {
-        match crate::source::scalar_to_string(&v) {
-            Some(s) => {
-                out.insert(k, s);
-            }
-            None => return Err(serde::de::Error::custom(format!("label {k:?} must be a string"))),
-        }
-    }
-    Ok(Some(out))
-}
-
-fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    let raw: Option<Value> = Option::deserialize(d)?;
-    match raw {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-            "true" | "yes" | "y" | "on" => Ok(Some(true)),
-            "false" | "no" | "n" | "off" => Ok(Some(false)),
-            _ => Err(serde::de::Error::custom(format!("expected a boolean, found {s:?}"))),
-        },
-        Some(other) => Err(serde::de::Error::custom(format!("expected a boolean, found {other}"))),
-    }
-}
+use crate::istio::types::{Labels, lenient_bool, lenient_labels};
 
 /// A Kubernetes `IntOrString` (Service `targetPort`).
 #[derive(Debug, Clone, Deserialize)]

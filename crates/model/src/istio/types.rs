@@ -17,7 +17,8 @@ use serde_json::Value;
 /// Label maps. Values written unquoted (`version: 2`) are accepted as their text.
 pub type Labels = BTreeMap<String, String>;
 
-fn lenient_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Error> {
+/// Label maps whose values may be written unquoted; shared with the Gateway API types.
+pub(crate) fn lenient_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::Error> {
     let raw: Option<BTreeMap<String, Value>> = Option::deserialize(d)?;
     let Some(raw) = raw else { return Ok(None) };
     let mut out = Labels::new();
@@ -36,7 +37,7 @@ fn lenient_labels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Labels>, D::
 
 /// Booleans: the source is read with YAML 1.2 booleans, so accept Kubernetes' YAML 1.1
 /// spellings (`yes`, `on`, ...) here, where a boolean is what the field means.
-fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+pub(crate) fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
     let raw: Option<Value> = Option::deserialize(d)?;
     match raw {
         None | Some(Value::Null) => Ok(None),
