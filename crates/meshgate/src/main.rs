@@ -51,6 +51,10 @@ struct ProxyArgs {
     /// the `mesh` gateway and every known service host.
     #[arg(long)]
     mesh_port: Option<u16>,
+    /// On SIGTERM/SIGINT: stop reporting ready and let requests in flight finish for at most
+    /// this long (e.g. `10s`, `500ms`) before exiting.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +66,10 @@ struct DemoArgs {
     admin_addr: SocketAddr,
     #[arg(long, default_value_t = 1)]
     workers: usize,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    meshgate_model::duration::parse(s)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -109,6 +117,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         workers,
         compile,
+        drain_timeout: args.drain_timeout,
     };
     meshgate_proxy::run(options)
         .map_err(anyhow::Error::msg)

@@ -390,3 +390,36 @@ fn admin_reports_readiness_config_and_metrics() {
     );
     assert_eq!(proxy.admin_get("/nope").0, 404);
 }
+
+#[test]
+fn sigterm_drains_requests_in_flight_then_exits() {
+    let a = Echo::start("a");
+    let port = free_port();
+    let mut proxy = Proxy::start(&routed_to(port, &[("a", a.port())], "a", None));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let slow = std::thread::spawn(move || raw_get(addr, "/delay/700", "x").expect("slow request"));
+    while a.count() == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = proxy.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(proxy.admin_get("/ready").0, 503, "a draining proxy is not ready");
+    let (status, _, _) = slow.join().expect("join");
+    assert_eq!(status, 200, "the request in flight was answered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(exit) = proxy.child.try_wait().expect("wait") {
+            assert!(exit.success(), "{exit:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after draining");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -45,6 +45,8 @@ pub struct ProxyOptions {
     pub admin_addr: SocketAddr,
     pub workers: usize,
     pub compile: CompileOptions,
+    /// On SIGTERM/SIGINT, how long requests in flight may take to finish before exit.
+    pub drain_timeout: Duration,
 }
 
 /// State shared by the workers, the admin listener and the reloader.
@@ -59,6 +61,8 @@ pub struct Shared {
     pub ready: Box<[AtomicU64]>,
     /// Connection settings for downstream HTTP/1.1 and HTTP/2.
     pub http: auto::Builder<TokioExecutor>,
+    /// Set on SIGTERM: `/ready` fails while requests in flight finish.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -79,13 +83,14 @@ impl Shared {
             stats: stats::Stats::default(),
             ready,
             http,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// True once a config is active and every worker has bound all of its listeners.
     pub fn is_ready(&self) -> bool {
         let version = self.active.load().version;
-        version > 0 && self.ready.iter().all(|r| r.load(Relaxed) == version)
+        !self.draining.load(Relaxed) && version > 0 && self.ready.iter().all(|r| r.load(Relaxed) == version)
     }
 }
 
@@ -107,9 +112,22 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tokio::spawn(admin::serve(admin, shared.clone()));
         tokio::spawn(reload::watch(shared.clone()));
         wait_for_shutdown().await;
-        tracing::info!("shutting down");
+        drain(&shared).await;
         Ok(())
     })
+}
+
+/// Stops reporting ready (so load balancers move traffic away) and waits for the requests in
+/// flight to be answered, at most `drain_timeout`, before the process exits.
+async fn drain(shared: &Shared) {
+    shared.draining.store(true, Relaxed);
+    let deadline = tokio::time::Instant::now() + shared.options.drain_timeout;
+    let in_flight = || shared.stats.requests_in_flight.load(Relaxed);
+    tracing::info!(in_flight = in_flight(), "shutting down: draining requests in flight");
+    while in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(unfinished = in_flight(), "shut down");
 }
 
 async fn wait_for_shutdown() {

@@ -50,6 +50,27 @@ const CONNECTION_TERMINATION: &str =
 const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
 pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
+    let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
+    route_request(req, &conn).await
+}
+
+/// Counts a request as in flight until its response headers are ready, for draining.
+struct RequestInFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> RequestInFlight<'a> {
+    fn start(counter: &'a std::sync::atomic::AtomicU64) -> Self {
+        counter.fetch_add(1, Relaxed);
+        RequestInFlight(counter)
+    }
+}
+
+impl Drop for RequestInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let active = conn.shared.active.load_full();
     let Some(&li) = active.listener_by_addr.get(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
@@ -130,7 +151,7 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
             let cluster = &active.clusters[destination.cluster];
             let mut resp = forward_request(
                 req,
-                &conn,
+                conn,
                 forward,
                 pick,
                 matched,

@@ -70,6 +70,8 @@ pub struct Stats {
     pub config_reloads: AtomicU64,
     pub config_reload_failures: AtomicU64,
     pub config_version: AtomicU64,
+    /// Requests being handled now (until their response headers are sent).
+    pub requests_in_flight: AtomicU64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -53,6 +53,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         bind_address: loopback,
         admin_addr: args.admin_addr,
         workers: args.workers,
+        drain_timeout: std::time::Duration::from_secs(1),
         compile: CompileOptions {
             mesh_port: Some(MESH_PORT),
             mesh_address: Some(loopback),
