@@ -27,6 +27,19 @@ enum Command {
     Proxy(ProxyArgs),
     /// Run a gateway and a demo shop on loopback.
     Demo(DemoArgs),
+    /// Validate configuration files without serving them (like `istioctl analyze`): prints
+    /// every finding with severity, file, resource and field; exits 0 only without errors.
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// YAML files or folders.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Labels of the proxy the config is meant for (default `istio=ingressgateway`).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
 }
 
 #[derive(clap::Args)]
@@ -88,6 +101,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Proxy(args) => run_proxy(args),
+        Command::Analyze(args) => analyze(args),
         Command::Demo(args) => demo::run(demo::DemoArgs {
             config: args.config,
             admin_addr: args.admin_addr,
@@ -98,6 +112,31 @@ fn main() {
         eprintln!("meshgate: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Runs the same load and validation as the proxy's reload path and reports the findings.
+fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
+    let mut options = CompileOptions::default();
+    if !args.labels.is_empty() {
+        options.gateway_labels = args.labels.into_iter().collect();
+    }
+    let (findings, failed) = match meshgate_model::load(&args.paths, &options) {
+        Ok(compiled) => (compiled.warnings, false),
+        Err(findings) => (findings.0, true),
+    };
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == meshgate_model::Severity::Error)
+        .count();
+    let warnings = findings.len() - errors;
+    if failed || errors > 0 {
+        bail!("{errors} error(s), {warnings} warning(s)");
+    }
+    println!("no errors ({warnings} warning(s))");
+    Ok(())
 }
 
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {

@@ -1,0 +1,50 @@
+//! `meshgate analyze`: validation without serving, with findings and exit status.
+
+mod support;
+
+use std::process::Command;
+
+use support::scratch_dir;
+
+#[test]
+fn analyze_reports_findings_and_fails_only_on_errors() {
+    let dir = scratch_dir("analyze");
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - retries: {attempts: 3}\n    route:\n    - destination:\n        host: a.example.com\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("analyze")
+        .arg(&good)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: ") && stdout.contains("spec.http[0].retries"),
+        "{stdout}"
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: broken\nspec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri: {regex: \"(\"}\n    route:\n    - destination: {host: a.example.com}\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("analyze")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("error: ")
+            && stdout.contains("bad.yaml")
+            && stdout.contains("VirtualService default/broken")
+            && stdout.contains("spec.http[0].match[0].uri.regex"),
+        "{stdout}"
+    );
+}
