@@ -423,3 +423,28 @@ fn sigterm_drains_requests_in_flight_then_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_config_folder_reloads_on_yaml_changes_only() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let dir = scratch_dir("folder");
+    std::fs::write(dir.join("mesh.yaml"), routed_to(port, &services, "a", None)).expect("write");
+    let proxy = Proxy::spawn(&dir, &[]);
+    proxy.wait_ready();
+    let v = proxy.config_version();
+    std::fs::write(dir.join("notes.txt"), "not config").expect("write");
+    std::fs::write(dir.join(".mesh.yaml.swp"), "editor droppings").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(proxy.config_version(), v, "a non-YAML file triggered a reload");
+    std::fs::write(dir.join("mesh.yaml"), routed_to(port, &services, "b", None)).expect("write");
+    wait_version_above(&proxy, v);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
+        "{headers:?}"
+    );
+}

@@ -118,10 +118,13 @@ fn file_watcher(paths: &[PathBuf], tx: mpsc::UnboundedSender<()>) -> notify::Res
         if matches!(event.kind, notify::EventKind::Access(_)) {
             return;
         }
+        // In watched folders only YAML files count, as only they are read: editor swap files
+        // and other droppings do not trigger a reload.
+        let is_yaml = |p: &std::path::Path| p.extension().is_some_and(|e| e == "yaml" || e == "yml");
         let relevant = event
             .paths
             .iter()
-            .any(|p| watched_files.iter().any(|f| f == p) || dirs.iter().any(|d| p.starts_with(d)));
+            .any(|p| watched_files.iter().any(|f| f == p) || (is_yaml(p) && dirs.iter().any(|d| p.starts_with(d))));
         if relevant {
             let _ = tx.send(());
         }
