@@ -30,6 +30,27 @@ endpoints:
     )
 }
 
+/// Meshgate's GatewayClass and an `edge` Gateway in namespace `apps` with one HTTP listener.
+fn edge_gateway(port: u16) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {{name: http, port: {port}, protocol: HTTP}}
+---
+"#
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn httproute_matches_rewrites_redirects_and_answers_500_for_missing_backends() {
     let one = Echo::start("one");
@@ -128,21 +149,7 @@ async fn request_mirror_copies_traffic_without_touching_the_response() {
     let shadow = Echo::start("shadow");
     let port = free_port();
     let yaml = format!(
-        r#"apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: meshgate}}
-spec:
-  controllerName: meshgate.io/gateway-controller
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: apps}}
-spec:
-  gatewayClassName: meshgate
-  listeners:
-  - {{name: http, port: {port}, protocol: HTTP}}
----
-{p}{s}apiVersion: gateway.networking.k8s.io/v1
+        r#"{edge}{p}{s}apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: mirrored, namespace: apps}}
 spec:
@@ -154,6 +161,7 @@ spec:
         backendRef: {{name: shadow, port: 8080}}
     backendRefs: [{{name: primary, port: 8080}}]
 "#,
+        edge = edge_gateway(port),
         p = service("primary", primary.port()),
         s = service("shadow", shadow.port()),
     );
@@ -181,21 +189,7 @@ async fn cors_preflights_are_answered_and_allowed_origins_get_headers() {
     let app = Echo::start("app");
     let port = free_port();
     let yaml = format!(
-        r#"apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: meshgate}}
-spec:
-  controllerName: meshgate.io/gateway-controller
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: apps}}
-spec:
-  gatewayClassName: meshgate
-  listeners:
-  - {{name: http, port: {port}, protocol: HTTP}}
----
-{svc}apiVersion: gateway.networking.k8s.io/v1
+        r#"{edge}{svc}apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: api, namespace: apps}}
 spec:
@@ -211,6 +205,7 @@ spec:
         maxAge: 600
     backendRefs: [{{name: app, port: 8080}}]
 "#,
+        edge = edge_gateway(port),
         svc = service("app", app.port()),
     );
     let _proxy = Proxy::start(&yaml);

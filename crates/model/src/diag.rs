@@ -28,6 +28,22 @@ impl Diag {
         });
     }
 
+    /// Reports `doc` as a second definition of the resource `first` already defined.
+    pub(crate) fn duplicate(&mut self, doc: &Document, first: &Document) {
+        self.error(
+            doc,
+            "metadata.name",
+            format!(
+                "duplicate {}: also defined in {} (document {}); this one (document {} of {}) is ignored",
+                resource_name(doc),
+                first.file.display(),
+                first.index,
+                doc.index,
+                doc.file.display()
+            ),
+        );
+    }
+
     pub(crate) fn has_errors(&self) -> bool {
         self.findings.iter().any(|f| f.severity == Severity::Error)
     }

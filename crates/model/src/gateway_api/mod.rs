@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use base64::Engine;
 use serde_json::Value;
 
-use crate::diag::{Diag, Res, at, decode_value, resource_name};
+use crate::diag::{Diag, Res, at, decode_value};
 use crate::istio::registry::Registry;
 use crate::istio::types::Labels;
 use crate::snapshot::{
@@ -124,18 +124,7 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
         }
         let key = (group, doc.kind.clone(), doc.namespace.clone(), doc.name.clone());
         if let Some(first) = seen.get(&key) {
-            diag.error(
-                doc,
-                "metadata.name",
-                format!(
-                    "duplicate {}: also defined in {} (document {}); this one (document {} of {}) is ignored",
-                    resource_name(doc),
-                    first.file.display(),
-                    first.index,
-                    doc.index,
-                    doc.file.display()
-                ),
-            );
+            diag.duplicate(doc, first);
             continue;
         }
         seen.insert(key, doc);

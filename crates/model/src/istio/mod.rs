@@ -96,18 +96,7 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
         }
         let key = (doc.kind.clone(), doc.namespace.clone(), doc.name.clone());
         if let Some(first) = seen.get(&key) {
-            diag.error(
-                doc,
-                "metadata.name",
-                format!(
-                    "duplicate {}: also defined in {} (document {}); this one (document {} of {}) is ignored",
-                    resource_name(doc),
-                    first.file.display(),
-                    first.index,
-                    doc.index,
-                    doc.file.display()
-                ),
-            );
+            diag.duplicate(doc, first);
             continue;
         }
         seen.insert(key, doc);
