@@ -429,6 +429,10 @@ const ROUTING_TESTS: &[&str] = &[
     "HTTPRouteBackendRequestRedirect",
     "HTTPRouteBackendURLRewrite",
     "GatewayHTTPListenerIsolation",
+    "ListenerSetHTTPRouting",
+    "ListenerSetAllowedRoutesNamespaces",
+    "ListenerSetDualParentRefIndependence",
+    "ListenerSetGatewayParentSectionNameNotFound",
 ];
 
 #[test]

@@ -12,10 +12,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use super::routes::{self, CompiledHttpRoute};
-use super::types::{AllowedRoutes, LabelSelector, ParentRef};
-use super::{Ctx, GROUP};
+use super::types::{AllowedRoutes, GatewaySpec, LabelSelector, Listener as GwListenerSpec, ParentRef, RouteNamespaces};
+use super::{Ctx, GROUP, listener_sets};
 use crate::CompileOptions;
-use crate::diag::{at, resource_name};
+use crate::diag::{Res, at, resource_name};
 use crate::snapshot::{Listener, ListenerTls, Route, RouteTable, Snapshot, TlsCertificate, VirtualHost};
 use crate::source::Document;
 
@@ -28,18 +28,108 @@ type SocketKey = (Option<IpAddr>, u16);
 /// (index of the compiled route, index of its entry).
 type EntryId = (usize, usize);
 
-/// One validated listener of a served Gateway.
-struct GwListener<'a> {
-    doc: &'a Document,
-    path: String,
-    name: String,
+/// One validated listener of a served Gateway, declared by the Gateway itself or by one of the
+/// ListenerSets it accepted.
+pub(super) struct GwListener<'a> {
+    /// The Gateway or ListenerSet declaring the listener: findings name it, and its namespace
+    /// is the one `allowedRoutes` `Same` means.
+    pub doc: &'a Document,
+    /// The Gateway whose addresses the listener binds.
+    pub gateway: &'a Document,
+    pub path: String,
+    pub name: String,
     /// Lower-cased hostname, `*` when absent.
-    hostname: String,
-    port: u16,
+    pub hostname: String,
+    pub port: u16,
     /// Certificates of an HTTPS listener; `None` for HTTP.
-    tls: Option<Vec<CertData>>,
-    allowed: &'a AllowedRoutes,
-    addresses: Vec<Option<IpAddr>>,
+    pub tls: Option<Vec<CertData>>,
+    pub allowed: &'a AllowedRoutes,
+    pub addresses: Vec<Option<IpAddr>>,
+}
+
+/// A served Gateway and the listeners merged into it.
+pub(super) struct ServedGateway<'a> {
+    pub res: &'a Res<'a, GatewaySpec>,
+    pub addresses: Vec<Option<IpAddr>>,
+    /// Its own listeners (indexes into the listener list): the only ones a parentRef naming the
+    /// Gateway attaches to, since listener names are unique per resource only.
+    pub own: Vec<usize>,
+    /// Listeners of the ListenerSets it accepted, in precedence order.
+    pub from_listener_sets: Vec<usize>,
+}
+
+/// What a parentRef naming a ListenerSet attaches to.
+pub(super) enum ListenerSetState {
+    /// Accepted by its served parent Gateway: its listeners that are served.
+    Attached(Vec<usize>),
+    /// Its parent Gateway belongs to another controller: not ours to judge.
+    Foreign,
+    /// Not served, and why (already reported on the ListenerSet).
+    Rejected(String),
+}
+
+/// (group, kind, namespace, name) of a ListenerSet.
+pub(super) type ListenerSetKey<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+/// The resources a route's parentRef can name, with their listeners.
+#[derive(Default)]
+pub(super) struct Parents<'a> {
+    pub gateways: Vec<ServedGateway<'a>>,
+    /// (namespace, name) → index in `gateways`.
+    pub gateway_index: HashMap<(&'a str, &'a str), usize>,
+    /// (namespace, name) of Gateways of other controllers.
+    pub foreign: Vec<(&'a str, &'a str)>,
+    pub listener_sets: HashMap<ListenerSetKey<'a>, ListenerSetState>,
+}
+
+/// Where a route's parentRef leads.
+enum ParentLookup<'p> {
+    /// The listeners of the parent (indexes into the listener list).
+    Listeners(&'p [usize]),
+    /// A parent served by another controller: no finding.
+    Foreign,
+    /// Not served: the field of the parentRef at fault (empty for the parentRef itself) and why.
+    Unserved(&'static str, String),
+}
+
+impl<'a> Parents<'a> {
+    fn gateway(&self, namespace: &str, name: &str) -> Option<&ServedGateway<'a>> {
+        self.gateway_index.get(&(namespace, name)).map(|&i| &self.gateways[i])
+    }
+
+    /// The listeners of the parent `group`/`kind` `namespace`/`name`. The names share the
+    /// result's lifetime because the maps are keyed by borrowed names.
+    fn lookup<'s>(&'s self, group: &'s str, kind: &'s str, namespace: &'s str, name: &'s str) -> ParentLookup<'s> {
+        if group == GROUP && kind == "Gateway" {
+            return match self.gateway(namespace, name) {
+                Some(gateway) => ParentLookup::Listeners(&gateway.own),
+                None if self.foreign.contains(&(namespace, name)) => ParentLookup::Foreign,
+                None => ParentLookup::Unserved(
+                    "name",
+                    format!("Gateway {namespace}/{name} is not defined; this parentRef is not served"),
+                ),
+            };
+        }
+        if !listener_sets::is_listener_set(group, kind) {
+            return ParentLookup::Unserved(
+                "",
+                format!(
+                    "parent kind {kind} of group {group:?} is not supported yet (only Gateway and ListenerSet); not attached"
+                ),
+            );
+        }
+        match self.listener_sets.get(&(group, kind, namespace, name)) {
+            Some(ListenerSetState::Attached(members)) => ParentLookup::Listeners(members),
+            Some(ListenerSetState::Foreign) => ParentLookup::Foreign,
+            Some(ListenerSetState::Rejected(why)) => {
+                ParentLookup::Unserved("", format!("{kind} {namespace}/{name} is not served: {why}"))
+            }
+            None => ParentLookup::Unserved(
+                "name",
+                format!("{kind} {namespace}/{name} is not defined; this parentRef is not served"),
+            ),
+        }
+    }
 }
 
 struct Attachment {
@@ -115,14 +205,12 @@ pub(crate) fn build(ctx: &mut Ctx<'_, '_, '_>, options: &CompileOptions, snapsho
         .map(|c| c.doc.name.as_str())
         .collect();
     let mut listeners: Vec<GwListener<'_>> = Vec::new();
-    // (namespace, name) of served Gateways → their listener indexes.
-    let mut gateways: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-    let mut foreign: Vec<(&str, &str)> = Vec::new();
+    let mut parents = Parents::default();
     for gw in &res.gateways {
         let doc = gw.doc;
         let class = gw.spec.gateway_class_name.as_str();
         if !served.contains(&class) {
-            foreign.push((doc.namespace.as_str(), doc.name.as_str()));
+            parents.foreign.push((doc.namespace.as_str(), doc.name.as_str()));
             if !res.classes.iter().any(|c| c.doc.name == class) {
                 ctx.diag.warn(
                     doc,
@@ -157,95 +245,23 @@ pub(crate) fn build(ctx: &mut Ctx<'_, '_, '_>, options: &CompileOptions, snapsho
         if addresses.is_empty() {
             addresses.push(None);
         }
-        let mut indexes = Vec::new();
-        let mut names: Vec<&str> = Vec::new();
-        for (j, l) in gw.spec.listeners.iter().enumerate() {
-            let path = format!("spec.listeners[{j}]");
-            if names.contains(&l.name.as_str()) {
-                ctx.diag
-                    .error(doc, at(&path, "name"), format!("duplicate listener name {:?}", l.name));
-                continue;
-            }
-            names.push(&l.name);
-            let hostname = match &l.hostname {
-                None => "*".to_string(),
-                Some(h) => {
-                    let h = h.to_ascii_lowercase();
-                    if let Err(e) = check_hostname(&h) {
-                        ctx.diag.error(doc, at(&path, "hostname"), e);
-                        continue;
-                    }
-                    h
-                }
-            };
-            if !check_allowed_routes(ctx, doc, &path, l.allowed_routes.as_ref()) {
-                continue;
-            }
-            let tls = match l.protocol.as_str() {
-                "HTTP" => {
-                    if l.tls.is_some() {
-                        ctx.diag
-                            .warn(doc, at(&path, "tls"), "tls has no effect on an HTTP listener, ignored");
-                    }
-                    None
-                }
-                "HTTPS" => {
-                    let tls_path = at(&path, "tls");
-                    let Some(tls) = &l.tls else {
-                        ctx.diag.error(doc, tls_path, "HTTPS listeners need tls settings");
-                        continue;
-                    };
-                    let mode = tls.mode.as_deref().unwrap_or("Terminate");
-                    if mode != "Terminate" {
-                        ctx.diag.warn(
-                            doc,
-                            at(&tls_path, "mode"),
-                            format!("tls mode {mode} is not supported yet (only Terminate), listener ignored"),
-                        );
-                        continue;
-                    }
-                    if tls.certificate_refs.is_empty() {
-                        ctx.diag.error(
-                            doc,
-                            at(&tls_path, "certificateRefs"),
-                            "at least one certificate is required",
-                        );
-                        continue;
-                    }
-                    let mut certs = Vec::new();
-                    for (k, r) in tls.certificate_refs.iter().enumerate() {
-                        if let Some(c) = ctx.certificate(doc, &format!("{tls_path}.certificateRefs[{k}]"), r) {
-                            certs.push(c);
-                        }
-                    }
-                    if certs.len() != tls.certificate_refs.len() {
-                        continue;
-                    }
-                    Some(certs)
-                }
-                other => {
-                    ctx.diag.warn(
-                        doc,
-                        at(&path, "protocol"),
-                        format!("protocol {other} is not supported yet (HTTP, HTTPS), listener ignored"),
-                    );
-                    continue;
-                }
-            };
-            indexes.push(listeners.len());
-            listeners.push(GwListener {
-                doc,
-                path,
-                name: l.name.clone(),
-                hostname,
-                port: l.port,
-                tls,
-                allowed: l.allowed_routes.as_ref().unwrap_or(&DEFAULT_ALLOWED),
-                addresses: addresses.clone(),
-            });
+        if let Some(allowed) = &gw.spec.allowed_listeners {
+            listener_sets::check_allowed_listeners(ctx, doc, allowed);
         }
-        gateways.insert((doc.namespace.as_str(), doc.name.as_str()), indexes);
+        let own = declare_listeners(ctx, doc, doc, &gw.spec.listeners, &addresses);
+        let indexes: Vec<usize> = (listeners.len()..listeners.len() + own.len()).collect();
+        listeners.extend(own);
+        parents
+            .gateway_index
+            .insert((doc.namespace.as_str(), doc.name.as_str()), parents.gateways.len());
+        parents.gateways.push(ServedGateway {
+            res: gw,
+            addresses,
+            own: indexes,
+            from_listener_sets: Vec::new(),
+        });
     }
+    listener_sets::attach_all(ctx, &mut listeners, &mut parents);
 
     let compiled = routes::compile_all(ctx);
     let mut attachments = Vec::new();
@@ -262,8 +278,7 @@ pub(crate) fn build(ctx: &mut Ctx<'_, '_, '_>, options: &CompileOptions, snapsho
             attach(
                 ctx,
                 &listeners,
-                &gateways,
-                &foreign,
+                &parents,
                 route,
                 ri,
                 &format!("spec.parentRefs[{pi}]"),
@@ -291,48 +306,156 @@ pub(crate) fn build(ctx: &mut Ctx<'_, '_, '_>, options: &CompileOptions, snapsho
     }
 }
 
+/// Validates the listeners a Gateway or ListenerSet (`doc`) declares for `gateway`, bound to
+/// `addresses`; invalid ones are reported and left out.
+pub(super) fn declare_listeners<'c>(
+    ctx: &mut Ctx<'c, '_, '_>,
+    doc: &'c Document,
+    gateway: &'c Document,
+    list: &'c [GwListenerSpec],
+    addresses: &[Option<IpAddr>],
+) -> Vec<GwListener<'c>> {
+    let mut declared = Vec::new();
+    let mut names: Vec<&str> = Vec::new();
+    for (j, l) in list.iter().enumerate() {
+        let path = format!("spec.listeners[{j}]");
+        if names.contains(&l.name.as_str()) {
+            ctx.diag
+                .error(doc, at(&path, "name"), format!("duplicate listener name {:?}", l.name));
+            continue;
+        }
+        names.push(&l.name);
+        let hostname = match &l.hostname {
+            None => "*".to_string(),
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                if let Err(e) = check_hostname(&h) {
+                    ctx.diag.error(doc, at(&path, "hostname"), e);
+                    continue;
+                }
+                h
+            }
+        };
+        if !check_allowed_routes(ctx, doc, &path, l.allowed_routes.as_ref()) {
+            continue;
+        }
+        let tls = match l.protocol.as_str() {
+            "HTTP" => {
+                if l.tls.is_some() {
+                    ctx.diag
+                        .warn(doc, at(&path, "tls"), "tls has no effect on an HTTP listener, ignored");
+                }
+                None
+            }
+            "HTTPS" => {
+                let tls_path = at(&path, "tls");
+                let Some(tls) = &l.tls else {
+                    ctx.diag.error(doc, tls_path, "HTTPS listeners need tls settings");
+                    continue;
+                };
+                let mode = tls.mode.as_deref().unwrap_or("Terminate");
+                if mode != "Terminate" {
+                    ctx.diag.warn(
+                        doc,
+                        at(&tls_path, "mode"),
+                        format!("tls mode {mode} is not supported yet (only Terminate), listener ignored"),
+                    );
+                    continue;
+                }
+                if tls.certificate_refs.is_empty() {
+                    ctx.diag.error(
+                        doc,
+                        at(&tls_path, "certificateRefs"),
+                        "at least one certificate is required",
+                    );
+                    continue;
+                }
+                let mut certs = Vec::new();
+                for (k, r) in tls.certificate_refs.iter().enumerate() {
+                    if let Some(c) = ctx.certificate(doc, &format!("{tls_path}.certificateRefs[{k}]"), r) {
+                        certs.push(c);
+                    }
+                }
+                if certs.len() != tls.certificate_refs.len() {
+                    continue;
+                }
+                Some(certs)
+            }
+            other => {
+                ctx.diag.warn(
+                    doc,
+                    at(&path, "protocol"),
+                    format!("protocol {other} is not supported yet (HTTP, HTTPS), listener ignored"),
+                );
+                continue;
+            }
+        };
+        declared.push(GwListener {
+            doc,
+            gateway,
+            path,
+            name: l.name.clone(),
+            hostname,
+            port: l.port,
+            tls,
+            allowed: l.allowed_routes.as_ref().unwrap_or(&DEFAULT_ALLOWED),
+            addresses: addresses.to_vec(),
+        });
+    }
+    declared
+}
+
 static DEFAULT_ALLOWED: AllowedRoutes = AllowedRoutes {
     namespaces: None,
     kinds: None,
 };
 
 fn check_allowed_routes(ctx: &mut Ctx<'_, '_, '_>, doc: &Document, path: &str, a: Option<&AllowedRoutes>) -> bool {
-    let Some(a) = a else { return true };
-    let apath = at(path, "allowedRoutes");
+    let Some(namespaces) = a.and_then(|a| a.namespaces.as_ref()) else {
+        return true;
+    };
+    let npath = format!("{path}.allowedRoutes.namespaces");
+    check_namespace_filter(ctx, doc, &npath, namespaces, &["Same", "All", "Selector"], "Same")
+}
+
+/// Validates a namespace filter (`allowedRoutes.namespaces`, `allowedListeners.namespaces`) at
+/// `path`: `from` must be one of `values` (absent means `default`), and `Selector` needs a valid
+/// selector.
+pub(super) fn check_namespace_filter(
+    ctx: &mut Ctx<'_, '_, '_>,
+    doc: &Document,
+    path: &str,
+    filter: &RouteNamespaces,
+    values: &[&str],
+    default: &str,
+) -> bool {
+    let from = filter.from.as_deref().unwrap_or(default);
+    if !values.contains(&from) {
+        let (last, others) = values.split_last().unwrap_or((&"", &[]));
+        ctx.diag.error(
+            doc,
+            at(path, "from"),
+            format!("unknown value {from:?} ({} or {last})", others.join(", ")),
+        );
+        return false;
+    }
+    if from != "Selector" {
+        return true;
+    }
+    let Some(selector) = &filter.selector else {
+        ctx.diag
+            .error(doc, at(path, "selector"), "selector is required with from: Selector");
+        return false;
+    };
     let mut ok = true;
-    if let Some(ns) = &a.namespaces {
-        match ns.from.as_deref().unwrap_or("Same") {
-            "Same" | "All" => {}
-            "Selector" => match &ns.selector {
-                None => {
-                    ctx.diag.error(
-                        doc,
-                        at(&apath, "namespaces.selector"),
-                        "selector is required with from: Selector",
-                    );
-                    ok = false;
-                }
-                Some(s) => {
-                    for (i, e) in s.match_expressions.iter().enumerate() {
-                        if !matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist") {
-                            ctx.diag.error(
-                                doc,
-                                format!("{apath}.namespaces.selector.matchExpressions[{i}].operator"),
-                                format!("unknown operator {:?} (In, NotIn, Exists, DoesNotExist)", e.operator),
-                            );
-                            ok = false;
-                        }
-                    }
-                }
-            },
-            other => {
-                ctx.diag.error(
-                    doc,
-                    at(&apath, "namespaces.from"),
-                    format!("unknown value {other:?} (Same, All or Selector)"),
-                );
-                ok = false;
-            }
+    for (i, e) in selector.match_expressions.iter().enumerate() {
+        if !matches!(e.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist") {
+            ctx.diag.error(
+                doc,
+                format!("{path}.selector.matchExpressions[{i}].operator"),
+                format!("unknown operator {:?} (In, NotIn, Exists, DoesNotExist)", e.operator),
+            );
+            ok = false;
         }
     }
     ok
@@ -352,6 +475,19 @@ fn selector_matches(s: &LabelSelector, labels: &crate::istio::types::Labels) -> 
         })
 }
 
+/// Whether `selector` selects namespace `namespace` by its labels; a namespace the
+/// configuration does not define has only Kubernetes' automatic `kubernetes.io/metadata.name`.
+pub(super) fn namespace_selected(ctx: &Ctx<'_, '_, '_>, selector: &LabelSelector, namespace: &str) -> bool {
+    match ctx.res.namespaces.get(namespace) {
+        Some(labels) => selector_matches(selector, labels),
+        None => {
+            let automatic =
+                crate::istio::types::Labels::from([("kubernetes.io/metadata.name".to_string(), namespace.to_string())]);
+            selector_matches(selector, &automatic)
+        }
+    }
+}
+
 /// Why `listener` does not accept `route`, or `None` when it does.
 fn rejection(ctx: &Ctx<'_, '_, '_>, listener: &GwListener<'_>, route: &CompiledHttpRoute<'_>) -> Option<String> {
     let gw_ns = &listener.doc.namespace;
@@ -360,12 +496,9 @@ fn rejection(ctx: &Ctx<'_, '_, '_>, listener: &GwListener<'_>, route: &CompiledH
     match ns.and_then(|n| n.from.as_deref()).unwrap_or("Same") {
         "All" => {}
         "Selector" => {
-            let empty =
-                crate::istio::types::Labels::from([("kubernetes.io/metadata.name".to_string(), route_ns.clone())]);
-            let labels = ctx.res.namespaces.get(route_ns).unwrap_or(&empty);
             let selected = ns
                 .and_then(|n| n.selector.as_ref())
-                .is_some_and(|s| selector_matches(s, labels));
+                .is_some_and(|s| namespace_selected(ctx, s, route_ns));
             if !selected {
                 return Some(format!(
                     "listener {} only allows routes from namespaces its selector matches, and namespace {route_ns} does not match",
@@ -415,8 +548,7 @@ fn route_domains(listener: &GwListener<'_>, route: &CompiledHttpRoute<'_>) -> Ve
 fn attach(
     ctx: &mut Ctx<'_, '_, '_>,
     listeners: &[GwListener<'_>],
-    gateways: &HashMap<(&str, &str), Vec<usize>>,
-    foreign: &[(&str, &str)],
+    parents: &Parents<'_>,
     route: &CompiledHttpRoute<'_>,
     ri: usize,
     path: &str,
@@ -426,30 +558,26 @@ fn attach(
     let doc = route.doc;
     let group = parent.group.as_deref().unwrap_or(GROUP);
     let kind = parent.kind.as_deref().unwrap_or("Gateway");
-    if group != GROUP || kind != "Gateway" {
-        ctx.diag.warn(
-            doc,
-            path,
-            format!("parent kind {kind} of group {group:?} is not supported yet (only Gateway); not attached"),
-        );
-        return;
-    }
     let ns = parent
         .namespace
         .as_deref()
         .filter(|n| !n.is_empty())
         .unwrap_or(&doc.namespace);
     let name = parent.name.as_str();
-    let Some(members) = gateways.get(&(ns, name)) else {
-        if !foreign.contains(&(ns, name)) {
-            ctx.diag.warn(
-                doc,
-                at(path, "name"),
-                format!("Gateway {ns}/{name} is not defined; this parentRef is not served"),
-            );
+    let members = match parents.lookup(group, kind, ns, name) {
+        ParentLookup::Listeners(members) => members,
+        ParentLookup::Foreign => return,
+        ParentLookup::Unserved(field, why) => {
+            let field = if field.is_empty() {
+                path.to_string()
+            } else {
+                at(path, field)
+            };
+            ctx.diag.warn(doc, field, why);
+            return;
         }
-        return;
     };
+    let parent_name = format!("{kind} {ns}/{name}");
     let candidates: Vec<usize> = members
         .iter()
         .copied()
@@ -463,8 +591,27 @@ fn attach(
             (None, Some(p)) => format!("no listener on port {p}"),
             (None, None) => "no HTTP or HTTPS listener".to_string(),
         };
+        // A Gateway parentRef never reaches its ListenerSets' listeners: say where the name is.
+        let hint = parent
+            .section_name
+            .as_deref()
+            .filter(|_| kind == "Gateway")
+            .and_then(|section| {
+                let gateway = parents.gateway(ns, name)?;
+                let li = gateway
+                    .from_listener_sets
+                    .iter()
+                    .find(|&&li| listeners[li].name == section)?;
+                let owner = listeners[*li].doc;
+                Some(format!(
+                    " (listener {section} belongs to {}: routes reach it only through a parentRef of kind {} naming it)",
+                    resource_name(owner),
+                    owner.kind
+                ))
+            })
+            .unwrap_or_default();
         ctx.diag
-            .warn(doc, path, format!("not served: Gateway {ns}/{name} has {what}"));
+            .warn(doc, path, format!("not served: {parent_name} has {what}{hint}"));
         return;
     }
     let mut reasons = Vec::new();
@@ -494,7 +641,7 @@ fn attach(
         ctx.diag.warn(
             doc,
             path,
-            format!("not served by Gateway {ns}/{name}: {}", reasons.join("; ")),
+            format!("not served by {parent_name}: {}", reasons.join("; ")),
         );
     }
 }
@@ -527,14 +674,14 @@ fn build_group(
     }
     let mut gateway_names: Vec<String> = Vec::new();
     for &li in members {
-        let n = resource_name(listeners[li].doc);
+        let n = resource_name(listeners[li].gateway);
         if !gateway_names.contains(&n) {
             gateway_names.push(n);
         }
     }
     if gateway_names.len() > 1 {
         ctx.diag.warn(
-            first.doc,
+            first.gateway,
             "spec.addresses",
             format!(
                 "{} all listen on port {port} of the same address, so their routes are served together; give each Gateway its own spec.addresses to keep them apart",

@@ -7,12 +7,14 @@
 //!   (Namespace labels, Service + EndpointSlice endpoints, TLS Secrets) and ReferenceGrants;
 //! - `routes`: HTTPRoute rules → snapshot routes with their Gateway API precedence;
 //! - `listeners`: Gateway listeners, route attachment, hostname intersection and listener
-//!   isolation, one snapshot listener per (address, port).
+//!   isolation, one snapshot listener per (address, port);
+//! - `listener_sets`: ListenerSets, whose listeners join their parent Gateway's.
 //!
 //! Backends resolve to clusters named as Istio names them (`outbound|PORT||NAME.NS.svc.cluster.local`)
 //! in the registry shared with the Istio compiler: when an Istio ServiceEntry defines that host,
 //! its endpoints (and DestinationRules) are used, otherwise the Service's EndpointSlices.
 
+mod listener_sets;
 mod listeners;
 mod routes;
 pub mod types;
@@ -32,14 +34,19 @@ use crate::snapshot::{
 use crate::source::Document;
 use crate::{CompileOptions, istio};
 use types::{
-    EndpointSlice, GatewayClassSpec, GatewaySpec, HttpRouteSpec, ReferenceGrantSpec, Secret, ServicePort, ServiceSpec,
+    EndpointSlice, GatewayClassSpec, GatewaySpec, HttpRouteSpec, ListenerSetSpec, ReferenceGrantSpec, Secret,
+    ServicePort, ServiceSpec,
 };
 
 /// The Gateway API group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
 /// Versions whose schema meshgate reads (v1beta1 is the same schema for these kinds).
 const VERSIONS: &[&str] = &["v1", "v1beta1"];
-const KINDS: &[&str] = &["GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant"];
+const KINDS: &[&str] = &["GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant", "ListenerSet"];
+/// The experimental Gateway API group, where ListenerSet was `XListenerSet` before v1.5.
+pub const EXPERIMENTAL_GROUP: &str = "gateway.networking.x-k8s.io";
+const EXPERIMENTAL_VERSION: &str = "v1alpha1";
+const EXPERIMENTAL_KINDS: &[&str] = &["XListenerSet", "ListenerSet"];
 /// `kubernetes.io/service-name`: the label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -51,7 +58,6 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
         &[
             "infrastructure",
             "backendTLS",
-            "allowedListeners",
             "tls",
             "defaultScope",
             "listeners[].tls.frontendValidation",
@@ -62,6 +68,14 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
         "HTTPRoute",
         &["useDefaultGateways", "rules[].retry", "rules[].sessionPersistence"],
     ),
+    (
+        "ListenerSet",
+        &["listeners[].tls.frontendValidation", "listeners[].tls.options"],
+    ),
+    (
+        "XListenerSet",
+        &["listeners[].tls.frontendValidation", "listeners[].tls.options"],
+    ),
 ];
 
 /// Whether a document is read by this module: Gateway API kinds and the Kubernetes core
@@ -69,6 +83,7 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
 pub(crate) fn claims(doc: &Document) -> bool {
     let group = istio::api_group(doc);
     group == GROUP
+        || group == EXPERIMENTAL_GROUP
         || (doc.api_version == "v1" && matches!(doc.kind.as_str(), "Namespace" | "Service" | "Secret"))
         || (group == "discovery.k8s.io" && doc.kind == "EndpointSlice")
 }
@@ -80,6 +95,8 @@ pub(crate) struct Resources<'a> {
     gateways: Vec<Res<'a, GatewaySpec>>,
     routes: Vec<Res<'a, HttpRouteSpec>>,
     grants: Vec<Res<'a, ReferenceGrantSpec>>,
+    /// ListenerSets of both groups (`Document::kind` tells `XListenerSet` apart).
+    listener_sets: Vec<Res<'a, ListenerSetSpec>>,
     /// Namespace name → labels (with the automatic `kubernetes.io/metadata.name`).
     namespaces: HashMap<String, Labels>,
     /// (namespace, name) → Service.
@@ -121,6 +138,30 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
                 );
                 continue;
             }
+        } else if group == EXPERIMENTAL_GROUP {
+            let version = doc.api_version.rsplit_once('/').map_or("", |(_, v)| v);
+            if !EXPERIMENTAL_KINDS.contains(&doc.kind.as_str()) {
+                diag.warn(
+                    doc,
+                    "",
+                    format!(
+                        "ignored: kind {} of apiVersion {} is not supported yet",
+                        doc.kind, doc.api_version
+                    ),
+                );
+                continue;
+            }
+            if version != EXPERIMENTAL_VERSION {
+                diag.error(
+                    doc,
+                    "apiVersion",
+                    format!(
+                        "unsupported apiVersion {} for kind {} (use {EXPERIMENTAL_GROUP}/{EXPERIMENTAL_VERSION}, or {GROUP}/v1 kind ListenerSet)",
+                        doc.api_version, doc.kind
+                    ),
+                );
+                continue;
+            }
         }
         let key = (group, doc.kind.clone(), doc.namespace.clone(), doc.name.clone());
         if let Some(first) = seen.get(&key) {
@@ -135,6 +176,9 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
             "Gateway" => decode_spec(doc, diag).map(|spec| res.gateways.push(Res { doc, spec })),
             "HTTPRoute" => decode_spec(doc, diag).map(|spec| res.routes.push(Res { doc, spec })),
             "ReferenceGrant" => decode_spec(doc, diag).map(|spec| res.grants.push(Res { doc, spec })),
+            "ListenerSet" | "XListenerSet" => {
+                decode_spec(doc, diag).map(|spec| res.listener_sets.push(Res { doc, spec }))
+            }
             "Service" => decode_spec(doc, diag).map(|spec| {
                 res.services.insert(id, Res { doc, spec });
             }),
@@ -193,6 +237,22 @@ fn report_unsupported(doc: &Document, diag: &mut Diag) {
     }
 }
 
+/// Sort key for "oldest first", the Gateway API's tie-breaker between routes and between
+/// ListenerSets: `(0, creationTimestamp, 0)` when the document has one (RFC 3339 times sort as
+/// text), else `(1, "", seq)`, where the position `seq` in the configuration stands in for the
+/// order a cluster would have created the objects in.
+pub(crate) fn creation_order(doc: &Document, seq: usize) -> (u8, String, usize) {
+    match doc
+        .body
+        .get("metadata")
+        .and_then(|m| m.get("creationTimestamp"))
+        .and_then(Value::as_str)
+    {
+        Some(t) => (0, t.to_string(), 0),
+        None => (1, String::new(), seq),
+    }
+}
+
 /// Compiles the served Gateways and the HTTPRoutes attached to them into `snapshot`.
 pub(crate) fn build(
     res: &Resources<'_>,
@@ -228,25 +288,18 @@ pub(crate) struct BackendRef<'b> {
 }
 
 impl Ctx<'_, '_, '_> {
-    /// Whether a ReferenceGrant in `to_ns` lets objects of kind `from_kind` (Gateway API
-    /// group) in `from_ns` refer to `to_group`/`to_kind` `to_name`. Same-namespace
-    /// references need none.
-    fn granted(
-        &self,
-        from_kind: &str,
-        from_ns: &str,
-        to_group: &str,
-        to_kind: &str,
-        to_ns: &str,
-        to_name: &str,
-    ) -> bool {
-        from_ns == to_ns
+    /// Whether a ReferenceGrant in `to_ns` lets `from` (an HTTPRoute, Gateway or ListenerSet,
+    /// matched by its own group and kind) refer to `to_group`/`to_kind` `to_name`.
+    /// Same-namespace references need none.
+    fn granted(&self, from: &Document, to_group: &str, to_kind: &str, to_ns: &str, to_name: &str) -> bool {
+        let from_group = istio::api_group(from);
+        from.namespace == to_ns
             || self.res.grants.iter().any(|g| {
                 g.doc.namespace == to_ns
                     && g.spec
                         .from
                         .iter()
-                        .any(|f| f.group == GROUP && f.kind == from_kind && f.namespace == from_ns)
+                        .any(|f| f.group == from_group && f.kind == from.kind && f.namespace == from.namespace)
                     && g.spec.to.iter().any(|t| {
                         t.group == to_group
                             && t.kind == to_kind
@@ -292,7 +345,7 @@ impl Ctx<'_, '_, '_> {
                 .error(route_doc, at(field, "port"), "port is required for a Service backend");
             return Err("no port".to_string());
         };
-        if !self.granted("HTTPRoute", &route_doc.namespace, "", "Service", ns, name) {
+        if !self.granted(route_doc, "", "Service", ns, name) {
             return Err(format!(
                 "no ReferenceGrant in namespace {ns} allows HTTPRoutes of namespace {} to refer to Service {name}",
                 route_doc.namespace
@@ -425,10 +478,11 @@ impl Ctx<'_, '_, '_> {
         (endpoints, discovery, slices)
     }
 
-    /// Reads a listener certificate from a `kubernetes.io/tls` Secret.
+    /// Reads a listener certificate from a `kubernetes.io/tls` Secret. `owner_doc` is the
+    /// Gateway or ListenerSet declaring the listener: each needs its own ReferenceGrant.
     fn certificate(
         &mut self,
-        gw_doc: &Document,
+        owner_doc: &Document,
         field: &str,
         r: &types::ObjectRef,
     ) -> Option<(PathBuf, Vec<u8>, PathBuf, Vec<u8>)> {
@@ -436,7 +490,7 @@ impl Ctx<'_, '_, '_> {
         let kind = r.kind.as_deref().unwrap_or("Secret");
         if !group.is_empty() || kind != "Secret" {
             self.diag.error(
-                gw_doc,
+                owner_doc,
                 field,
                 format!("certificateRefs of kind {kind:?} (group {group:?}) are not supported; use a Secret"),
             );
@@ -446,14 +500,14 @@ impl Ctx<'_, '_, '_> {
             .namespace
             .as_deref()
             .filter(|n| !n.is_empty())
-            .unwrap_or(&gw_doc.namespace);
-        if !self.granted("Gateway", &gw_doc.namespace, "", "Secret", ns, &r.name) {
+            .unwrap_or(&owner_doc.namespace);
+        if !self.granted(owner_doc, "", "Secret", ns, &r.name) {
             self.diag.error(
-                gw_doc,
+                owner_doc,
                 field,
                 format!(
-                    "no ReferenceGrant in namespace {ns} allows Gateways of namespace {} to use Secret {}",
-                    gw_doc.namespace, r.name
+                    "no ReferenceGrant in namespace {ns} allows {}s of namespace {} to use Secret {}",
+                    owner_doc.kind, owner_doc.namespace, r.name
                 ),
             );
             return None;
@@ -461,7 +515,7 @@ impl Ctx<'_, '_, '_> {
         let res = self.res;
         let Some(secret) = res.secrets.get(&(ns.to_string(), r.name.clone())) else {
             self.diag.error(
-                gw_doc,
+                owner_doc,
                 field,
                 format!("Secret {ns}/{} is not defined in the configuration", r.name),
             );

@@ -71,15 +71,7 @@ fn compile_route<'a>(ctx: &mut Ctx<'_, 'a, '_>, seq: usize, r: &Res<'a, HttpRout
             Err(e) => ctx.diag.error(doc, format!("spec.hostnames[{i}]"), e),
         }
     }
-    let age = match doc
-        .body
-        .get("metadata")
-        .and_then(|m| m.get("creationTimestamp"))
-        .and_then(|t| t.as_str())
-    {
-        Some(t) => (0, t.to_string(), 0),
-        None => (1, String::new(), seq),
-    };
+    let age = super::creation_order(doc, seq);
     let mut entries = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         compile_rule(ctx, doc, i, rule, &age, &mut entries);

@@ -47,7 +47,7 @@ pub struct GatewaySpec {
     pub infrastructure: Option<Value>,
     #[serde(rename = "backendTLS")]
     pub backend_tls: Option<Value>,
-    pub allowed_listeners: Option<Value>,
+    pub allowed_listeners: Option<AllowedListeners>,
     pub tls: Option<Value>,
     pub default_scope: Option<Value>,
 }
@@ -99,6 +99,8 @@ pub struct AllowedRoutes {
     pub kinds: Option<Vec<RouteGroupKind>>,
 }
 
+/// `RouteNamespaces`, and also `ListenerNamespaces` (`allowedListeners.namespaces`), which has
+/// the same fields plus the value `None` for `from`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteNamespaces {
@@ -129,6 +131,35 @@ pub struct LabelSelectorRequirement {
 pub struct RouteGroupKind {
     pub group: Option<String>,
     pub kind: String,
+}
+
+/// `Gateway.spec.allowedListeners`: which namespaces' ListenerSets the Gateway accepts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AllowedListeners {
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+// ---------------------------------------------------------------- ListenerSet
+
+/// `ListenerSet` (`gateway.networking.k8s.io/v1`; also `XListenerSet` and `ListenerSet` of
+/// `gateway.networking.x-k8s.io/v1alpha1`): listeners added to a parent Gateway. Its listener
+/// entries have the Gateway listener's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerSetSpec {
+    pub parent_ref: ParentGatewayRef,
+    pub listeners: Vec<Listener>,
+}
+
+/// `ParentGatewayReference`: the Gateway a ListenerSet attaches to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentGatewayRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
 }
 
 // ---------------------------------------------------------------- HTTPRoute
