@@ -1011,3 +1011,413 @@ spec:
     let c = compile(&docs, &options).unwrap_or_else(|f| panic!("{f}"));
     assert!(c.snapshot.listeners[0].routes.virtual_host("gw.example.com").is_none());
 }
+
+// ---------------------------------------------------------------- ListenerSets
+
+/// A Gateway `gateway-conformance-infra/shared` with one listener for `gw.example.com` on port
+/// 80, a route on it, and `allowed_listeners` as its `spec.allowedListeners` (YAML flow, or "").
+fn shared_gateway(allowed_listeners: &str) -> String {
+    let allowed = if allowed_listeners.is_empty() {
+        String::new()
+    } else {
+        format!("allowedListeners: {allowed_listeners}")
+    };
+    format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: shared, namespace: gateway-conformance-infra}}
+spec:
+  gatewayClassName: meshgate-test
+  {allowed}
+  listeners:
+  - {{name: web, port: 80, protocol: HTTP, hostname: gw.example.com}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: gw-route, namespace: gateway-conformance-infra}}
+spec:
+  parentRefs: [{{name: shared}}]
+  rules: [{{}}]
+"#
+    )
+}
+
+/// A ListenerSet `namespace/name` of Gateway `shared` with one listener `web` (port 80, or
+/// the given YAML), and a route `name-route` in its namespace attached to it.
+fn listener_set(namespace: &str, name: &str, listener: &str) -> String {
+    let listener = if listener.is_empty() {
+        format!("{{name: web, port: 80, protocol: HTTP, hostname: {name}.example.com}}")
+    } else {
+        listener.to_string()
+    };
+    format!(
+        r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ListenerSet
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  parentRef: {{name: shared, namespace: gateway-conformance-infra}}
+  listeners:
+  - {listener}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}-route, namespace: {namespace}}}
+spec:
+  parentRefs: [{{kind: ListenerSet, group: gateway.networking.k8s.io, name: {name}}}]
+  rules: [{{}}]
+"#
+    )
+}
+
+const TEAM_NAMESPACES: &str = r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-a, labels: {listeners: allowed}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team-b}
+"#;
+
+/// The name of the route serving `host` on Gateway `shared`, if any.
+fn served_by(l: &Loaded, host: &str) -> Option<String> {
+    l.find(&req("shared", Some(host), "/"))
+        .map(|(route, _, _)| route.name.clone())
+}
+
+fn warning<'a>(l: &'a Loaded, resource: &str) -> &'a Finding {
+    l.compiled
+        .warnings
+        .iter()
+        .find(|w| w.resource == resource)
+        .unwrap_or_else(|| panic!("no warning for {resource}: {:#?}", l.compiled.warnings))
+}
+
+#[test]
+fn listener_sets_not_allowed_by_their_gateway_are_not_served() {
+    // By default a Gateway accepts no ListenerSets.
+    let extra = shared_gateway("") + &listener_set("gateway-conformance-infra", "local", "");
+    let l = load_with("", &extra, &[]);
+    assert_eq!(
+        served_by(&l, "gw.example.com").as_deref(),
+        Some("gateway-conformance-infra/gw-route[0]")
+    );
+    assert_eq!(served_by(&l, "local.example.com"), None);
+    let w = warning(&l, "ListenerSet gateway-conformance-infra/local");
+    assert_eq!(w.severity, Severity::Warning);
+    assert_eq!(w.file, PathBuf::from("extra.yaml"));
+    assert_eq!(w.field, "spec.parentRef");
+    assert!(w.message.contains("accepts no ListenerSets"), "{}", w.message);
+    // Routes attached to it say why they are not served.
+    let w = warning(&l, "HTTPRoute gateway-conformance-infra/local-route");
+    assert_eq!(w.field, "spec.parentRefs[0]");
+    assert!(
+        w.message
+            .contains("ListenerSet gateway-conformance-infra/local is not served: Gateway gateway-conformance-infra/shared accepts no ListenerSets"),
+        "{}",
+        w.message
+    );
+
+    // Same: only ListenerSets of the Gateway's namespace.
+    let extra = shared_gateway("{namespaces: {from: Same}}")
+        + &listener_set("gateway-conformance-infra", "local", "")
+        + &listener_set("team-a", "remote", "")
+        + TEAM_NAMESPACES;
+    let l = load_with("", &extra, &[]);
+    assert_eq!(
+        served_by(&l, "local.example.com").as_deref(),
+        Some("gateway-conformance-infra/local-route[0]")
+    );
+    assert_eq!(served_by(&l, "remote.example.com"), None);
+    let w = warning(&l, "ListenerSet team-a/remote");
+    assert!(
+        w.message.contains("only accepts ListenerSets of its own namespace"),
+        "{}",
+        w.message
+    );
+
+    // Selector: ListenerSets of the namespaces whose labels match.
+    let extra = shared_gateway("{namespaces: {from: Selector, selector: {matchLabels: {listeners: allowed}}}}")
+        + &listener_set("team-a", "selected", "")
+        + &listener_set("team-b", "unselected", "")
+        + TEAM_NAMESPACES;
+    let l = load_with("", &extra, &[]);
+    assert_eq!(
+        served_by(&l, "selected.example.com").as_deref(),
+        Some("team-a/selected-route[0]")
+    );
+    assert_eq!(served_by(&l, "unselected.example.com"), None);
+    let w = warning(&l, "ListenerSet team-b/unselected");
+    assert!(w.message.contains("namespace team-b does not match"), "{}", w.message);
+}
+
+#[test]
+fn listener_sets_without_a_served_parent_gateway_are_warned_about() {
+    let extra = shared_gateway("{namespaces: {from: All}}")
+        + r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ListenerSet
+metadata: {name: orphan, namespace: team-a}
+spec:
+  parentRef: {name: nowhere}
+  listeners:
+  - {name: web, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ListenerSet
+metadata: {name: odd-parent, namespace: team-a}
+spec:
+  parentRef: {kind: Service, group: "", name: shared, namespace: gateway-conformance-infra}
+  listeners:
+  - {name: web, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: theirs, namespace: team-a}
+spec:
+  gatewayClassName: another-controller
+  listeners:
+  - {name: web, port: 80, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ListenerSet
+metadata: {name: of-theirs, namespace: team-a}
+spec:
+  parentRef: {name: theirs}
+  listeners:
+  - {name: web, port: 80, protocol: HTTP}
+"#;
+    let l = load_with("", &extra, &[]);
+    let w = warning(&l, "ListenerSet team-a/orphan");
+    assert_eq!(w.field, "spec.parentRef.name");
+    assert!(
+        w.message
+            .contains("Gateway team-a/nowhere is not defined; the listeners of this ListenerSet are not served"),
+        "{}",
+        w.message
+    );
+    let w = warning(&l, "ListenerSet team-a/odd-parent");
+    assert_eq!(w.field, "spec.parentRef");
+    assert!(w.message.contains("parent kind Service"), "{}", w.message);
+    // The Gateway of another controller, and thus its ListenerSets, are left alone.
+    assert!(
+        !l.compiled
+            .warnings
+            .iter()
+            .any(|w| w.resource == "ListenerSet team-a/of-theirs")
+    );
+}
+
+#[test]
+fn section_names_not_found_on_the_parent_are_warned_about() {
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: route-to-missing-section, namespace: gateway-conformance-infra}
+spec:
+  parentRefs:
+  - {kind: ListenerSet, name: listenerset-section-name, sectionName: missing}
+  rules: [{}]
+"#;
+    let l = load_with(
+        "manifests/listenerset-gateway-parent-section-name-not-found.yaml",
+        extra,
+        &[],
+    );
+    // A Gateway parentRef does not reach the listeners of the Gateway's ListenerSets.
+    let w = warning(&l, "HTTPRoute gateway-conformance-infra/route-via-gateway");
+    assert_eq!(w.field, "spec.parentRefs[0]");
+    assert!(
+        w.message.contains(
+            "not served: Gateway gateway-conformance-infra/gateway-section-name has no listener named ls-only-listener"
+        ),
+        "{}",
+        w.message
+    );
+    assert!(
+        w.message
+            .contains("belongs to ListenerSet gateway-conformance-infra/listenerset-section-name"),
+        "{}",
+        w.message
+    );
+    let w = warning(&l, "HTTPRoute gateway-conformance-infra/route-to-missing-section");
+    assert_eq!(w.field, "spec.parentRefs[0]");
+    assert!(
+        w.message.contains(
+            "not served: ListenerSet gateway-conformance-infra/listenerset-section-name has no listener named missing"
+        ),
+        "{}",
+        w.message
+    );
+    assert!(
+        l.find(&req("gateway-section-name", Some("gw-section.com"), "/badsection"))
+            .is_none()
+    );
+}
+
+#[test]
+fn conflicting_listener_set_listeners_lose_to_earlier_ones() {
+    // `late` comes first in the files but `early` is older: creation time decides.
+    let extra = shared_gateway("{namespaces: {from: All}}")
+        + &listener_set(
+            "team-a",
+            "late",
+            "{name: web, port: 80, protocol: HTTP, hostname: shared.example.com}",
+        )
+        + &listener_set(
+            "team-b",
+            "early",
+            "{name: web, port: 80, protocol: HTTP, hostname: shared.example.com}",
+        )
+        + &listener_set(
+            "team-a",
+            "hijack",
+            "{name: web, port: 80, protocol: HTTP, hostname: gw.example.com}",
+        )
+        + &listener_set(
+            "gateway-conformance-infra",
+            "tls-on-80",
+            "{name: web, port: 80, protocol: HTTPS, hostname: tls.example.com, tls: {certificateRefs: [{name: tls-validity-checks-certificate}]}}",
+        )
+        + TEAM_NAMESPACES;
+    let extra = extra
+        .replacen(
+            "metadata: {name: late, namespace: team-a}",
+            "metadata: {name: late, namespace: team-a, creationTimestamp: \"2025-02-01T00:00:00Z\"}",
+            1,
+        )
+        .replacen(
+            "metadata: {name: early, namespace: team-b}",
+            "metadata: {name: early, namespace: team-b, creationTimestamp: \"2025-01-01T00:00:00Z\"}",
+            1,
+        );
+    let l = load_with("", &extra, &[]);
+    assert_eq!(
+        served_by(&l, "shared.example.com").as_deref(),
+        Some("team-b/early-route[0]")
+    );
+    assert_eq!(
+        served_by(&l, "gw.example.com").as_deref(),
+        Some("gateway-conformance-infra/gw-route[0]")
+    );
+    assert_eq!(served_by(&l, "tls.example.com"), None);
+    let w = warning(&l, "ListenerSet team-a/late");
+    assert_eq!(w.field, "spec.listeners[0]");
+    assert!(
+        w.message.contains(
+            "hostname shared.example.com on port 80 is already served by listener web of ListenerSet team-b/early"
+        ),
+        "{}",
+        w.message
+    );
+    let w = warning(&l, "ListenerSet team-a/hijack");
+    assert!(
+        w.message
+            .contains("already served by listener web of Gateway gateway-conformance-infra/shared"),
+        "{}",
+        w.message
+    );
+    let w = warning(&l, "ListenerSet gateway-conformance-infra/tls-on-80");
+    assert!(
+        w.message.contains("port 80 is already served with protocol HTTP"),
+        "{}",
+        w.message
+    );
+    // A route of a ListenerSet with no listener left is told so.
+    let w = warning(&l, "HTTPRoute team-a/late-route");
+    assert!(
+        w.message
+            .contains("ListenerSet team-a/late has no HTTP or HTTPS listener"),
+        "{}",
+        w.message
+    );
+}
+
+#[test]
+fn listener_set_certificates_need_their_own_reference_grant() {
+    let secure = "{name: secure, port: 443, protocol: HTTPS, hostname: secure.example.com, tls: {certificateRefs: [{name: tls-validity-checks-certificate, namespace: gateway-conformance-infra}]}}";
+    let extra =
+        shared_gateway("{namespaces: {from: All}}") + &listener_set("team-a", "secure", secure) + TEAM_NAMESPACES;
+    let e = errors_of("", &extra);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].resource, "ListenerSet team-a/secure");
+    assert_eq!(e[0].field, "spec.listeners[0].tls.certificateRefs[0]");
+    assert!(
+        e[0].message.contains(
+            "no ReferenceGrant in namespace gateway-conformance-infra allows ListenerSets of namespace team-a"
+        ),
+        "{}",
+        e[0].message
+    );
+
+    let grant = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ReferenceGrant
+metadata: {name: team-a-certificates, namespace: gateway-conformance-infra}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: ListenerSet, namespace: team-a}]
+  to: [{group: "", kind: Secret}]
+"#;
+    let l = load_with("", &(extra + grant), &[]);
+    let listener = l.listener("shared", 443).unwrap();
+    let tls = listener.tls.as_ref().unwrap();
+    assert_eq!(tls.certificates[0].sni_hosts, ["secure.example.com"]);
+    assert!(listener.routes.virtual_host("secure.example.com").is_some());
+}
+
+#[test]
+fn experimental_xlistener_sets_are_read() {
+    let extra = shared_gateway("{namespaces: {from: Same}}")
+        + r#"
+---
+apiVersion: gateway.networking.x-k8s.io/v1alpha1
+kind: XListenerSet
+metadata: {name: experimental, namespace: gateway-conformance-infra}
+spec:
+  parentRef: {name: shared}
+  listeners:
+  - {name: web, port: 80, protocol: HTTP, hostname: x.example.com}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: x-route, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{group: gateway.networking.x-k8s.io, kind: XListenerSet, name: experimental}]
+  rules: [{}]
+---
+apiVersion: gateway.networking.x-k8s.io/v1alpha1
+kind: XMesh
+metadata: {name: mesh}
+spec: {}
+"#;
+    let l = load_with("", &extra, &[]);
+    assert_eq!(
+        served_by(&l, "x.example.com").as_deref(),
+        Some("gateway-conformance-infra/x-route[0]")
+    );
+    let w = warning(&l, "XMesh default/mesh");
+    assert!(w.message.contains("not supported yet"), "{}", w.message);
+}
+
+#[test]
+fn error_invalid_allowed_listeners() {
+    let e = errors_of("", &shared_gateway("{namespaces: {from: Some}}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].resource, "Gateway gateway-conformance-infra/shared");
+    assert_eq!(e[0].field, "spec.allowedListeners.namespaces.from");
+    assert!(
+        e[0].message
+            .contains("unknown value \"Some\" (None, Same, All or Selector)"),
+        "{}",
+        e[0].message
+    );
+    let e = errors_of("", &shared_gateway("{namespaces: {from: Selector}}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].field, "spec.allowedListeners.namespaces.selector");
+}
