@@ -222,6 +222,11 @@ spec:
     assert_eq!(r.header("access-control-allow-origin"), Some("https://a.bar.com"));
     assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST"));
     assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-echo-name"),
+        "Gateway API lists exposed headers on the preflight too"
+    );
     assert_eq!(app.count(), 0, "a preflight is never forwarded");
 
     let r = send(&c, get(port, "/items", "x", &[("origin", "https://www.foo.com")]))

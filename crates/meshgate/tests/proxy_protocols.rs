@@ -225,6 +225,16 @@ spec:
     let resp = sender.send_request(req).await.expect("h2 over tls");
     assert_eq!(resp.status(), 200);
 
+    // The same HTTP/2 connection (SNI b.test) asked for a.test, as connection reuse can do:
+    // another server owns that host, so the answer is 421 and the upstream never sees it.
+    let before = echo.count();
+    let req = http::Request::get("https://a.test/misdirected")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = sender.send_request(req).await.expect("h2 over tls");
+    assert_eq!(resp.status(), 421);
+    assert_eq!(echo.count(), before, "a misdirected request is not forwarded");
+
     // Plain HTTP on the redirect server.
     let (status, headers, _) = raw_get(
         format!("127.0.0.1:{http_port}").parse().expect("addr"),

@@ -87,6 +87,9 @@ pub fn preflight<B>(policy: &CorsPolicy, req: &Request<B>) -> Option<Response<Re
         insert(headers, header::ACCESS_CONTROL_ALLOW_HEADERS, &allow_headers);
     }
     insert(headers, header::ACCESS_CONTROL_MAX_AGE, &policy.max_age.to_string());
+    // Gateway API's CORS filter also lists the exposed headers on the preflight answer (its
+    // conformance suite checks it); browsers ignore the header there, so it costs nothing.
+    insert_expose_headers(policy, headers);
     Some(resp)
 }
 
@@ -97,6 +100,10 @@ pub fn decorate(policy: &CorsPolicy, origin: Option<&HeaderValue>, headers: &mut
         return;
     }
     allow_origin(policy, origin, headers);
+    insert_expose_headers(policy, headers);
+}
+
+fn insert_expose_headers(policy: &CorsPolicy, headers: &mut HeaderMap) {
     if !policy.expose_headers.is_empty() {
         insert(
             headers,

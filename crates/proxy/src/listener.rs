@@ -147,27 +147,38 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     let _open = OpenConnection(stats);
 
     let edge = shared.options.compile.mesh_port != Some(listener.port());
-    let conn = Arc::new(Connection {
-        shared: shared.clone(),
-        listener,
-        remote,
-        remote_ip: http::HeaderValue::from_str(&remote.ip().to_canonical().to_string())
-            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
-        tls: tls.is_some(),
-        edge,
-    });
-    let service = service_fn(move |req| service::handle(req, conn.clone()));
-    let result = match tls {
+    let connection = |sni: Option<Box<str>>| {
+        Arc::new(Connection {
+            shared: shared.clone(),
+            listener,
+            remote,
+            remote_ip: http::HeaderValue::from_str(&remote.ip().to_canonical().to_string())
+                .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
+            tls: tls.is_some(),
+            sni,
+            edge,
+        })
+    };
+    let result = match &tls {
         None => {
+            let conn = connection(None);
+            let service = service_fn(move |req| service::handle(req, conn.clone()));
             shared
                 .http
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
         }
         Some(config) => {
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+            let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream);
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(tls_stream)) => {
+                    let sni = tls_stream
+                        .get_ref()
+                        .1
+                        .server_name()
+                        .map(|n| n.to_ascii_lowercase().into());
+                    let conn = connection(sni);
+                    let service = service_fn(move |req| service::handle(req, conn.clone()));
                     shared
                         .http
                         .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)

@@ -36,6 +36,8 @@ pub struct Connection {
     /// The client's IP as a header value, for `x-forwarded-for`.
     pub remote_ip: HeaderValue,
     pub tls: bool,
+    /// The TLS SNI the client sent (lowercase), for detecting misdirected requests.
+    pub sni: Option<Box<str>>,
     /// An edge listener (a gateway) regenerates `x-request-id` as Envoy does at the edge;
     /// the mesh (sidecar outbound) listener keeps the one the application propagates.
     pub edge: bool,
@@ -93,6 +95,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
         port: conn.listener.port(),
         headers: req.headers(),
     };
+    if is_misdirected(listener, conn.sni.as_deref(), &host) {
+        return Ok(local_reply(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request"));
+    }
     let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
         return Ok(local_reply(StatusCode::NOT_FOUND, ""));
@@ -177,6 +182,21 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
 }
 
 /// The request's authority: `:authority` for HTTP/2, else the Host header.
+/// RFC 9110 §15.5.20: on a TLS listener serving several host groups (Gateway listeners or
+/// Istio servers sharing a port), a request whose `Host` picks a different group than the SNI
+/// of its connection, as HTTP/2 connection reuse can produce, is answered 421 so the client
+/// retries on a connection of its own. Gateway API requires this.
+fn is_misdirected(listener: &meshgate_model::snapshot::Listener, sni: Option<&str>, host: &str) -> bool {
+    let (Some(tls), Some(sni)) = (&listener.tls, sni) else {
+        return false;
+    };
+    if tls.certificates.len() < 2 {
+        return false;
+    }
+    let groups = || tls.certificates.iter().map(|c| c.sni_hosts.as_slice());
+    crate::tls::most_specific_group(groups(), sni) != crate::tls::most_specific_group(groups(), host)
+}
+
 fn request_authority<B>(req: &Request<B>) -> Option<&str> {
     match req.uri().authority() {
         Some(a) => Some(a.as_str()),

@@ -52,7 +52,8 @@ fn certified_key(cert: &TlsCertificate) -> Result<Arc<CertifiedKey>, String> {
     Ok(Arc::new(CertifiedKey::new(chain, signing_key)))
 }
 
-/// Picks the certificate whose hosts match the ClientHello's SNI, else the first one.
+/// Picks the certificate whose hosts match the ClientHello's SNI most specifically, else the
+/// first one.
 struct SniResolver {
     certs: Vec<(Vec<String>, Arc<CertifiedKey>)>,
 }
@@ -67,16 +68,35 @@ impl fmt::Debug for SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        if let Some(sni) = hello.server_name() {
-            let sni = sni.to_ascii_lowercase();
-            for (hosts, key) in &self.certs {
-                if hosts.iter().any(|h| host_matches(h, &sni)) {
-                    return Some(key.clone());
-                }
+        let chosen = hello
+            .server_name()
+            .and_then(|sni| most_specific_group(self.certs.iter().map(|c| c.0.as_slice()), sni))
+            .unwrap_or(0);
+        self.certs.get(chosen).map(|c| c.1.clone())
+    }
+}
+
+/// The index of the host group that matches `name` most specifically: an exact host beats a
+/// wildcard, a longer wildcard suffix beats a shorter one, and `*` matches last. This is how a
+/// Gateway picks the listener for a hostname, for SNI and for `Host` alike.
+pub fn most_specific_group<'a>(groups: impl Iterator<Item = &'a [String]>, name: &str) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (index, hosts) in groups.enumerate() {
+        for pattern in hosts {
+            if !host_matches(pattern, name) {
+                continue;
+            }
+            let pattern = pattern.rsplit('/').next().unwrap_or(pattern);
+            let rank = match pattern.strip_prefix('*') {
+                None => usize::MAX,
+                Some(suffix) => suffix.len(),
+            };
+            if best.is_none_or(|(_, r)| rank > r) {
+                best = Some((index, rank));
             }
         }
-        self.certs.first().map(|c| c.1.clone())
     }
+    best.map(|(index, _)| index)
 }
 
 /// `*` matches all, `*.example.com` matches any subdomain, otherwise exact (case-insensitive).
