@@ -12,6 +12,7 @@ pub mod finding;
 pub mod gateway_api;
 pub mod istio;
 pub mod matcher;
+mod shadowing;
 pub mod snapshot;
 pub mod source;
 

@@ -1421,3 +1421,50 @@ fn error_invalid_allowed_listeners() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0].field, "spec.allowedListeners.namespaces.selector");
 }
+
+#[test]
+fn matches_that_never_win_are_warnings() {
+    // Two routes with the same match: the older (first in the files, no creationTimestamp)
+    // wins, so the newer one's rule never matches. A more specific match still wins by
+    // precedence, wherever it is declared.
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: first, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /shop}}]
+    backendRefs: [{name: infra-backend-v1, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: second, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /shop/cart}}]
+    backendRefs: [{name: infra-backend-v2, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /shop}}]
+    backendRefs: [{name: infra-backend-v2, port: 8080}]
+"#;
+    let l = load_with("", extra, &[]);
+    let shadowed: Vec<&Finding> = l
+        .compiled
+        .warnings
+        .iter()
+        .filter(|w| w.message.contains("never matches"))
+        .collect();
+    assert_eq!(shadowed.len(), 1, "{shadowed:?}");
+    assert_eq!(shadowed[0].resource, "HTTPRoute gateway-conformance-infra/second");
+    assert_eq!(shadowed[0].field, "spec.rules[1]");
+    assert!(
+        shadowed[0]
+            .message
+            .contains("HTTPRoute gateway-conformance-infra/first spec.rules[0]"),
+        "{}",
+        shadowed[0].message
+    );
+    let (route, _, _) = l.find(&req("same-namespace", None, "/shop/cart/1")).unwrap();
+    assert_eq!(route.name, "gateway-conformance-infra/second[0]");
+}

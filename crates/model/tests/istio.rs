@@ -609,3 +609,70 @@ fn source_restricted_alternatives_never_match() {
     let (name, _) = route(&c.snapshot, 8080, "any", "/open/x", &[]).expect("route");
     assert_eq!(name, "default/vs[1]");
 }
+
+#[test]
+fn rules_that_can_never_match_are_warnings() {
+    let c = ok(r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.example.com]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.example.com]
+  http:
+  - match:
+    - uri: {prefix: /api}
+    route: [{destination: {host: reviews.example.com}}]
+  - match:
+    - uri: {prefix: /api/v2}
+      headers: {end-user: {exact: jason}}
+    route: [{destination: {host: reviews.example.com}}]
+  - match:
+    - uri: {prefix: /api/v2}
+    - uri: {prefix: /web}
+    route: [{destination: {host: reviews.example.com}}]
+  - match:
+    - headers: {end-user: {exact: jason}}
+    route: [{destination: {host: reviews.example.com}}]
+  - route: [{destination: {host: reviews.example.com}}]
+  - match:
+    - uri: {exact: /late}
+    route: [{destination: {host: reviews.example.com}}]
+"#);
+    let shadowed: Vec<(&str, &str)> = c
+        .warnings
+        .iter()
+        .filter(|w| w.message.contains("never matches"))
+        .map(|w| (w.field.as_str(), w.message.as_str()))
+        .collect();
+    assert_eq!(shadowed.len(), 2, "{shadowed:?}");
+    assert_eq!(shadowed[0].0, "spec.http[1]");
+    assert!(shadowed[0].1.contains("spec.http[0]"), "{shadowed:?}");
+    // http[2] has an alternative (/web) http[0] does not cover; http[3] needs a header http[0]
+    // does not ask for: both can match.
+    assert_eq!(shadowed[1].0, "spec.http[5]");
+    assert!(shadowed[1].1.contains("spec.http[4]"), "{shadowed:?}");
+}
+
+#[test]
+fn two_mesh_virtual_services_for_one_host_conflict() {
+    let vs = |name: &str, path: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec:\n  hosts: [ratings.example.com]\n  http:\n  - match: [{{uri: {{prefix: {path}}}}}]\n    route: [{{destination: {{host: ratings.example.com}}}}]\n---\n"
+        )
+    };
+    let c = ok(&format!("{}{}", vs("first", "/a"), vs("second", "/b")));
+    let conflicts: Vec<&Finding> = c.warnings.iter().filter(|w| w.message.contains("IST0109")).collect();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].resource, "VirtualService default/second");
+    assert_eq!(conflicts[0].field, "spec.hosts[0]");
+    assert!(conflicts[0].message.contains("VirtualService default/first"));
+}

@@ -16,7 +16,7 @@ use super::types::{AllowedRoutes, GatewaySpec, LabelSelector, Listener as GwList
 use super::{Ctx, GROUP, listener_sets};
 use crate::CompileOptions;
 use crate::diag::{Res, at, resource_name};
-use crate::snapshot::{Listener, ListenerTls, Route, RouteTable, Snapshot, TlsCertificate, VirtualHost};
+use crate::snapshot::{Listener, ListenerTls, RequestMatch, Route, RouteTable, Snapshot, TlsCertificate, VirtualHost};
 use crate::source::Document;
 
 /// PEM certificate chain and key with the labels findings and logs use for them.
@@ -720,6 +720,7 @@ fn build_group(
             }
         }
         ids.sort_by(|a, b| compiled[a.0].entries[a.1].key.cmp(&compiled[b.0].entries[b.1].key));
+        report_shadowed(ctx, compiled, &ids, &d);
         match vhosts.iter_mut().find(|(i, _)| *i == ids) {
             Some((_, ds)) => ds.push(d),
             None => vhosts.push((ids, vec![d])),
@@ -771,4 +772,40 @@ fn build_group(
         tls,
         routes: table,
     })
+}
+
+/// Warns (once per match) about HTTPRoute matches that never win on `host`: a match earlier in
+/// precedence order takes every request they would match, as when two routes share a match
+/// (Gateway API then gives it to the older route).
+fn report_shadowed(ctx: &mut Ctx<'_, '_, '_>, compiled: &[CompiledHttpRoute<'_>], ids: &[EntryId], host: &str) {
+    if ids.len() > crate::shadowing::MAX_RULES_CHECKED {
+        return;
+    }
+    for (position, &(route, entry)) in ids.iter().enumerate() {
+        if ctx.reported_shadowed.contains(&(route, entry)) {
+            continue;
+        }
+        let later = &compiled[route].entries[entry];
+        let later_matches: Vec<&RequestMatch> = later.route.matches.iter().collect();
+        let covering = ids[..position].iter().find(|&&(r, e)| {
+            let earlier: Vec<&RequestMatch> = compiled[r].entries[e].route.matches.iter().collect();
+            crate::shadowing::rule_covers(&earlier, &later_matches)
+        });
+        let Some(&(earlier_route, earlier_entry)) = covering else {
+            continue;
+        };
+        ctx.reported_shadowed.insert((route, entry));
+        let earlier = &compiled[earlier_route];
+        let message = format!(
+            "match {} never matches on host {host}: {} spec.rules[{}] takes precedence for every request it would match",
+            later.key.match_index(),
+            resource_name(earlier.doc),
+            earlier.entries[earlier_entry].key.rule()
+        );
+        ctx.diag.warn(
+            compiled[route].doc,
+            format!("spec.rules[{}]", later.key.rule()),
+            message,
+        );
+    }
 }

@@ -266,6 +266,7 @@ pub(crate) fn build(
         registry,
         invalid_cluster: None,
         diag,
+        reported_shadowed: std::collections::HashSet::new(),
     };
     listeners::build(&mut ctx, options, snapshot);
 }
@@ -276,6 +277,9 @@ pub(crate) struct Ctx<'c, 'a, 'r> {
     registry: &'c mut Registry<'r>,
     invalid_cluster: Option<ClusterId>,
     diag: &'c mut Diag,
+    /// HTTPRoute matches already reported as never matching (route, entry), so a match
+    /// served on several hosts is reported once.
+    reported_shadowed: std::collections::HashSet<(usize, usize)>,
 }
 
 /// Where a backend reference points, as written (`HTTPBackendRef` / mirror `backendRef`).

@@ -40,6 +40,18 @@ pub(crate) struct Key {
     index: usize,
 }
 
+impl Key {
+    /// The index of the rule in `spec.rules`.
+    pub(crate) fn rule(&self) -> usize {
+        self.rule
+    }
+
+    /// The index of the match within its rule.
+    pub(crate) fn match_index(&self) -> usize {
+        self.index
+    }
+}
+
 pub(crate) struct Entry {
     pub key: Key,
     pub route: Route,

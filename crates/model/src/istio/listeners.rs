@@ -9,6 +9,7 @@ use super::routes::{CompiledVs, GatewayRef};
 use super::types::{GatewaySpec, Server};
 use super::{Diag, Res, Resources, at};
 use crate::CompileOptions;
+use crate::diag::resource_name;
 use crate::snapshot::{
     Forward, HeaderOps, Listener, ListenerTls, Route, RouteAction, RouteTable, Snapshot, TlsCertificate, VirtualHost,
     WeightedDestination,
@@ -27,6 +28,30 @@ struct ServerInfo<'a> {
     https_redirect: bool,
 }
 
+/// Warns about VirtualServices bound to the mesh that name a host an earlier one already
+/// routes: sidecars use one VirtualService per host (the first), so the later rules are dead.
+fn report_mesh_host_conflicts(vss: &[CompiledVs<'_>], diag: &mut Diag) {
+    let mut owners: HashMap<&str, &Document> = HashMap::new();
+    for vs in vss.iter().filter(|vs| vs.binds(&GatewayRef::Mesh)) {
+        for (i, host) in vs.hosts.iter().enumerate() {
+            match owners.get(host.as_str()) {
+                Some(owner) if !std::ptr::eq(*owner, vs.doc) => diag.warn(
+                    vs.doc,
+                    format!("spec.hosts[{i}]"),
+                    format!(
+                        "{} already routes host {host} for the mesh; sidecars use one VirtualService per host, so this one's rules are ignored for it (istioctl: IST0109); merge them into one VirtualService",
+                        resource_name(owner)
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    owners.insert(host.as_str(), vs.doc);
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn build(
     resources: &Resources<'_>,
     vss: &[CompiledVs<'_>],
@@ -35,6 +60,7 @@ pub(crate) fn build(
     snapshot: &mut Snapshot,
     diag: &mut Diag,
 ) {
+    report_mesh_host_conflicts(vss, diag);
     // Servers grouped by port, ports in order of first declaration.
     let mut ports: Vec<(u16, Vec<ServerInfo<'_>>)> = Vec::new();
     for gw in &resources.gateways {

@@ -119,12 +119,14 @@ fn compile_vs<'a>(vs: &Res<'a, VirtualServiceSpec>, registry: &mut Registry<'_>,
         None => vec![GatewayRef::Mesh],
         Some(list) => list.iter().map(|g| GatewayRef::parse(g, &doc.namespace)).collect(),
     };
-    let routes = spec
+    let routes: Vec<(usize, CompiledRoute)> = spec
         .http
         .iter()
         .enumerate()
-        .filter_map(|(i, http)| compile_http_route(doc, i, http, registry, diag))
+        .filter_map(|(i, http)| compile_http_route(doc, i, http, registry, diag).map(|r| (i, r)))
         .collect();
+    report_shadowed_rules(doc, &routes, diag);
+    let routes = routes.into_iter().map(|(_, r)| r).collect();
     CompiledVs {
         doc,
         hosts: spec
@@ -135,6 +137,46 @@ fn compile_vs<'a>(vs: &Res<'a, VirtualServiceSpec>, registry: &mut Registry<'_>,
             .collect(),
         gateways,
         routes,
+    }
+}
+
+/// The match alternatives of a compiled rule; `covering` leaves out those restricted to some
+/// gateways, which cannot cover a rule that applies on more of them.
+fn alternatives(route: &CompiledRoute, covering: bool) -> Vec<&crate::snapshot::RequestMatch> {
+    route
+        .route
+        .matches
+        .iter()
+        .zip(&route.match_gateways)
+        .filter(|(_, gateways)| !covering || gateways.is_none())
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// Warns about `http` rules that can never match because an earlier rule of the same
+/// VirtualService takes every request they would match. Alternatives restricted to some
+/// gateways never count as covering (they apply on fewer gateways than the later rule).
+fn report_shadowed_rules(doc: &Document, routes: &[(usize, CompiledRoute)], diag: &mut Diag) {
+    if routes.len() > crate::shadowing::MAX_RULES_CHECKED {
+        return;
+    }
+    for (j, (later_index, later)) in routes.iter().enumerate() {
+        let later_matches = alternatives(later, false);
+        let covering = routes[..j].iter().find(|(_, earlier)| {
+            let earlier_matches = alternatives(earlier, true);
+            // A rule whose every alternative is gateway-restricted covers nothing everywhere.
+            (!earlier_matches.is_empty() || earlier.route.matches.is_empty())
+                && crate::shadowing::rule_covers(&earlier_matches, &later_matches)
+        });
+        if let Some((earlier_index, _)) = covering {
+            diag.warn(
+                doc,
+                format!("spec.http[{later_index}]"),
+                format!(
+                    "this rule never matches: spec.http[{earlier_index}] comes first and matches every request it would"
+                ),
+            );
+        }
     }
 }
 
