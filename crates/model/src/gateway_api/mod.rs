@@ -58,10 +58,7 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
             "listeners[].tls.options",
         ],
     ),
-    (
-        "HTTPRoute",
-        &["useDefaultGateways", "rules[].retry", "rules[].sessionPersistence"],
-    ),
+    ("HTTPRoute", &["useDefaultGateways", "rules[].sessionPersistence"]),
 ];
 
 /// Whether a document is read by this module: Gateway API kinds and the Kubernetes core
