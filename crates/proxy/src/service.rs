@@ -383,7 +383,10 @@ async fn forward_request(
         }
         if let Some(i) = target.endpoint {
             retrying.tried.push(i);
-            let avoid = policy.avoid_previous_hosts && hash.is_none();
+            // Istio leaves the previous-hosts predicate out for consistent hashing: a retry
+            // stays on the endpoint the key maps to.
+            let consistent_hash = matches!(cluster.config.load_balancer, LoadBalancer::ConsistentHash(_));
+            let avoid = policy.avoid_previous_hosts && !consistent_hash;
             if let Some(next) = retrying.next_endpoint(hash, avoid) {
                 target = Target::endpoint(cluster, next);
             }
@@ -600,10 +603,7 @@ impl Retrying<'_> {
     /// time up to `(2^n - 1) * base`, capped at the policy's maximum. `Err` when the route's
     /// deadline comes first (after waiting for it).
     async fn back_off(&self) -> Result<(), ()> {
-        let base = self.policy.backoff_base;
-        let factor = (1u32 << self.retries.min(16)) - 1;
-        let ceiling = base.saturating_mul(factor).min(self.policy.backoff_max);
-        let wait = ceiling.mul_f64(fastrand::f64());
+        let wait = backoff_ceiling(self.policy, self.retries).mul_f64(fastrand::f64());
         match self.deadline {
             Some(d) if Instant::now() + wait >= d => {
                 tokio::time::sleep_until(d).await;
@@ -642,6 +642,13 @@ impl Retrying<'_> {
                 .unwrap_or(pick),
         )
     }
+}
+
+/// The longest backoff before retry number `retry` (1 for the first): `(2^n - 1) * base`,
+/// capped at the policy's maximum.
+fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
+    let factor = (1u32 << retry.min(16)) - 1;
+    policy.backoff_base.saturating_mul(factor).min(policy.backoff_max)
 }
 
 /// A retry counted against its cluster's retry budget while alive.
@@ -1077,5 +1084,105 @@ mod tests {
         assert_eq!(host_of("Example.COM:8080"), "example.com");
         assert_eq!(host_of("[::1]:80"), "[::1]");
         assert_eq!(host_of("plain"), "plain");
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_maximum() {
+        let policy = RetryPolicy::istio_default();
+        let ceilings: Vec<u128> = (1..=6).map(|n| backoff_ceiling(&policy, n).as_millis()).collect();
+        assert_eq!(ceilings, [25, 75, 175, 250, 250, 250]);
+        assert_eq!(backoff_ceiling(&policy, u32::MAX), Duration::from_millis(250));
+    }
+
+    fn test_cluster(endpoints: usize) -> ClusterRuntime {
+        let config = meshgate_model::snapshot::Cluster {
+            name: "c".into(),
+            service: "s".into(),
+            subset: String::new(),
+            port: 80,
+            protocol: UpstreamProtocol::Http1,
+            load_balancer: LoadBalancer::RoundRobin,
+            discovery: meshgate_model::snapshot::Discovery::Static,
+            endpoints: (0..endpoints)
+                .map(|i| meshgate_model::snapshot::Endpoint {
+                    address: format!("127.0.0.{}", i + 1),
+                    port: 80,
+                    weight: 1,
+                    labels: Default::default(),
+                })
+                .collect(),
+        };
+        ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
+    }
+
+    #[test]
+    fn retry_budget_is_a_fifth_of_active_requests_but_at_least_three() {
+        let cluster = test_cluster(1);
+        let admitted: Vec<_> = (0..5).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        assert_eq!(admitted.len(), 3);
+        drop(admitted);
+        assert_eq!(cluster.stats.retries_active.load(Relaxed), 0);
+        cluster.stats.requests_active.store(50, Relaxed);
+        let admitted: Vec<_> = (0..20).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        assert_eq!(admitted.len(), 10);
+    }
+
+    #[test]
+    fn retries_pick_endpoints_not_tried_yet() {
+        let cluster = test_cluster(3);
+        let policy = RetryPolicy::istio_default();
+        let mut retrying = Retrying {
+            policy: &policy,
+            cluster: &cluster,
+            per_try_timeout: None,
+            deadline: None,
+            body: ReplaySource::Empty,
+            retries: 0,
+            tried: vec![0, 1],
+            budget: None,
+        };
+        for _ in 0..10 {
+            assert_eq!(retrying.next_endpoint(None, true), Some(2));
+        }
+        retrying.tried.push(2);
+        assert!(retrying.next_endpoint(None, true).is_some(), "all tried: any endpoint");
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn source(bytes: &'static [u8]) -> UpstreamBody {
+        UpstreamBody::Buffered(http_body_util::Full::new(bytes::Bytes::from_static(bytes)))
+    }
+
+    #[tokio::test]
+    async fn every_try_sends_the_whole_body() {
+        let body = ReplayableBody::new(source(b"hello"));
+        for _ in 0..3 {
+            let sent = body.next_try().collect().await.expect("body").to_bytes();
+            assert_eq!(&sent[..], b"hello");
+            assert!(body.replayable());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_try_can_no_longer_read() {
+        let body = ReplayableBody::new(source(b"hello"));
+        let mut first = body.next_try();
+        let second = body.next_try();
+        assert!(first.frame().await.expect("frame").is_err());
+        assert_eq!(&second.collect().await.expect("body").to_bytes()[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_not_replayable() {
+        static BIG: [u8; body::REPLAY_BUFFER_LIMIT + 1] = [b'x'; body::REPLAY_BUFFER_LIMIT + 1];
+        let body = ReplayableBody::new(source(&BIG));
+        let sent = body.next_try().collect().await.expect("body").to_bytes();
+        assert_eq!(sent.len(), BIG.len(), "the first try still gets all of it");
+        assert!(!body.replayable());
     }
 }
