@@ -12,7 +12,7 @@ fn analyze_reports_findings_and_fails_only_on_errors() {
     let good = dir.join("good.yaml");
     std::fs::write(
         &good,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - retries: {attempts: 3}\n    route:\n    - destination:\n        host: a.example.com\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination:\n        host: a.example.com\n",
     )
     .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
@@ -23,7 +23,7 @@ fn analyze_reports_findings_and_fails_only_on_errors() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("warning: ") && stdout.contains("spec.http[0].retries"),
+        stdout.contains("warning: ") && stdout.contains("spec.http[0].fault"),
         "{stdout}"
     );
 

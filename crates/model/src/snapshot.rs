@@ -211,6 +211,206 @@ pub struct Forward {
     /// are set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_timeout: Option<Duration>,
+    /// How failed upstream tries are retried; `None` never retries. Never `Some` with
+    /// `num_retries == 0`, so the data plane can skip all retry bookkeeping on `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Envoy's route `retry_policy`: when a failed try is sent again, how often and how soon.
+///
+/// A retry goes to another endpoint of the cluster when it has one (Envoy's `previous_hosts`
+/// predicate, which Istio sets), waits a jittered exponential backoff first, and is subject to
+/// the cluster's retry budget. The route's `timeout` bounds the whole exchange, retries
+/// included; `per_try_timeout` bounds each try.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first try (Istio and Gateway API `attempts`, Envoy `num_retries`);
+    /// always at least 1.
+    pub num_retries: u32,
+    /// Time allowed for each try until its response headers; `None`: only the route's
+    /// `timeout` (and `Forward::backend_timeout`) apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// The failures that are retried.
+    pub retry_on: RetryOn,
+    /// Response statuses retried under [`RetryOn::RETRIABLE_STATUS_CODES`].
+    pub retriable_status_codes: Vec<u16>,
+    /// Backoff before retry `n` is random in `[0, (2^n - 1) * backoff_base]`, capped at
+    /// `backoff_max` (Envoy's jittered exponential backoff: 25 ms and 250 ms by default).
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Retries avoid the endpoints already tried (Envoy's `previous_hosts` predicate). The data
+    /// plane ignores it for consistent-hash clusters, as Istio leaves the predicate out there.
+    pub avoid_previous_hosts: bool,
+}
+
+impl RetryPolicy {
+    /// Envoy's default backoff base interval.
+    pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+    /// Istio's policy for routes that set no `retries`: 2 retries on connection failures,
+    /// refused streams, gRPC `unavailable`/`cancelled` and HTTP 503.
+    pub fn istio_default() -> Self {
+        RetryPolicy {
+            num_retries: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::CONNECT_FAILURE
+                | RetryOn::REFUSED_STREAM
+                | RetryOn::GRPC_UNAVAILABLE
+                | RetryOn::GRPC_CANCELLED
+                | RetryOn::RETRIABLE_STATUS_CODES,
+            retriable_status_codes: vec![503],
+            backoff_base: Self::DEFAULT_BACKOFF_BASE,
+            backoff_max: Self::DEFAULT_BACKOFF_BASE * 10,
+            avoid_previous_hosts: true,
+        }
+    }
+
+    /// Whether a response with `status` (and gRPC status `grpc_status`, from a trailers-only
+    /// gRPC response) is retried under this policy.
+    pub fn retries_response(&self, status: u16, grpc_status: Option<u32>) -> bool {
+        let on = self.retry_on;
+        (on.contains(RetryOn::SERVER_ERROR) && status >= 500)
+            || (on.contains(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504))
+            || (on.contains(RetryOn::RETRIABLE_4XX) && status == 409)
+            || (on.contains(RetryOn::RETRIABLE_STATUS_CODES) && self.retriable_status_codes.contains(&status))
+            || grpc_status.is_some_and(|code| {
+                let flag = match code {
+                    1 => RetryOn::GRPC_CANCELLED,
+                    4 => RetryOn::GRPC_DEADLINE_EXCEEDED,
+                    8 => RetryOn::GRPC_RESOURCE_EXHAUSTED,
+                    13 => RetryOn::GRPC_INTERNAL,
+                    14 => RetryOn::GRPC_UNAVAILABLE,
+                    _ => return false,
+                };
+                on.contains(flag)
+            })
+    }
+
+    /// Whether a try that failed without a response is retried.
+    pub fn retries_failure(&self, failure: TryFailure) -> bool {
+        let any_reset = RetryOn::SERVER_ERROR | RetryOn::GATEWAY_ERROR | RetryOn::RESET;
+        let also = match failure {
+            TryFailure::ConnectFailure => RetryOn::CONNECT_FAILURE | RetryOn::RESET_BEFORE_REQUEST,
+            TryFailure::RefusedStream => RetryOn::REFUSED_STREAM,
+            TryFailure::Reset | TryFailure::PerTryTimeout => RetryOn::NONE,
+        };
+        self.retry_on.intersects(any_reset | also)
+    }
+}
+
+/// How a try ended without a response, as retry conditions distinguish it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryFailure {
+    /// No connection could be made; the request was not sent.
+    ConnectFailure,
+    /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`): it did not process it.
+    RefusedStream,
+    /// The connection or stream broke before response headers.
+    Reset,
+    /// No response headers within the per-try timeout.
+    PerTryTimeout,
+}
+
+/// A set of retry conditions: Envoy's `retry_on` values, written comma-separated in Istio's
+/// `retryOn`.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn(u16);
+
+impl RetryOn {
+    pub const NONE: RetryOn = RetryOn(0);
+    /// `5xx`: any 5xx response, and every failure without a response (connection failure,
+    /// reset, per-try timeout).
+    pub const SERVER_ERROR: RetryOn = RetryOn(1);
+    /// `gateway-error`: 502, 503, 504, and every failure without a response.
+    pub const GATEWAY_ERROR: RetryOn = RetryOn(1 << 1);
+    /// `reset`: every failure without a response (disconnect, reset, per-try timeout).
+    pub const RESET: RetryOn = RetryOn(1 << 2);
+    /// `connect-failure`: the connection could not be made.
+    pub const CONNECT_FAILURE: RetryOn = RetryOn(1 << 3);
+    /// `refused-stream`: the upstream reset the HTTP/2 stream with `REFUSED_STREAM`.
+    pub const REFUSED_STREAM: RetryOn = RetryOn(1 << 4);
+    /// `retriable-4xx`: 409.
+    pub const RETRIABLE_4XX: RetryOn = RetryOn(1 << 5);
+    /// `retriable-status-codes`: the statuses in [`RetryPolicy::retriable_status_codes`].
+    pub const RETRIABLE_STATUS_CODES: RetryOn = RetryOn(1 << 6);
+    /// `reset-before-request`: failures before the request was sent; here connection failures.
+    pub const RESET_BEFORE_REQUEST: RetryOn = RetryOn(1 << 7);
+    /// gRPC statuses of trailers-only responses: `cancelled` (1).
+    pub const GRPC_CANCELLED: RetryOn = RetryOn(1 << 8);
+    /// `deadline-exceeded` (4).
+    pub const GRPC_DEADLINE_EXCEEDED: RetryOn = RetryOn(1 << 9);
+    /// `internal` (13).
+    pub const GRPC_INTERNAL: RetryOn = RetryOn(1 << 10);
+    /// `resource-exhausted` (8).
+    pub const GRPC_RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 11);
+    /// `unavailable` (14).
+    pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 12);
+
+    /// Every condition with its Envoy name.
+    pub const NAMES: [(&'static str, RetryOn); 13] = [
+        ("5xx", Self::SERVER_ERROR),
+        ("gateway-error", Self::GATEWAY_ERROR),
+        ("reset", Self::RESET),
+        ("connect-failure", Self::CONNECT_FAILURE),
+        ("refused-stream", Self::REFUSED_STREAM),
+        ("retriable-4xx", Self::RETRIABLE_4XX),
+        ("retriable-status-codes", Self::RETRIABLE_STATUS_CODES),
+        ("reset-before-request", Self::RESET_BEFORE_REQUEST),
+        ("cancelled", Self::GRPC_CANCELLED),
+        ("deadline-exceeded", Self::GRPC_DEADLINE_EXCEEDED),
+        ("internal", Self::GRPC_INTERNAL),
+        ("resource-exhausted", Self::GRPC_RESOURCE_EXHAUSTED),
+        ("unavailable", Self::GRPC_UNAVAILABLE),
+    ];
+
+    /// The condition named `name` (Envoy's spelling), if meshgate implements it.
+    pub fn from_name(name: &str) -> Option<RetryOn> {
+        Self::NAMES.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    }
+
+    /// Whether every condition of `other` is in `self`.
+    pub fn contains(self, other: RetryOn) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether `self` and `other` share a condition.
+    pub fn intersects(self, other: RetryOn) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(_, f)| self.contains(*f))
+            .map(|(n, _)| *n)
+    }
+}
+
+impl std::ops::BitOr for RetryOn {
+    type Output = RetryOn;
+    fn bitor(self, rhs: RetryOn) -> RetryOn {
+        RetryOn(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for RetryOn {
+    fn bitor_assign(&mut self, rhs: RetryOn) {
+        self.0 |= rhs.0;
+    }
+}
+
+impl std::fmt::Debug for RetryOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

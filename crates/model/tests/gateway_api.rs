@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use http::HeaderMap;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Discovery, Listener, PathRewrite, RedirectPort, Route, RouteAction, Snapshot, UpstreamProtocol,
+    Discovery, Forward, Listener, PathRewrite, RedirectPort, Route, RouteAction, Snapshot, TryFailure, UpstreamProtocol,
 };
 use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
 use serde_json::{Value, json};
@@ -829,7 +830,94 @@ spec:
     }));
 }
 
+fn forward_at<'l>(l: &'l Loaded, path: &str) -> &'l Forward {
+    let (route, _, _) = l.find(&req("same-namespace", None, path)).expect("route");
+    match &route.action {
+        RouteAction::Forward(f) => f,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn retry_compiles_codes_attempts_and_connection_errors() {
+    let l = load("manifests/httproute-retry.yaml");
+    let policy = forward_at(&l, "/retry/code-500-attempts-3")
+        .retry
+        .clone()
+        .expect("policy");
+    assert_eq!(policy.num_retries, 3);
+    assert_eq!(policy.retriable_status_codes, [500]);
+    assert!(policy.retries_response(500, None) && !policy.retries_response(503, None));
+    assert!(policy.retries_failure(TryFailure::ConnectFailure));
+    assert!(policy.retries_failure(TryFailure::Reset));
+    assert!(policy.retries_failure(TryFailure::PerTryTimeout));
+    assert_eq!(policy.backoff_base, Duration::from_millis(25));
+    let policy = forward_at(&l, "/retry/code-all-attempts-2")
+        .retry
+        .clone()
+        .expect("policy");
+    assert_eq!(policy.num_retries, 2);
+    assert_eq!(policy.retriable_status_codes, [500, 502, 503, 504]);
+
+    let l = load("manifests/httproute-retry-connection-error.yaml");
+    let policy = forward_at(&l, "/retry/no-status-code-attempts-3")
+        .retry
+        .clone()
+        .expect("policy");
+    assert_eq!(policy.num_retries, 3);
+    assert!(policy.retriable_status_codes.is_empty());
+    assert!(!policy.retries_response(500, None));
+
+    // backendRequest is the per-try timeout, request the bound on all tries.
+    let l = load("manifests/httproute-retry-with-timeouts.yaml");
+    let f = forward_at(&l, "/retry/request-timeout-200ms");
+    assert_eq!(f.retry.as_ref().map(|p| p.num_retries), Some(5));
+    assert_eq!(f.backend_timeout, Some(Duration::from_millis(200)));
+    assert_eq!(f.timeout, Some(Duration::from_millis(400)));
+
+    // No retry: no retries (unlike Istio routes, Gateway API routes have no default policy).
+    let l = load("manifests/httproute-timeout-backend-request.yaml");
+    assert_eq!(forward_at(&l, "/backend-timeout").retry, None);
+}
+
+#[test]
+fn retry_defaults_backoff_and_zero_attempts() {
+    let l = load_with(
+        "",
+        &route_yaml(
+            "  - matches: [{path: {value: /a}}]\n    retry: {codes: [503]}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {value: /b}}]\n    retry: {attempts: 0}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {value: /c}}]\n    retry: {attempts: 1, backoff: 100ms}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+        &[],
+    );
+    let policy = forward_at(&l, "/a").retry.clone().expect("policy");
+    assert_eq!(policy.num_retries, 2, "attempts default to 2");
+    assert_eq!(forward_at(&l, "/b").retry, None);
+    let policy = forward_at(&l, "/c").retry.clone().expect("policy");
+    assert_eq!(policy.backoff_base, Duration::from_millis(100));
+    assert_eq!(policy.backoff_max, Duration::from_secs(1));
+}
+
 // ---------------------------------------------------------------- errors
+
+#[test]
+fn error_bad_retry_values_name_their_fields() {
+    let e = errors_of(
+        "",
+        &route_yaml(
+            "  - retry: {codes: [500, 200], attempts: -2, backoff: soon}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+    );
+    let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.rules[0].retry.codes[1]",
+            "spec.rules[0].retry.attempts",
+            "spec.rules[0].retry.backoff"
+        ]
+    );
+    assert!(e[0].message.contains("between 400 and 599"), "{}", e[0].message);
+}
 
 fn route_yaml(rules: &str) -> String {
     format!(
@@ -941,11 +1029,8 @@ spec: {}
 fn unsupported_fields_are_warnings_with_paths() {
     let l = load("manifests/httproute-retry.yaml");
     assert!(
-        l.compiled
-            .warnings
-            .iter()
-            .any(|w| w.field == "spec.rules[0].retry" && w.message.contains("not supported yet")),
-        "{:?}",
+        !l.compiled.warnings.iter().any(|w| w.field.contains("retry")),
+        "retry is implemented: {:?}",
         l.compiled.warnings
     );
     // Deployments and ConfigMaps of base.yaml are ignored with a warning.

@@ -1,10 +1,13 @@
 //! End-to-end: Istio YAML → snapshot, and one test per validation error.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use http::HeaderMap;
 use meshgate_model::matcher::RequestInfo;
-use meshgate_model::snapshot::{Discovery, HashKey, LoadBalancer, RouteAction, Snapshot, UpstreamProtocol};
+use meshgate_model::snapshot::{
+    Discovery, HashKey, LoadBalancer, RetryOn, RetryPolicy, RouteAction, Snapshot, TryFailure, UpstreamProtocol,
+};
 use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
 
 fn load_at(file: &Path, yaml: &str) -> Result<Compiled, Findings> {
@@ -560,8 +563,145 @@ fn unsupported_fields_are_warnings_with_paths() {
         "  - retries: {attempts: 3}\n    fault: {abort: {httpStatus: 500}}\n    route: [{destination: {host: reviews}}]\n",
     ));
     let fields: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
-    assert!(fields.contains(&"spec.http[0].retries"), "{fields:?}");
+    assert!(
+        !fields.contains(&"spec.http[0].retries"),
+        "retries are implemented: {fields:?}"
+    );
     assert!(fields.contains(&"spec.http[0].fault"), "{fields:?}");
+}
+
+/// The retry policy of the only route of a VirtualService bound to the gateway.
+fn retry_of(http: &str) -> Option<RetryPolicy> {
+    let c = ok(&format!(
+        "{GATEWAY}\n---\n{}",
+        vs_with(http).replace("hosts: [reviews]\n", "hosts: [\"*\"]\n  gateways: [bookinfo-gateway]\n")
+    ));
+    match &c.snapshot.listeners[0].routes.virtual_hosts[0].routes[0].action {
+        RouteAction::Forward(f) => f.retry.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn retries_default_to_istios_policy() {
+    let policy = retry_of("  - route: [{destination: {host: reviews}}]\n").expect("default policy");
+    assert_eq!(policy.num_retries, 2);
+    assert_eq!(
+        policy.retry_on,
+        RetryOn::CONNECT_FAILURE
+            | RetryOn::REFUSED_STREAM
+            | RetryOn::GRPC_UNAVAILABLE
+            | RetryOn::GRPC_CANCELLED
+            | RetryOn::RETRIABLE_STATUS_CODES
+    );
+    assert_eq!(policy.retriable_status_codes, [503]);
+    assert_eq!(policy.per_try_timeout, None);
+    assert_eq!(policy.backoff_base, Duration::from_millis(25));
+    assert_eq!(policy.backoff_max, Duration::from_millis(250));
+    assert!(policy.avoid_previous_hosts);
+    assert!(policy.retries_response(503, None) && !policy.retries_response(500, None));
+    assert!(policy.retries_response(200, Some(14)) && !policy.retries_response(200, Some(13)));
+    assert!(policy.retries_failure(TryFailure::ConnectFailure));
+    assert!(!policy.retries_failure(TryFailure::Reset));
+    assert!(!policy.retries_failure(TryFailure::PerTryTimeout));
+}
+
+#[test]
+fn retries_compile_attempts_timeouts_conditions_and_codes() {
+    let policy = retry_of(
+        "  - retries: {attempts: 4, perTryTimeout: 250ms, retryOn: \"gateway-error,409, retriable-4xx\", backoff: 10ms, retryRemoteLocalities: true}\n    route: [{destination: {host: reviews}}]\n",
+    )
+    .expect("policy");
+    assert_eq!(policy.num_retries, 4);
+    assert_eq!(policy.per_try_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(
+        policy.retry_on,
+        RetryOn::GATEWAY_ERROR | RetryOn::RETRIABLE_4XX | RetryOn::RETRIABLE_STATUS_CODES
+    );
+    assert_eq!(policy.retriable_status_codes, [409]);
+    assert_eq!(policy.backoff_base, Duration::from_millis(10));
+    assert_eq!(policy.backoff_max, Duration::from_millis(100));
+    assert!(policy.retries_response(502, None) && !policy.retries_response(500, None));
+    assert!(policy.retries_failure(TryFailure::PerTryTimeout) && policy.retries_failure(TryFailure::Reset));
+
+    // Attempts without retryOn keep Istio's default conditions.
+    let policy = retry_of("  - retries: {attempts: 1}\n    route: [{destination: {host: reviews}}]\n").expect("policy");
+    assert_eq!(policy.num_retries, 1);
+    assert_eq!(policy.retriable_status_codes, [503]);
+    // A bare status code implies retriable-status-codes and replaces the default 503.
+    let policy =
+        retry_of("  - retries: {attempts: 2, retryOn: \"500\"}\n    route: [{destination: {host: reviews}}]\n")
+            .expect("policy");
+    assert_eq!(policy.retry_on, RetryOn::RETRIABLE_STATUS_CODES);
+    assert_eq!(policy.retriable_status_codes, [500]);
+    let policy = retry_of(
+        "  - retries: {attempts: 2, retryIgnorePreviousHosts: false}\n    route: [{destination: {host: reviews}}]\n",
+    )
+    .expect("policy");
+    assert!(!policy.avoid_previous_hosts);
+}
+
+#[test]
+fn zero_attempts_disable_retries() {
+    assert_eq!(
+        retry_of("  - retries: {attempts: 0}\n    route: [{destination: {host: reviews}}]\n"),
+        None
+    );
+    let c = ok(&vs_with(
+        "  - retries: {attempts: 0, perTryTimeout: 1s}\n    route: [{destination: {host: reviews}}]\n",
+    ));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.field == "spec.http[0].retries" && w.message.contains("attempts is 0")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn error_bad_retry_values_name_their_fields() {
+    for (retries, field, text) in [
+        ("{attempts: -1}", "spec.http[0].retries.attempts", "between 0"),
+        (
+            "{attempts: 2, perTryTimeout: \"10\"}",
+            "spec.http[0].retries.perTryTimeout",
+            "missing unit",
+        ),
+        (
+            "{attempts: 2, perTryTimeout: 100us}",
+            "spec.http[0].retries.perTryTimeout",
+            "minimum of 1ms",
+        ),
+        (
+            "{attempts: 2, retryOn: \"5xx,sometimes\"}",
+            "spec.http[0].retries.retryOn",
+            "\"sometimes\" is not a retry condition",
+        ),
+        (
+            "{attempts: 2, retryOn: \"600\"}",
+            "spec.http[0].retries.retryOn",
+            "not an HTTP status code",
+        ),
+        (
+            "{attempts: 2, retryOn: \"retriable-headers\"}",
+            "spec.http[0].retries.retryOn",
+            "not supported",
+        ),
+        (
+            "{attempts: 2, backoff: fast}",
+            "spec.http[0].retries.backoff",
+            "duration",
+        ),
+        ("{attempts: 2, tries: 3}", "spec.http[0].retries.tries", "unknown field"),
+    ] {
+        let e = errors(&vs_with(&format!(
+            "  - retries: {retries}\n    route: [{{destination: {{host: reviews}}}}]\n"
+        )));
+        assert_eq!(e.len(), 1, "{retries}: {e:?}");
+        assert_eq!(e[0].field, field, "{retries}");
+        assert!(e[0].message.contains(text), "{retries}: {}", e[0].message);
+    }
 }
 
 #[test]

@@ -1,12 +1,15 @@
 //! Body types on both sides of the proxy.
 //!
 //! Bodies stream through untouched; only replies the proxy makes itself carry a buffered
-//! body. Enums rather than boxed trait objects keep the request path free of allocations.
+//! body, and request bodies of routes that retry keep a bounded copy for replay. Enums rather
+//! than boxed trait objects keep the request path free of allocations.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
@@ -94,20 +97,26 @@ pub enum UpstreamBody {
     },
     /// A body the proxy holds whole.
     Buffered(Full<Bytes>),
+    /// One try's view of a [`ReplayableBody`].
+    Replay(ReplayReader),
 }
+
+/// Why an upstream request body stopped.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            UpstreamBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Streaming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             UpstreamBody::Prefixed { first, rest } => match first.take() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
             },
             UpstreamBody::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            UpstreamBody::Replay(r) => r.poll_frame(cx),
         }
     }
 
@@ -116,6 +125,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Streaming(b) => b.is_end_stream(),
             UpstreamBody::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
             UpstreamBody::Buffered(b) => b.is_end_stream(),
+            UpstreamBody::Replay(r) => r.is_end_stream(),
         }
     }
 
@@ -133,6 +143,151 @@ impl Body for UpstreamBody {
                 hint
             }
             UpstreamBody::Buffered(b) => b.size_hint(),
+            UpstreamBody::Replay(r) => r.size_hint(),
         }
+    }
+}
+
+/// Request body bytes kept for replay: a body larger than this is streamed without a copy and
+/// its request is not retried (Envoy's per-request buffer limit for retries and shadowing).
+pub const REPLAY_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// A request body that can be sent again by a retry.
+///
+/// The body still streams: each try reads what earlier tries already read from the copy, then
+/// pulls further frames from the downstream, keeping a copy while the total stays within
+/// [`REPLAY_BUFFER_LIMIT`]. Only the newest try may read; an abandoned try whose connection is
+/// still sending (after a per-try timeout, or an early error response) gets an error, so that
+/// connection is aborted instead of racing the retry for the downstream body.
+pub struct ReplayableBody {
+    shared: Arc<Mutex<ReplayState>>,
+}
+
+struct ReplayState {
+    /// The downstream body not read yet; `None` once it ended.
+    source: Option<UpstreamBody>,
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    copied: usize,
+    /// The body outgrew the copy (or the downstream body failed): no replay is possible.
+    lost: bool,
+    /// The try allowed to read.
+    current_try: u32,
+}
+
+impl ReplayableBody {
+    pub fn new(source: UpstreamBody) -> Self {
+        ReplayableBody {
+            shared: Arc::new(Mutex::new(ReplayState {
+                source: Some(source),
+                chunks: Vec::new(),
+                trailers: None,
+                copied: 0,
+                lost: false,
+                current_try: 0,
+            })),
+        }
+    }
+
+    /// Whether a new try can send the whole body again.
+    pub fn replayable(&self) -> bool {
+        !locked(&self.shared).lost
+    }
+
+    /// The body for the next try; earlier tries' readers stop with an error.
+    pub fn next_try(&self) -> UpstreamBody {
+        let mut state = locked(&self.shared);
+        state.current_try = state.current_try.wrapping_add(1);
+        UpstreamBody::Replay(ReplayReader {
+            shared: self.shared.clone(),
+            try_number: state.current_try,
+            next_chunk: 0,
+            trailers_sent: false,
+        })
+    }
+}
+
+fn locked(m: &Mutex<ReplayState>) -> MutexGuard<'_, ReplayState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One try's position in a [`ReplayableBody`].
+pub struct ReplayReader {
+    shared: Arc<Mutex<ReplayState>>,
+    try_number: u32,
+    next_chunk: usize,
+    trailers_sent: bool,
+}
+
+impl ReplayReader {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut guard = locked(&self.shared);
+        let state = &mut *guard;
+        if state.current_try != self.try_number {
+            return Poll::Ready(Some(Err("request body taken over by a retry".into())));
+        }
+        if let Some(chunk) = state.chunks.get(self.next_chunk) {
+            self.next_chunk += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        let Some(source) = state.source.as_mut() else {
+            if !self.trailers_sent
+                && let Some(t) = &state.trailers
+            {
+                self.trailers_sent = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+            }
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.source = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                state.source = None;
+                state.lost = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    state.copied += data.len();
+                    if state.copied > REPLAY_BUFFER_LIMIT {
+                        state.lost = true;
+                        state.chunks = Vec::new();
+                    } else if !state.lost {
+                        state.chunks.push(data.clone());
+                        self.next_chunk = state.chunks.len();
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    state.trailers = Some(t.clone());
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = locked(&self.shared);
+        state.source.is_none()
+            && self.next_chunk >= state.chunks.len()
+            && (self.trailers_sent || state.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let state = locked(&self.shared);
+        let copied: u64 = state.chunks.iter().skip(self.next_chunk).map(|c| c.len() as u64).sum();
+        let rest = state
+            .source
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + copied);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + copied);
+        }
+        hint
     }
 }

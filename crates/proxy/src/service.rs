@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
@@ -16,16 +17,17 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RouteAction,
-    UpstreamProtocol,
+    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RetryPolicy,
+    RouteAction, TryFailure, UpstreamProtocol,
 };
+use tokio::time::Instant;
 
 use crate::Shared;
-use crate::body::{self, ResponseBody, UpstreamBody};
+use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody};
 use crate::cors;
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
-use crate::upstream::pool::UpstreamError;
+use crate::upstream::pool::{EndpointPool, PoolReturn, UpstreamError};
 
 /// What the request path knows about the connection a request arrived on.
 pub struct Connection {
@@ -247,19 +249,20 @@ async fn forward_request(
     let destination = &forward.destinations[pick];
 
     // Endpoint selection: the pool to use, the address to connect to, the endpoint index.
-    let target = if cluster.is_original_destination() {
-        original_destination(&req).map(|address| (cluster.pool_for_address(&address), address, None))
-    } else {
-        let hash = match &cluster.config.load_balancer {
-            LoadBalancer::ConsistentHash(key) => hash_key(key, &req, conn.remote),
-            _ => None,
-        };
-        cluster.pick(hash).map(|i| {
-            let address = cluster.endpoints[i].authority.as_str().to_string();
-            (cluster.pool(i).clone(), address, Some(i))
-        })
+    let hash = match &cluster.config.load_balancer {
+        LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => hash_key(key, &req, conn.remote),
+        _ => None,
     };
-    let Some((pool, address, endpoint)) = target else {
+    let target = if cluster.is_original_destination() {
+        original_destination(&req).map(|address| Target {
+            pool: cluster.pool_for_address(&address),
+            address,
+            endpoint: None,
+        })
+    } else {
+        cluster.pick(hash).map(|i| Target::endpoint(cluster, i))
+    };
+    let Some(target) = target else {
         stats.record(503);
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
     };
@@ -321,7 +324,7 @@ async fn forward_request(
         let authority = headers
             .get(header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| cluster_authority(&address));
+            .unwrap_or_else(|| cluster_authority(&target.address));
         let mut uri_parts = http::uri::Parts::default();
         uri_parts.scheme = Some(Scheme::HTTP);
         uri_parts.authority = Some(authority);
@@ -337,45 +340,156 @@ async fn forward_request(
     if !mirroring.mirrors.is_empty() {
         mirroring.send(&parts, hyper::body::Body::is_end_stream(&body));
     }
-    let upstream_req = Request::from_parts(parts, body);
 
+    // Upgrades are never retried: the tunnel's bytes cannot be replayed.
+    let policy = match &forward.retry {
+        Some(policy) if !upgrade => policy,
+        _ => {
+            // Without retries, one upstream try is the whole request: the shorter timeout applies.
+            let timeout = match (forward.timeout, forward.backend_timeout) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let upstream_req = Request::from_parts(parts, body);
+            let outcome = send_try(cluster, &target, use_http2, upstream_req, timeout).await;
+            return finish(outcome, cluster, stats, downstream_upgrade);
+        }
+    };
+
+    let mut retrying = Retrying {
+        policy,
+        cluster,
+        per_try_timeout: match (policy.per_try_timeout, forward.backend_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+        deadline: forward.timeout.map(|t| Instant::now() + t),
+        body: if hyper::body::Body::is_end_stream(&body) {
+            ReplaySource::Empty
+        } else {
+            ReplaySource::Body(ReplayableBody::new(body))
+        },
+        retries: 0,
+        tried: Vec::new(),
+        budget: None,
+    };
+    let mut target = target;
+    loop {
+        let upstream_req = Request::from_parts(clone_parts(&parts), retrying.body.next_try());
+        let Some(timeout) = retrying.try_timeout() else {
+            return route_timeout(stats);
+        };
+        let outcome = send_try(cluster, &target, use_http2, upstream_req, timeout).await;
+        let retriable = match &outcome {
+            Ok((resp, _)) => policy.retries_response(resp.status().as_u16(), grpc_status(resp.headers())),
+            Err(TryError::Timeout) if retrying.deadline_passed() => return route_timeout(stats),
+            Err(TryError::Timeout) => {
+                cluster.stats.per_try_timeouts.fetch_add(1, Relaxed);
+                policy.retries_failure(TryFailure::PerTryTimeout)
+            }
+            Err(TryError::Upstream(e)) => policy.retries_failure(e.failure()),
+        };
+        if !retriable || !retrying.admit_retry() {
+            if retrying.retries > 0 && !retriable && outcome.is_ok() {
+                cluster.stats.retry_successes.fetch_add(1, Relaxed);
+            }
+            return finish(outcome, cluster, stats, None);
+        }
+        // The failed response is dropped unread, which closes its connection, as Envoy resets
+        // the upstream stream of a try it retries.
+        drop(outcome);
+        if retrying.back_off().await.is_err() {
+            return route_timeout(stats);
+        }
+        if let Some(i) = target.endpoint {
+            retrying.tried.push(i);
+            // Istio leaves the previous-hosts predicate out for consistent hashing: a retry
+            // stays on the endpoint the key maps to.
+            let consistent_hash = matches!(cluster.config.load_balancer, LoadBalancer::ConsistentHash(_));
+            let avoid = policy.avoid_previous_hosts && !consistent_hash;
+            if let Some(next) = retrying.next_endpoint(hash, avoid) {
+                target = Target::endpoint(cluster, next);
+            }
+        }
+    }
+}
+
+/// Where a try goes.
+struct Target {
+    pool: Arc<EndpointPool>,
+    /// `host:port` to connect to.
+    address: String,
+    /// Index in the cluster's endpoints; `None` for original-destination clusters.
+    endpoint: Option<usize>,
+}
+
+impl Target {
+    fn endpoint(cluster: &ClusterRuntime, i: usize) -> Self {
+        Target {
+            pool: cluster.pool(i).clone(),
+            address: cluster.endpoints[i].authority.as_str().to_string(),
+            endpoint: Some(i),
+        }
+    }
+}
+
+/// Why a try ended without a response.
+enum TryError {
+    Upstream(UpstreamError),
+    /// The try's time ran out: its per-try timeout, or the route's overall one.
+    Timeout,
+}
+
+type TryResult = Result<(Response<Incoming>, Option<PoolReturn>), TryError>;
+
+/// Sends one try upstream and waits for its response headers.
+async fn send_try(
+    cluster: &ClusterRuntime,
+    target: &Target,
+    use_http2: bool,
+    req: Request<UpstreamBody>,
+    timeout: Option<Duration>,
+) -> TryResult {
     cluster.stats.requests.fetch_add(1, Relaxed);
-    let in_flight = InFlight::start(cluster, endpoint);
+    let _in_flight = InFlight::start(cluster, target.endpoint);
     let sent = async {
         if use_http2 {
-            pool.send_http2(&address, &cluster.stats, upstream_req)
+            target
+                .pool
+                .send_http2(&target.address, &cluster.stats, req)
                 .await
                 .map(|r| (r, None))
         } else {
-            pool.send_http1(&address, &cluster.stats, upstream_req)
+            target
+                .pool
+                .send_http1(&target.address, &cluster.stats, req)
                 .await
                 .map(|(r, ret)| (r, Some(ret)))
         }
     };
-    // Without retries, one upstream try is the whole request: the shorter timeout applies.
-    let timeout = match (forward.timeout, forward.backend_timeout) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
     let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                drop(in_flight);
-                stats.record(504);
-                return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
-            }
-        },
+        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TryError::Timeout)?,
         None => sent.await,
     };
-    drop(in_flight);
-    let (mut resp, pool_return) = match result {
+    result.map_err(TryError::Upstream)
+}
+
+/// The downstream response for the last try: the upstream's response as-is, or Envoy's local
+/// reply for a failure without one.
+fn finish(
+    outcome: TryResult,
+    cluster: &ClusterRuntime,
+    stats: &RouteStats,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ResponseBody> {
+    let (mut resp, pool_return) = match outcome {
         Ok(r) => r,
-        Err(e) => {
+        Err(TryError::Timeout) => return route_timeout(stats),
+        Err(TryError::Upstream(e)) => {
             stats.record(503);
             let text = match e {
                 UpstreamError::Connect(_) => CONNECT_FAILURE,
-                UpstreamError::Reset(_) => CONNECTION_TERMINATION,
+                UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => CONNECTION_TERMINATION,
             };
             tracing::debug!(cluster = %cluster.config.name, error = ?e, "upstream request failed");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, text);
@@ -400,6 +514,183 @@ async fn forward_request(
     }
     remove_hop_by_hop(resp.headers_mut(), false);
     resp.map(|b| ResponseBody::upstream(b, pool_return))
+}
+
+fn route_timeout(stats: &RouteStats) -> Response<ResponseBody> {
+    stats.record(504);
+    local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT)
+}
+
+/// The request as each try sends it (hyper consumes the request it sends).
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+/// The gRPC status of a trailers-only response (the status in the headers).
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The request body as tries send it.
+enum ReplaySource {
+    /// No body: every try sends an empty one.
+    Empty,
+    Body(ReplayableBody),
+}
+
+impl ReplaySource {
+    fn next_try(&self) -> UpstreamBody {
+        match self {
+            ReplaySource::Empty => UpstreamBody::Buffered(http_body_util::Full::new(bytes::Bytes::new())),
+            ReplaySource::Body(b) => b.next_try(),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            ReplaySource::Empty => true,
+            ReplaySource::Body(b) => b.replayable(),
+        }
+    }
+}
+
+/// Envoy's default `host_selection_retry_max_attempts` in Istio: how often a retry re-picks
+/// an endpoint that was already tried before taking another one.
+const HOST_SELECTION_ATTEMPTS: usize = 5;
+
+/// Envoy's default retry budget: retries in flight may be this share (percent) of the
+/// cluster's active requests...
+const RETRY_BUDGET_PERCENT: u64 = 20;
+/// ...but at least this many.
+const RETRY_BUDGET_MIN_CONCURRENCY: u64 = 3;
+
+/// State of one request on a route with a retry policy.
+struct Retrying<'a> {
+    policy: &'a RetryPolicy,
+    cluster: &'a ClusterRuntime,
+    per_try_timeout: Option<Duration>,
+    /// End of the route's overall timeout, which bounds every try and backoff.
+    deadline: Option<Instant>,
+    body: ReplaySource,
+    /// Retries admitted so far.
+    retries: u32,
+    /// Endpoints tried so far (empty until the first retry, so no allocation before).
+    tried: Vec<usize>,
+    /// The admitted retry, counted against the budget until the next one or the end.
+    budget: Option<RetryInFlight<'a>>,
+}
+
+impl Retrying<'_> {
+    /// The next try's timeout; `None` when the route's deadline has already passed.
+    fn try_timeout(&self) -> Option<Option<Duration>> {
+        let Some(deadline) = self.deadline else {
+            return Some(self.per_try_timeout);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        Some(Some(self.per_try_timeout.map_or(left, |t| t.min(left))))
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether another try may be sent: retries left, the body still replayable, and room in
+    /// the cluster's retry budget (else the last outcome stands, counted as an overflow).
+    fn admit_retry(&mut self) -> bool {
+        if self.retries >= self.policy.num_retries || !self.body.replayable() {
+            return false;
+        }
+        self.budget = None;
+        let Some(admitted) = RetryInFlight::admit(self.cluster) else {
+            self.cluster.stats.retry_overflows.fetch_add(1, Relaxed);
+            return false;
+        };
+        self.budget = Some(admitted);
+        self.retries += 1;
+        self.cluster.stats.retries.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Waits Envoy's jittered exponential backoff before retry number `self.retries`: a random
+    /// time up to `(2^n - 1) * base`, capped at the policy's maximum. `Err` when the route's
+    /// deadline comes first (after waiting for it).
+    async fn back_off(&self) -> Result<(), ()> {
+        let wait = backoff_ceiling(self.policy, self.retries).mul_f64(fastrand::f64());
+        match self.deadline {
+            Some(d) if Instant::now() + wait >= d => {
+                tokio::time::sleep_until(d).await;
+                Err(())
+            }
+            _ => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The endpoint for the next try. With `avoid_tried` (Envoy's `previous_hosts` predicate)
+    /// the balancer is asked again up to [`HOST_SELECTION_ATTEMPTS`] times for one not tried
+    /// yet; if it keeps answering tried ones, the first untried endpoint is taken, so a retry
+    /// never lands on a failed endpoint while another is left.
+    fn next_endpoint(&self, hash: Option<u64>, avoid_tried: bool) -> Option<usize> {
+        let mut pick = self.cluster.pick(hash)?;
+        if !avoid_tried {
+            return Some(pick);
+        }
+        for _ in 1..HOST_SELECTION_ATTEMPTS {
+            if !self.tried.contains(&pick) {
+                return Some(pick);
+            }
+            pick = self.cluster.pick(hash)?;
+        }
+        if !self.tried.contains(&pick) {
+            return Some(pick);
+        }
+        Some(
+            (0..self.cluster.endpoints.len())
+                .find(|i| !self.tried.contains(i))
+                .unwrap_or(pick),
+        )
+    }
+}
+
+/// The longest backoff before retry number `retry` (1 for the first): `(2^n - 1) * base`,
+/// capped at the policy's maximum.
+fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
+    let factor = (1u32 << retry.min(16)) - 1;
+    policy.backoff_base.saturating_mul(factor).min(policy.backoff_max)
+}
+
+/// A retry counted against its cluster's retry budget while alive.
+struct RetryInFlight<'a>(&'a ClusterRuntime);
+
+impl<'a> RetryInFlight<'a> {
+    fn admit(cluster: &'a ClusterRuntime) -> Option<Self> {
+        let active = cluster.stats.requests_active.load(Relaxed);
+        let limit = (active * RETRY_BUDGET_PERCENT / 100).max(RETRY_BUDGET_MIN_CONCURRENCY);
+        let before = cluster.stats.retries_active.fetch_add(1, Relaxed);
+        if before >= limit {
+            cluster.stats.retries_active.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(RetryInFlight(cluster))
+    }
+}
+
+impl Drop for RetryInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.stats.retries_active.fetch_sub(1, Relaxed);
+    }
 }
 
 /// The route's request mirrors and the clusters they point at.
@@ -813,5 +1104,105 @@ mod tests {
         assert_eq!(host_of("Example.COM:8080"), "example.com");
         assert_eq!(host_of("[::1]:80"), "[::1]");
         assert_eq!(host_of("plain"), "plain");
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_maximum() {
+        let policy = RetryPolicy::istio_default();
+        let ceilings: Vec<u128> = (1..=6).map(|n| backoff_ceiling(&policy, n).as_millis()).collect();
+        assert_eq!(ceilings, [25, 75, 175, 250, 250, 250]);
+        assert_eq!(backoff_ceiling(&policy, u32::MAX), Duration::from_millis(250));
+    }
+
+    fn test_cluster(endpoints: usize) -> ClusterRuntime {
+        let config = meshgate_model::snapshot::Cluster {
+            name: "c".into(),
+            service: "s".into(),
+            subset: String::new(),
+            port: 80,
+            protocol: UpstreamProtocol::Http1,
+            load_balancer: LoadBalancer::RoundRobin,
+            discovery: meshgate_model::snapshot::Discovery::Static,
+            endpoints: (0..endpoints)
+                .map(|i| meshgate_model::snapshot::Endpoint {
+                    address: format!("127.0.0.{}", i + 1),
+                    port: 80,
+                    weight: 1,
+                    labels: Default::default(),
+                })
+                .collect(),
+        };
+        ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
+    }
+
+    #[test]
+    fn retry_budget_is_a_fifth_of_active_requests_but_at_least_three() {
+        let cluster = test_cluster(1);
+        let admitted: Vec<_> = (0..5).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        assert_eq!(admitted.len(), 3);
+        drop(admitted);
+        assert_eq!(cluster.stats.retries_active.load(Relaxed), 0);
+        cluster.stats.requests_active.store(50, Relaxed);
+        let admitted: Vec<_> = (0..20).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        assert_eq!(admitted.len(), 10);
+    }
+
+    #[test]
+    fn retries_pick_endpoints_not_tried_yet() {
+        let cluster = test_cluster(3);
+        let policy = RetryPolicy::istio_default();
+        let mut retrying = Retrying {
+            policy: &policy,
+            cluster: &cluster,
+            per_try_timeout: None,
+            deadline: None,
+            body: ReplaySource::Empty,
+            retries: 0,
+            tried: vec![0, 1],
+            budget: None,
+        };
+        for _ in 0..10 {
+            assert_eq!(retrying.next_endpoint(None, true), Some(2));
+        }
+        retrying.tried.push(2);
+        assert!(retrying.next_endpoint(None, true).is_some(), "all tried: any endpoint");
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn source(bytes: &'static [u8]) -> UpstreamBody {
+        UpstreamBody::Buffered(http_body_util::Full::new(bytes::Bytes::from_static(bytes)))
+    }
+
+    #[tokio::test]
+    async fn every_try_sends_the_whole_body() {
+        let body = ReplayableBody::new(source(b"hello"));
+        for _ in 0..3 {
+            let sent = body.next_try().collect().await.expect("body").to_bytes();
+            assert_eq!(&sent[..], b"hello");
+            assert!(body.replayable());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_try_can_no_longer_read() {
+        let body = ReplayableBody::new(source(b"hello"));
+        let mut first = body.next_try();
+        let second = body.next_try();
+        assert!(first.frame().await.expect("frame").is_err());
+        assert_eq!(&second.collect().await.expect("body").to_bytes()[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_not_replayable() {
+        static BIG: [u8; body::REPLAY_BUFFER_LIMIT + 1] = [b'x'; body::REPLAY_BUFFER_LIMIT + 1];
+        let body = ReplayableBody::new(source(&BIG));
+        let sent = body.next_try().collect().await.expect("body").to_bytes();
+        assert_eq!(sent.len(), BIG.len(), "the first try still gets all of it");
+        assert!(!body.replayable());
     }
 }

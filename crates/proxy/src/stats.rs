@@ -49,6 +49,17 @@ pub struct UpstreamStats {
     pub connect_failures: AtomicU64,
     pub requests: AtomicU64,
     pub requests_active: AtomicU64,
+    /// Retries sent (Envoy's `upstream_rq_retry`).
+    pub retries: AtomicU64,
+    /// Requests whose retry got a response that needed no further retry
+    /// (`upstream_rq_retry_success`).
+    pub retry_successes: AtomicU64,
+    /// Retries not sent because the retry budget was used up (`upstream_rq_retry_overflow`).
+    pub retry_overflows: AtomicU64,
+    /// Tries that hit their per-try timeout (`upstream_rq_per_try_timeout`).
+    pub per_try_timeouts: AtomicU64,
+    /// Retries in flight now, for the retry budget.
+    pub retries_active: AtomicU64,
 }
 
 /// Downstream figures for one listener.
@@ -113,7 +124,7 @@ impl Stats {
         }
         let upstreams = locked(&self.upstreams);
         type Field = fn(&UpstreamStats) -> &AtomicU64;
-        let upstream_metrics: [(&str, &str, &str, Field); 5] = [
+        let upstream_metrics: [(&str, &str, &str, Field); 10] = [
             (
                 "meshgate_upstream_connections_total",
                 "counter",
@@ -143,6 +154,36 @@ impl Stats {
                 "gauge",
                 "Upstream requests in flight.",
                 |s| &s.requests_active,
+            ),
+            (
+                "meshgate_upstream_retries_total",
+                "counter",
+                "Retries sent upstream (upstream_rq_retry).",
+                |s| &s.retries,
+            ),
+            (
+                "meshgate_upstream_retry_successes_total",
+                "counter",
+                "Requests whose retries ended in a response needing no further retry.",
+                |s| &s.retry_successes,
+            ),
+            (
+                "meshgate_upstream_retry_overflows_total",
+                "counter",
+                "Retries not sent because the cluster's retry budget was used up.",
+                |s| &s.retry_overflows,
+            ),
+            (
+                "meshgate_upstream_per_try_timeouts_total",
+                "counter",
+                "Tries that hit the per-try timeout.",
+                |s| &s.per_try_timeouts,
+            ),
+            (
+                "meshgate_upstream_retries_active",
+                "gauge",
+                "Retries in flight now.",
+                |s| &s.retries_active,
             ),
         ];
         for (name, kind, help, field) in upstream_metrics {

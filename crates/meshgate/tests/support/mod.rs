@@ -2,14 +2,14 @@
 //! and clients that talk to it over real sockets.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,16 +43,80 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// An echo upstream: answers every request with a JSON description of what it received.
+/// An echo upstream: answers every request with a JSON description of what it received
+/// (the body's first 64 KiB included as `body`).
 ///
 /// Paths with special meaning: `/delay/MS` answers after MS milliseconds; `/status/NNN`
 /// answers with that status; `/bytes/N` streams N
 /// bytes; `/trailers` answers with `grpc-status: 0` trailers; an `Upgrade: websocket` request
-/// is switched and every byte is echoed back.
+/// is switched and every byte is echoed back; `/reset-on/NAME` resets the connection (TCP RST)
+/// when this echo is called NAME. `/retry...` simulates failing tries as the Gateway API
+/// conformance echo does: per `uuid`, the first `succeedAfter` requests wait `delayRetry` (e.g.
+/// `300ms`) and then fail with status `responseCode`, or with a connection reset when no
+/// `responseCode` is given; later ones are echoed.
 pub struct Echo {
     pub name: String,
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
+}
+
+/// Per-server state the echo handlers share.
+struct EchoState {
+    name: String,
+    requests: Arc<AtomicUsize>,
+    /// `/retry` failures so far, by `uuid`.
+    retry_attempts: Mutex<HashMap<String, u32>>,
+}
+
+/// The echo's error: hyper closes the connection without a response, and the connection's
+/// [`ResettingStream`] then resets it.
+type EchoError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A TCP stream closed with RST (`SO_LINGER` 0) instead of FIN when `reset` is set before it
+/// is dropped.
+struct ResettingStream {
+    io: tokio::net::TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for ResettingStream {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = self.io.set_zero_linger();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ResettingStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ResettingStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 impl Echo {
@@ -62,8 +126,11 @@ impl Echo {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
-        let name_owned = name.to_string();
-        let counter = requests.clone();
+        let state = Arc::new(EchoState {
+            name: name.to_string(),
+            requests: requests.clone(),
+            retry_attempts: Mutex::default(),
+        });
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -75,12 +142,16 @@ impl Echo {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let name = name_owned.clone();
-                    let counter = counter.clone();
+                    let state = state.clone();
+                    let reset = Arc::new(AtomicBool::new(false));
+                    let io = ResettingStream {
+                        io: stream,
+                        reset: reset.clone(),
+                    };
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| echo(req, name.clone(), counter.clone()));
+                        let svc = service_fn(move |req| echo(req, state.clone(), reset.clone()));
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .serve_connection_with_upgrades(TokioIo::new(io), svc)
                             .await;
                     });
                 }
@@ -102,13 +173,64 @@ impl Echo {
     }
 }
 
+/// The value of query parameter `name`.
+pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+}
+
+/// `/retry` of the conformance echo: `Some(status)` to fail with, `Some(None)` to reset the
+/// connection, `None` to answer normally.
+async fn retry_failure(state: &EchoState, query: &str) -> Option<Option<u16>> {
+    let uuid = query_param(query, "uuid").unwrap_or("");
+    let succeed_after: u32 = query_param(query, "succeedAfter")?.parse().ok()?;
+    let fail = {
+        let mut attempts = state.retry_attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = attempts.entry(uuid.to_string()).or_insert(0);
+        let fail = *n < succeed_after;
+        if fail {
+            *n += 1;
+        }
+        fail
+    };
+    if !fail {
+        return None;
+    }
+    if let Some(ms) = query_param(query, "delayRetry").and_then(|d| d.strip_suffix("ms")) {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    Some(query_param(query, "responseCode").and_then(|c| c.parse().ok()))
+}
+
 async fn echo(
     mut req: Request<Incoming>,
-    name: String,
-    counter: Arc<AtomicUsize>,
-) -> Result<Response<BoxBody>, Infallible> {
-    counter.fetch_add(1, Ordering::SeqCst);
+    state: Arc<EchoState>,
+    reset: Arc<AtomicBool>,
+) -> Result<Response<BoxBody>, EchoError> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let name = state.name.clone();
     let path = req.uri().path().to_string();
+    if path.strip_prefix("/reset-on/") == Some(name.as_str()) {
+        reset.store(true, Ordering::SeqCst);
+        return Err("reset requested".into());
+    }
+    if path.starts_with("/retry") {
+        match retry_failure(&state, req.uri().query().unwrap_or("")).await {
+            None => {}
+            Some(Some(code)) => {
+                return Ok(Response::builder()
+                    .status(code)
+                    .header("x-echo-name", name.as_str())
+                    .body(Full::new(Bytes::from_static(b"failed try")).boxed())
+                    .expect("response"));
+            }
+            Some(None) => {
+                reset.store(true, Ordering::SeqCst);
+                return Err("reset requested".into());
+            }
+        }
+    }
     if req.headers().get("upgrade").is_some() {
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -162,12 +284,15 @@ async fn echo(
     // Count the body without keeping it, so huge uploads stay flat in memory.
     let mut body = req.into_body();
     let mut body_len: u64 = 0;
+    let mut body_start = Vec::new();
     let mut trailers = BTreeMap::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Some(d) = f.data_ref() {
                     body_len += d.len() as u64;
+                    let room = (64 * 1024usize).saturating_sub(body_start.len());
+                    body_start.extend_from_slice(&d[..d.len().min(room)]);
                 }
                 if let Some(t) = f.trailers_ref() {
                     for (k, v) in t {
@@ -181,6 +306,7 @@ async fn echo(
     let json = serde_json::json!({
         "name": name, "method": method, "uri": uri, "path": path, "version": version,
         "headers": headers, "body_len": body_len, "trailers": trailers,
+        "body": String::from_utf8_lossy(&body_start),
     });
     let data = Bytes::from(json.to_string());
     if path == "/trailers" {

@@ -66,7 +66,7 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
     ),
     (
         "HTTPRoute",
-        &["useDefaultGateways", "rules[].retry", "rules[].sessionPersistence"],
+        &["useDefaultGateways", "rules[].sessionPersistence"],
     ),
     (
         "ListenerSet",

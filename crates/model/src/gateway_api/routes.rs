@@ -9,15 +9,15 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::types::{
-    CorsFilter, HeaderFilter, HttpBackendRef, HttpRouteFilter, HttpRouteMatch, HttpRouteRule, HttpRouteSpec,
-    PathModifier, RedirectFilter, UrlRewriteFilter,
+    CorsFilter, HeaderFilter, HttpBackendRef, HttpRouteFilter, HttpRouteMatch, HttpRouteRetry, HttpRouteRule,
+    HttpRouteSpec, PathModifier, RedirectFilter, UrlRewriteFilter,
 };
 use super::{BackendRef, Ctx};
 use crate::diag::{Res, at};
 use crate::matcher::{HeaderMatch, PathMatch, QueryMatch, StringMatch};
 use crate::snapshot::{
-    CorsPolicy, DirectResponse, Forward, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, Rewrite,
-    Route, RouteAction, WeightedDestination,
+    CorsPolicy, DirectResponse, Forward, HeaderOps, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RetryOn,
+    RetryPolicy, Rewrite, Route, RouteAction, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -690,6 +690,76 @@ fn timeout(
     }
 }
 
+/// Retries after the first try when `retry` gives no `attempts` (the spec leaves it to the
+/// implementation; Istio and Envoy Gateway use 2).
+const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+
+/// A rule's `retry` (GEP-1731) → [`RetryPolicy`]. `codes` are retriable statuses; failures
+/// without a response (connection refused or reset, and a `backendRequest` timeout) are always
+/// retried, as the conformance tests expect; `attempts` counts retries after the first try;
+/// `backoff` is the base of Envoy's jittered exponential backoff. No `retry`: no retries.
+fn retry_policy(
+    ctx: &mut Ctx<'_, '_, '_>,
+    doc: &Document,
+    rule_path: &str,
+    retry: Option<&HttpRouteRetry>,
+) -> Result<Option<RetryPolicy>, ()> {
+    let Some(retry) = retry else { return Ok(None) };
+    let path = at(rule_path, "retry");
+    let mut ok = true;
+    let mut codes = Vec::new();
+    for (i, &code) in retry.codes.iter().enumerate() {
+        match u16::try_from(code) {
+            Ok(c) if (400..=599).contains(&c) => {
+                if !codes.contains(&c) {
+                    codes.push(c);
+                }
+            }
+            _ => {
+                ctx.diag.error(
+                    doc,
+                    format!("{path}.codes[{i}]"),
+                    format!("status code {code} is not between 400 and 599"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let num_retries = match retry.attempts {
+        None => DEFAULT_RETRY_ATTEMPTS,
+        Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+            ctx.diag.error(
+                doc,
+                at(&path, "attempts"),
+                format!("attempts must be between 0 and {}, found {n}", u32::MAX),
+            );
+            ok = false;
+            0
+        }),
+    };
+    let backoff_base = match retry.backoff.as_deref().map(crate::duration::parse) {
+        None => RetryPolicy::DEFAULT_BACKOFF_BASE,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            ctx.diag.error(doc, at(&path, "backoff"), e);
+            ok = false;
+            Duration::ZERO
+        }
+    };
+    if !ok {
+        return Err(());
+    }
+    Ok((num_retries > 0).then(|| RetryPolicy {
+        num_retries,
+        per_try_timeout: None,
+        retry_on: RetryOn::CONNECT_FAILURE | RetryOn::RESET | RetryOn::REFUSED_STREAM | RetryOn::RETRIABLE_STATUS_CODES,
+        retriable_status_codes: codes,
+        backoff_base,
+        backoff_max: backoff_base.saturating_mul(10),
+        avoid_previous_hosts: true,
+    }))
+}
+
 fn forward(
     ctx: &mut Ctx<'_, '_, '_>,
     doc: &Document,
@@ -709,7 +779,8 @@ fn forward(
         at(&tpath, "backendRequest"),
         t.and_then(|t| t.backend_request.as_deref()),
     );
-    let (Ok(request_timeout), Ok(backend_timeout)) = (request_timeout, backend_timeout) else {
+    let retry = retry_policy(ctx, doc, path, rule.retry.as_ref());
+    let (Ok(request_timeout), Ok(backend_timeout), Ok(retry)) = (request_timeout, backend_timeout, retry) else {
         return None;
     };
     if let (Some(r), Some(b)) = (request_timeout, backend_timeout)
@@ -793,5 +864,6 @@ fn forward(
         rewrite,
         timeout: request_timeout,
         backend_timeout,
+        retry,
     }))
 }

@@ -197,7 +197,7 @@ pub struct HttpRouteRule {
     pub filters: Vec<HttpRouteFilter>,
     pub backend_refs: Option<Vec<HttpBackendRef>>,
     pub timeouts: Option<HttpRouteTimeouts>,
-    pub retry: Option<Value>,
+    pub retry: Option<HttpRouteRetry>,
     pub session_persistence: Option<Value>,
 }
 
@@ -339,6 +339,17 @@ pub struct HttpBackendRef {
 pub struct HttpRouteTimeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
+}
+
+/// `HTTPRouteRetry` (GEP-1731). Numbers are read as `i64` so out-of-range values are
+/// reported by validation with their field path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub codes: Vec<i64>,
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
 }
 
 // ---------------------------------------------------------------- ReferenceGrant

@@ -11,8 +11,8 @@ use super::{Diag, Res, Resources, at};
 use crate::CompileOptions;
 use crate::diag::resource_name;
 use crate::snapshot::{
-    Forward, HeaderOps, Listener, ListenerTls, Route, RouteAction, RouteTable, Snapshot, TlsCertificate, VirtualHost,
-    WeightedDestination,
+    Forward, HeaderOps, Listener, ListenerTls, RetryPolicy, Route, RouteAction, RouteTable, Snapshot, TlsCertificate,
+    VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -391,6 +391,7 @@ fn mesh_routes(vss: &[CompiledVs<'_>], registry: &mut Registry<'_>, port: u16, d
                     rewrite: None,
                     timeout: None,
                     backend_timeout: None,
+                    retry: Some(RetryPolicy::istio_default()),
                 }),
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),

@@ -5,7 +5,8 @@
 //! - [`unsupported`]: warnings for Istio fields meshgate accepts but does not implement yet;
 //! - [`registry`]: services and endpoints (ServiceEntry, WorkloadEntry), DestinationRules,
 //!   and the clusters built from them;
-//! - [`routes`]: VirtualService HTTP routes → snapshot routes;
+//! - [`routes`]: VirtualService HTTP routes → snapshot routes, with [`retries`] for their
+//!   retry policies;
 //! - [`listeners`]: Gateways and the mesh listener, binding VirtualServices to them.
 //!
 //! This module classifies the documents and decodes their specs; [`crate::compile`] runs the
@@ -13,6 +14,7 @@
 
 pub(crate) mod listeners;
 pub(crate) mod registry;
+mod retries;
 pub(crate) mod routes;
 pub mod types;
 mod unsupported;

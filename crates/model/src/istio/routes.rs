@@ -471,6 +471,8 @@ fn forward(
             }
         },
     };
+    let retry = super::retries::policy(doc, path, http.retries.as_ref(), diag);
+    ok &= retry.is_ok();
     let rewrite = match &http.rewrite {
         None => None,
         Some(rw) => {
@@ -516,6 +518,7 @@ fn forward(
             rewrite,
             timeout,
             backend_timeout: None,
+            retry: retry.ok().flatten(),
         })
     })
 }

@@ -132,13 +132,29 @@ pub struct HttpRoute {
     pub timeout: Option<String>,
     pub headers: Option<Headers>,
     pub delegate: Option<Value>,
-    pub retries: Option<Value>,
+    pub retries: Option<HttpRetry>,
     pub fault: Option<Value>,
     pub mirror: Option<Value>,
     pub mirrors: Option<Value>,
     pub mirror_percentage: Option<Value>,
     pub mirror_percent: Option<Value>,
     pub cors_policy: Option<Value>,
+}
+
+/// Istio `HTTPRetry`. Numbers are read as `i64` so a negative or huge value is reported by
+/// validation with its field path rather than as a decoding error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRetry {
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+    /// Locality-aware retries; meshgate has no localities, so this has no effect.
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub retry_remote_localities: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<String>,
 }
 
 /// Istio `StringMatch`: a oneof of `exact`, `prefix`, `regex`.

@@ -1,6 +1,6 @@
 //! Warnings for Istio fields that meshgate accepts but does not implement yet.
 //!
-//! Silently dropping a retry policy or a fault injection would make the proxy behave
+//! Silently dropping a fault injection or a mirror would make the proxy behave
 //! differently from what the user reads in their YAML, so every such field present in a
 //! resource is reported with its exact path. The lists are patterns over the JSON body:
 //! `a[]` walks every element of array `a`.
@@ -14,7 +14,6 @@ const VIRTUAL_SERVICE: &[&str] = &[
     "exportTo",
     "tcp",
     "tls",
-    "http[].retries",
     "http[].fault",
     "http[].mirror",
     "http[].mirrors",

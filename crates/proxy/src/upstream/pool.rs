@@ -15,6 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshgate_model::snapshot::TryFailure;
 use tokio::net::TcpStream;
 
 use super::connector::{CountedStream, DEFAULT_CONNECT_TIMEOUT};
@@ -31,6 +32,32 @@ pub enum UpstreamError {
     Connect(String),
     /// The connection broke before response headers (Envoy's `UC`, "connection termination").
     Reset(String),
+    /// The HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process the
+    /// request, so it is safe to send again.
+    RefusedStream(String),
+}
+
+impl UpstreamError {
+    /// The failure as retry conditions distinguish it.
+    pub fn failure(&self) -> TryFailure {
+        match self {
+            UpstreamError::Connect(_) => TryFailure::ConnectFailure,
+            UpstreamError::Reset(_) => TryFailure::Reset,
+            UpstreamError::RefusedStream(_) => TryFailure::RefusedStream,
+        }
+    }
+
+    fn from_http2(e: hyper::Error) -> Self {
+        // hyper does not expose h2's reason code; h2 names it in the error's text.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.to_string().contains("refused stream") {
+                return UpstreamError::RefusedStream(e.to_string());
+            }
+            source = err.source();
+        }
+        UpstreamError::Reset(e.to_string())
+    }
 }
 
 /// The connections of one worker to one endpoint.
@@ -145,11 +172,8 @@ impl EndpointPool {
                 sender
             }
         };
-        sender.ready().await.map_err(|e| UpstreamError::Reset(e.to_string()))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Reset(e.to_string()))
+        sender.ready().await.map_err(UpstreamError::from_http2)?;
+        sender.send_request(req).await.map_err(UpstreamError::from_http2)
     }
 }
 
