@@ -243,6 +243,26 @@ pub struct RetryPolicy {
     /// Retries avoid the endpoints already tried (Envoy's `previous_hosts` predicate). The data
     /// plane ignores it for consistent-hash clusters, as Istio leaves the predicate out there.
     pub avoid_previous_hosts: bool,
+    /// Caps retries in flight per cluster so a failing upstream never sees a retry storm;
+    /// `None`: only `num_retries` bounds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudget>,
+}
+
+/// Envoy's `retry_budget`: retries in flight may be `percent` of the cluster's active
+/// requests, but at least `min_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetryBudget {
+    pub percent: u32,
+    pub min_concurrency: u32,
+}
+
+impl RetryBudget {
+    /// Envoy's defaults when a budget is configured without values: 20% and 3.
+    pub const ENVOY_DEFAULT: RetryBudget = RetryBudget {
+        percent: 20,
+        min_concurrency: 3,
+    };
 }
 
 impl RetryPolicy {
@@ -264,6 +284,7 @@ impl RetryPolicy {
             backoff_base: Self::DEFAULT_BACKOFF_BASE,
             backoff_max: Self::DEFAULT_BACKOFF_BASE * 10,
             avoid_previous_hosts: true,
+            budget: Some(RetryBudget::ENVOY_DEFAULT),
         }
     }
 

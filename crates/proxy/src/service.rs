@@ -17,8 +17,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RetryPolicy,
-    RouteAction, TryFailure, UpstreamProtocol,
+    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RetryBudget,
+    RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
 };
 use tokio::time::Instant;
 
@@ -563,12 +563,6 @@ impl ReplaySource {
 /// an endpoint that was already tried before taking another one.
 const HOST_SELECTION_ATTEMPTS: usize = 5;
 
-/// Envoy's default retry budget: retries in flight may be this share (percent) of the
-/// cluster's active requests...
-const RETRY_BUDGET_PERCENT: u64 = 20;
-/// ...but at least this many.
-const RETRY_BUDGET_MIN_CONCURRENCY: u64 = 3;
-
 /// State of one request on a route with a retry policy.
 struct Retrying<'a> {
     policy: &'a RetryPolicy,
@@ -609,7 +603,7 @@ impl Retrying<'_> {
             return false;
         }
         self.budget = None;
-        let Some(admitted) = RetryInFlight::admit(self.cluster) else {
+        let Some(admitted) = RetryInFlight::admit(self.cluster, self.policy.budget) else {
             self.cluster.stats.retry_overflows.fetch_add(1, Relaxed);
             return false;
         };
@@ -675,10 +669,14 @@ fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
 struct RetryInFlight<'a>(&'a ClusterRuntime);
 
 impl<'a> RetryInFlight<'a> {
-    fn admit(cluster: &'a ClusterRuntime) -> Option<Self> {
-        let active = cluster.stats.requests_active.load(Relaxed);
-        let limit = (active * RETRY_BUDGET_PERCENT / 100).max(RETRY_BUDGET_MIN_CONCURRENCY);
+    /// Counts a retry in flight; `None` when `budget` has no room for it.
+    fn admit(cluster: &'a ClusterRuntime, budget: Option<RetryBudget>) -> Option<Self> {
         let before = cluster.stats.retries_active.fetch_add(1, Relaxed);
+        let Some(budget) = budget else {
+            return Some(RetryInFlight(cluster));
+        };
+        let active = cluster.stats.requests_active.load(Relaxed);
+        let limit = (active * u64::from(budget.percent) / 100).max(u64::from(budget.min_concurrency));
         if before >= limit {
             cluster.stats.retries_active.fetch_sub(1, Relaxed);
             return None;
@@ -1138,13 +1136,17 @@ mod tests {
     #[test]
     fn retry_budget_is_a_fifth_of_active_requests_but_at_least_three() {
         let cluster = test_cluster(1);
-        let admitted: Vec<_> = (0..5).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        let budget = Some(RetryBudget::ENVOY_DEFAULT);
+        let admitted: Vec<_> = (0..5).filter_map(|_| RetryInFlight::admit(&cluster, budget)).collect();
         assert_eq!(admitted.len(), 3);
         drop(admitted);
         assert_eq!(cluster.stats.retries_active.load(Relaxed), 0);
         cluster.stats.requests_active.store(50, Relaxed);
-        let admitted: Vec<_> = (0..20).filter_map(|_| RetryInFlight::admit(&cluster)).collect();
+        let admitted: Vec<_> = (0..20).filter_map(|_| RetryInFlight::admit(&cluster, budget)).collect();
         assert_eq!(admitted.len(), 10);
+        drop(admitted);
+        let unbudgeted: Vec<_> = (0..20).filter_map(|_| RetryInFlight::admit(&cluster, None)).collect();
+        assert_eq!(unbudgeted.len(), 20, "without a budget only num_retries bounds retries");
     }
 
     #[test]

@@ -64,10 +64,7 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
             "listeners[].tls.options",
         ],
     ),
-    (
-        "HTTPRoute",
-        &["useDefaultGateways", "rules[].sessionPersistence"],
-    ),
+    ("HTTPRoute", &["useDefaultGateways", "rules[].sessionPersistence"]),
     (
         "ListenerSet",
         &["listeners[].tls.frontendValidation", "listeners[].tls.options"],

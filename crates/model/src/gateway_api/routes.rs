@@ -757,6 +757,9 @@ fn retry_policy(
         backoff_base,
         backoff_max: backoff_base.saturating_mul(10),
         avoid_previous_hosts: true,
+        // Gateway API implementations (Envoy Gateway among them) set no retry budget unless a
+        // policy asks for one; its conformance suite sends concurrent retried requests.
+        budget: None,
     }))
 }
 
