@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use meshgate_model::CompileOptions;
 use meshgate_proxy::ProxyOptions;
+use meshgate_proxy::access_log::{AccessLogFormat, AccessLogOptions};
 
 #[derive(Parser)]
 #[command(name = "meshgate", version, about = "Service mesh and API gateway in one binary")]
@@ -68,6 +69,18 @@ struct ProxyArgs {
     /// this long (e.g. `10s`, `500ms`) before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Write an access log line per request to this file (`-` for standard output), in
+    /// Envoy's default format, or JSON with `--access-log-format json`.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    access_log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +170,13 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         workers,
         compile,
         drain_timeout: args.drain_timeout,
+        access_log: args.access_log.map(|path| AccessLogOptions {
+            path,
+            format: match args.access_log_format {
+                LogFormat::Text => AccessLogFormat::Text,
+                LogFormat::Json => AccessLogFormat::Json,
+            },
+        }),
     };
     meshgate_proxy::run(options)
         .map_err(anyhow::Error::msg)

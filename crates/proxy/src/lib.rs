@@ -5,12 +5,14 @@
 //! upstream cluster's pool ([`upstream`]) by [`service`]. Configuration is swapped whole by
 //! [`reload`]; [`admin`] reports readiness, config and [`stats`].
 
+pub mod access_log;
 pub mod active;
 pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod listener;
 pub mod reload;
+pub mod response_flags;
 pub mod service;
 pub mod stats;
 pub mod tls;
@@ -47,6 +49,8 @@ pub struct ProxyOptions {
     pub compile: CompileOptions,
     /// On SIGTERM/SIGINT, how long requests in flight may take to finish before exit.
     pub drain_timeout: Duration,
+    /// Where and how to write access logs; `None`: no access log.
+    pub access_log: Option<access_log::AccessLogOptions>,
 }
 
 /// State shared by the workers, the admin listener and the reloader.
@@ -63,10 +67,19 @@ pub struct Shared {
     pub http: auto::Builder<TokioExecutor>,
     /// Set on SIGTERM: `/ready` fails while requests in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 impl Shared {
-    pub fn new(options: ProxyOptions) -> Self {
+    /// Fails when the access log cannot be opened.
+    pub fn new(options: ProxyOptions) -> Result<Self, String> {
+        let access_log = match &options.access_log {
+            Some(log) => Some(
+                access_log::AccessLog::open(log)
+                    .map_err(|e| format!("cannot open access log {}: {e}", log.path.display()))?,
+            ),
+            None => None,
+        };
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -76,7 +89,7 @@ impl Shared {
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32);
         let ready = (0..options.workers).map(|_| AtomicU64::new(0)).collect();
-        Shared {
+        Ok(Shared {
             options,
             active: ArcSwap::from_pointee(Active::empty()),
             version: watch::channel(0).0,
@@ -84,7 +97,8 @@ impl Shared {
             ready,
             http,
             draining: std::sync::atomic::AtomicBool::new(false),
-        }
+            access_log,
+        })
     }
 
     /// True once a config is active and every worker has bound all of its listeners.
@@ -97,7 +111,7 @@ impl Shared {
 /// Runs the proxy until SIGTERM or SIGINT. Fails if the initial config does not load or the
 /// admin port cannot be bound.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
-    let shared = Arc::new(Shared::new(options));
+    let shared = Arc::new(Shared::new(options)?);
     reload::reload(&shared).map_err(|e| format!("initial configuration: {e}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,8 +23,10 @@ use meshgate_model::snapshot::{
 use tokio::time::Instant;
 
 use crate::Shared;
+use crate::access_log::{self, UpstreamHost, UpstreamInfo};
 use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody};
 use crate::cors;
+use crate::response_flags::ResponseFlags;
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
 use crate::upstream::pool::{EndpointPool, PoolReturn, UpstreamError};
@@ -55,7 +57,90 @@ const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
 pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
-    route_request(req, &conn).await
+    let Some(log) = conn.shared.access_log.as_ref() else {
+        let resp = answer(req, &conn).await;
+        let flags = ResponseFlags::of(&resp);
+        if !flags.is_empty() {
+            conn.shared.stats.record_flags(flags);
+        }
+        return Ok(resp);
+    };
+    let start = std::time::SystemTime::now();
+    let started = Instant::now();
+    let request = LoggedRequest::capture(&req);
+    let mut resp = answer(req, &conn).await;
+    let flags = ResponseFlags::of(&resp);
+    if !flags.is_empty() {
+        conn.shared.stats.record_flags(flags);
+    }
+    let upstream = resp.extensions_mut().remove::<UpstreamInfo>();
+    let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let entry = access_log::Entry {
+        start,
+        method: request.method.as_str(),
+        path: &request.path,
+        protocol: request.protocol,
+        status: resp.status().as_u16(),
+        flags,
+        bytes_received: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
+        bytes_sent: resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        duration: started.elapsed(),
+        forwarded_for: header("x-forwarded-for"),
+        user_agent: header("user-agent"),
+        request_id: upstream
+            .as_ref()
+            .and_then(|u| u.request_id.as_deref())
+            .or(header("x-request-id")),
+        authority: request.authority.as_deref(),
+        upstream: upstream.as_ref(),
+    };
+    if !log.record(&entry) {
+        conn.shared.stats.access_log_dropped.fetch_add(1, Relaxed);
+    }
+    Ok(resp)
+}
+
+/// `route_request`, whose error type is uninhabited.
+async fn answer(req: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
+    match route_request(req, conn).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// What the access log needs from a request, taken before the request is consumed.
+struct LoggedRequest {
+    method: http::Method,
+    path: String,
+    protocol: &'static str,
+    authority: Option<String>,
+    headers: HeaderMap,
+}
+
+impl LoggedRequest {
+    fn capture<B>(req: &Request<B>) -> Self {
+        let mut headers = HeaderMap::new();
+        for name in ["x-forwarded-for", "user-agent", "x-request-id", "content-length"] {
+            if let Some(v) = req.headers().get(name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        LoggedRequest {
+            method: req.method().clone(),
+            path: req.uri().path_and_query().map_or("/", PathAndQuery::as_str).to_string(),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            authority: request_authority(req).map(str::to_string),
+            headers,
+        }
+    }
 }
 
 /// Counts a request as in flight until its response headers are ready, for draining.
@@ -78,7 +163,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     let active = conn.shared.active.load_full();
     let Some(&li) = active.listener_by_addr.get(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
-        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
     };
     let listener = &active.snapshot.listeners[li];
     let runtime = &active.listeners[li];
@@ -102,7 +187,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
     };
     let virtual_host = &listener.routes.virtual_hosts[vh_index];
     if virtual_host.https_redirect && !conn.tls {
@@ -113,7 +198,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some((route_index, matched)) = virtual_host.find(&info) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(local_reply(StatusCode::NOT_FOUND, ""));
+        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
@@ -172,10 +257,25 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             )
             .await;
             apply_header_ops(resp.headers_mut(), &destination.response_headers);
+            if conn.shared.access_log.is_some() {
+                let host = resp.extensions_mut().remove::<UpstreamHost>();
+                resp.extensions_mut().insert(UpstreamInfo {
+                    route: route.name.clone(),
+                    cluster: Some(cluster.config.name.clone()),
+                    host: host.as_ref().map(|h| h.address.clone()),
+                    request_id: host.and_then(|h| h.request_id),
+                });
+            }
             resp
         }
     };
     let mut response = response;
+    if conn.shared.access_log.is_some() && response.extensions().get::<UpstreamInfo>().is_none() {
+        response.extensions_mut().insert(UpstreamInfo {
+            route: route.name.clone(),
+            ..UpstreamInfo::default()
+        });
+    }
     apply_header_ops(response.headers_mut(), &route.response_headers);
     if let Some(policy) = &route.cors {
         cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
@@ -183,7 +283,6 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     Ok(response)
 }
 
-/// The request's authority: `:authority` for HTTP/2, else the Host header.
 /// RFC 9110 §15.5.20: on a TLS listener serving several host groups (Gateway listeners or
 /// Istio servers sharing a port), a request whose `Host` picks a different group than the SNI
 /// of its connection, as HTTP/2 connection reuse can produce, is answered 421 so the client
@@ -199,6 +298,7 @@ fn is_misdirected(listener: &meshgate_model::snapshot::Listener, sni: Option<&st
     crate::tls::most_specific_group(groups(), sni) != crate::tls::most_specific_group(groups(), host)
 }
 
+/// The request's authority: `:authority` for HTTP/2, else the Host header.
 fn request_authority<B>(req: &Request<B>) -> Option<&str> {
     match req.uri().authority() {
         Some(a) => Some(a.as_str()),
@@ -264,7 +364,10 @@ async fn forward_request(
     };
     let Some(target) = target else {
         stats.record(503);
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM);
+        return flagged(
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+        );
     };
 
     // WebSocket and other HTTP/1.1 upgrades are tunnelled after the upstream's 101.
@@ -351,7 +454,7 @@ async fn forward_request(
                 (a, b) => a.or(b),
             };
             let upstream_req = Request::from_parts(parts, body);
-            let outcome = send_try(cluster, &target, use_http2, upstream_req, timeout).await;
+            let outcome = send_try(conn, cluster, &target, use_http2, upstream_req, timeout).await;
             return finish(outcome, cluster, stats, downstream_upgrade);
         }
     };
@@ -379,7 +482,7 @@ async fn forward_request(
         let Some(timeout) = retrying.try_timeout() else {
             return route_timeout(stats);
         };
-        let outcome = send_try(cluster, &target, use_http2, upstream_req, timeout).await;
+        let outcome = send_try(conn, cluster, &target, use_http2, upstream_req, timeout).await;
         let retriable = match &outcome {
             Ok((resp, _)) => policy.retries_response(resp.status().as_u16(), grpc_status(resp.headers())),
             Err(TryError::Timeout) if retrying.deadline_passed() => return route_timeout(stats),
@@ -393,7 +496,13 @@ async fn forward_request(
             if retrying.retries > 0 && !retriable && outcome.is_ok() {
                 cluster.stats.retry_successes.fetch_add(1, Relaxed);
             }
-            return finish(outcome, cluster, stats, None);
+            let exhausted = retriable && retrying.retries >= policy.num_retries;
+            let resp = finish(outcome, cluster, stats, None);
+            return if exhausted {
+                flagged(resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED)
+            } else {
+                resp
+            };
         }
         // The failed response is dropped unread, which closes its connection, as Envoy resets
         // the upstream stream of a try it retries.
@@ -442,8 +551,10 @@ enum TryError {
 
 type TryResult = Result<(Response<Incoming>, Option<PoolReturn>), TryError>;
 
-/// Sends one try upstream and waits for its response headers.
+/// Sends one try upstream and waits for its response headers. With access logs on, the
+/// response records where it came from.
 async fn send_try(
+    conn: &Connection,
     cluster: &ClusterRuntime,
     target: &Target,
     use_http2: bool,
@@ -452,6 +563,14 @@ async fn send_try(
 ) -> TryResult {
     cluster.stats.requests.fetch_add(1, Relaxed);
     let _in_flight = InFlight::start(cluster, target.endpoint);
+    let logged = conn.shared.access_log.is_some().then(|| UpstreamHost {
+        address: target.address.clone(),
+        request_id: req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
     let sent = async {
         if use_http2 {
             target
@@ -471,7 +590,11 @@ async fn send_try(
         Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TryError::Timeout)?,
         None => sent.await,
     };
-    result.map_err(TryError::Upstream)
+    let (mut resp, pool_return) = result.map_err(TryError::Upstream)?;
+    if let Some(host) = logged {
+        resp.extensions_mut().insert(host);
+    }
+    Ok((resp, pool_return))
 }
 
 /// The downstream response for the last try: the upstream's response as-is, or Envoy's local
@@ -487,12 +610,14 @@ fn finish(
         Err(TryError::Timeout) => return route_timeout(stats),
         Err(TryError::Upstream(e)) => {
             stats.record(503);
-            let text = match e {
-                UpstreamError::Connect(_) => CONNECT_FAILURE,
-                UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => CONNECTION_TERMINATION,
+            let (text, flag) = match e {
+                UpstreamError::Connect(_) => (CONNECT_FAILURE, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+                UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => {
+                    (CONNECTION_TERMINATION, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION)
+                }
             };
             tracing::debug!(cluster = %cluster.config.name, error = ?e, "upstream request failed");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, text);
+            return flagged(local_reply(StatusCode::SERVICE_UNAVAILABLE, text), flag);
         }
     };
     stats.record(resp.status().as_u16());
@@ -518,7 +643,16 @@ fn finish(
 
 fn route_timeout(stats: &RouteStats) -> Response<ResponseBody> {
     stats.record(504);
-    local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT)
+    flagged(
+        local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
+        ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+    )
+}
+
+/// `resp` marked with response `flags` (for access logs and metrics).
+fn flagged(mut resp: Response<ResponseBody>, flags: ResponseFlags) -> Response<ResponseBody> {
+    ResponseFlags::mark(&mut resp, flags);
+    resp
 }
 
 /// The request as each try sends it (hyper consumes the request it sends).

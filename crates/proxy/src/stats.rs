@@ -9,6 +9,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::response_flags::{self, ResponseFlags};
+
 /// Requests for one (route, destination cluster) pair, counted by status code.
 #[derive(Default)]
 pub struct RouteStats {
@@ -83,6 +85,10 @@ pub struct Stats {
     pub config_version: AtomicU64,
     /// Requests being handled now (until their response headers are sent).
     pub requests_in_flight: AtomicU64,
+    /// Responses carrying each response flag, indexed like [`response_flags::ALL`].
+    response_flags: [AtomicU64; response_flags::ALL.len()],
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: AtomicU64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,6 +98,15 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Stats {
+    /// Counts a response under each flag it carries.
+    pub fn record_flags(&self, flags: ResponseFlags) {
+        for (counter, (flag, _, _)) in self.response_flags.iter().zip(response_flags::ALL) {
+            if flags.contains(flag) {
+                counter.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     pub fn route(&self, route: &str, destination: &str) -> Arc<RouteStats> {
         locked(&self.routes)
             .entry((route.to_string(), destination.to_string()))
@@ -257,11 +272,27 @@ impl Stats {
                 "Version of the configuration being served.",
                 &self.config_version,
             ),
+            (
+                "meshgate_access_log_dropped_total",
+                "counter",
+                "Access log lines dropped because the log writer fell behind.",
+                &self.access_log_dropped,
+            ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 value.load(Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP meshgate_response_flags_total Responses by Envoy response flag (UH, UF, UO, NR, URX, UT, DC, UC, FI, DI, RL, UAEX).\n# TYPE meshgate_response_flags_total counter\n",
+        );
+        for (counter, (_, name, _)) in self.response_flags.iter().zip(response_flags::ALL) {
+            let _ = writeln!(
+                out,
+                "meshgate_response_flags_total{{flag=\"{name}\"}} {}",
+                counter.load(Relaxed)
             );
         }
         out

@@ -54,6 +54,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         workers: args.workers,
         drain_timeout: std::time::Duration::from_secs(1),
+        access_log: None,
         compile: CompileOptions {
             mesh_port: Some(MESH_PORT),
             mesh_address: Some(loopback),
