@@ -41,6 +41,9 @@ struct AnalyzeArgs {
     /// Labels of the proxy the config is meant for (default `istio=ingressgateway`).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Serve the Gateway API GatewayClasses with this `controllerName`.
+    #[arg(long, default_value = meshgate_model::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
 }
 
 #[derive(clap::Args)]
@@ -65,6 +68,9 @@ struct ProxyArgs {
     /// the `mesh` gateway and every known service host.
     #[arg(long)]
     mesh_port: Option<u16>,
+    /// Serve the Gateway API GatewayClasses with this `controllerName`.
+    #[arg(long, default_value = meshgate_model::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
     /// On SIGTERM/SIGINT: stop reporting ready and let requests in flight finish for at most
     /// this long (e.g. `10s`, `500ms`) before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -129,7 +135,10 @@ fn main() {
 
 /// Runs the same load and validation as the proxy's reload path and reports the findings.
 fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
-    let mut options = CompileOptions::default();
+    let mut options = CompileOptions {
+        controller_name: args.controller_name,
+        ..CompileOptions::default()
+    };
     if !args.labels.is_empty() {
         options.gateway_labels = args.labels.into_iter().collect();
     }
@@ -163,6 +172,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         compile.gateway_labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
     }
     compile.mesh_port = args.mesh_port;
+    compile.controller_name = args.controller_name;
     let options = ProxyOptions {
         config_paths: args.config,
         bind_address: args.bind_address,

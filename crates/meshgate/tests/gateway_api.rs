@@ -240,3 +240,32 @@ spec:
         .expect("bad origin");
     assert_eq!(r.header("access-control-allow-origin"), None);
 }
+
+#[test]
+fn controller_name_selects_the_gateway_classes_served() {
+    let app = Echo::start("app");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gateway}{svc}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: app, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - backendRefs: [{{name: app, port: 8080}}]
+"#,
+        gateway = edge_gateway(port).replace("meshgate.io/gateway-controller", "example.com/edge-controller"),
+        svc = service("app", app.port()),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let proxy = Proxy::start_with(&yaml, &["--controller-name", "example.com/edge-controller"]);
+    assert_eq!(raw_get(addr, "/", "app.test").expect("served").0, 200);
+    drop(proxy);
+
+    // With the default controller name, that class belongs to someone else: nothing listens.
+    let _proxy = Proxy::start(&yaml);
+    assert!(
+        raw_get(addr, "/", "app.test").is_err(),
+        "the Gateway must not be served"
+    );
+}
