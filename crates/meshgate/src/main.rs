@@ -71,6 +71,10 @@ struct ProxyArgs {
     /// Serve the Gateway API GatewayClasses with this `controllerName`.
     #[arg(long, default_value = meshgate_model::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
+    /// Kong decK files: the proxy listener's address (Kong's `proxy_listen`; default port
+    /// 8000 on --bind-address). Repeatable.
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
     /// On SIGTERM/SIGINT: stop reporting ready and let requests in flight finish for at most
     /// this long (e.g. `10s`, `500ms`) before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -173,6 +177,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     }
     compile.mesh_port = args.mesh_port;
     compile.controller_name = args.controller_name;
+    compile.kong_listen = args.listen;
     let options = ProxyOptions {
         config_paths: args.config,
         bind_address: args.bind_address,

@@ -2,9 +2,7 @@
 
 mod support;
 
-use std::process::Command;
-
-use support::scratch_dir;
+use support::{analyze, scratch_dir};
 
 #[test]
 fn analyze_reports_findings_and_fails_only_on_errors() {
@@ -15,13 +13,8 @@ fn analyze_reports_findings_and_fails_only_on_errors() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination:\n        host: a.example.com\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .arg("analyze")
-        .arg(&good)
-        .output()
-        .expect("run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let (code, stdout) = analyze(&good);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout.contains("warning: ") && stdout.contains("spec.http[0].fault"),
         "{stdout}"
@@ -33,13 +26,8 @@ fn analyze_reports_findings_and_fails_only_on_errors() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: broken\nspec:\n  hosts: [a.example.com]\n  http:\n  - match:\n    - uri: {regex: \"(\"}\n    route:\n    - destination: {host: a.example.com}\n",
     )
     .expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .arg("analyze")
-        .arg(&dir)
-        .output()
-        .expect("run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout) = analyze(&dir);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
         stdout.contains("error: ")
             && stdout.contains("bad.yaml")

@@ -11,6 +11,9 @@ pub mod duration;
 pub mod finding;
 pub mod gateway_api;
 pub mod istio;
+pub mod kong;
+/// The regex type compiled patterns use, for crates that run them.
+pub use regex::Regex;
 pub mod matcher;
 mod shadowing;
 pub mod snapshot;
@@ -36,6 +39,9 @@ pub struct CompileOptions {
     /// Gateway API: Gateways of the GatewayClasses whose `spec.controllerName` equals this
     /// are served; others are left to their controllers.
     pub controller_name: String,
+    /// Kong: the addresses of the proxy listener serving decK files (Kong's `proxy_listen`);
+    /// empty means port 8000 on the proxy's bind address.
+    pub kong_listen: Vec<std::net::SocketAddr>,
 }
 
 /// The GatewayClass controller name meshgate answers to by default.
@@ -48,6 +54,7 @@ impl Default for CompileOptions {
             mesh_port: None,
             mesh_address: None,
             controller_name: DEFAULT_CONTROLLER_NAME.to_string(),
+            kong_listen: Vec::new(),
         }
     }
 }
@@ -88,6 +95,7 @@ pub fn compile(documents: &[source::Document], options: &CompileOptions) -> Resu
         &mut diag,
     );
     gateway_api::build(&gateway_resources, &mut registry, options, &mut snapshot, &mut diag);
+    kong::build(documents, &mut registry, options, &mut snapshot, &mut diag);
     snapshot.listeners = merge_listeners(std::mem::take(&mut snapshot.listeners), &mut diag);
     snapshot.clusters = registry.take_clusters();
     if diag.has_errors() {

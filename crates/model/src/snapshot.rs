@@ -45,6 +45,19 @@ pub struct Listener {
     /// Present when the listener terminates TLS.
     pub tls: Option<ListenerTls>,
     pub routes: RouteTable,
+    /// Whose conventions the proxy's own replies follow on this listener.
+    pub flavor: ListenerFlavor,
+}
+
+/// The product whose local replies (no route, ...) a listener imitates, so clients written
+/// against it keep working.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum ListenerFlavor {
+    /// Envoy's (Istio and Gateway API listeners): an empty 404 when no route matches.
+    #[default]
+    Envoy,
+    /// Kong's (the decK proxy listener): JSON `{"message": ...}` bodies.
+    Kong,
 }
 
 /// TLS termination for a listener: one certificate per SNI host group.
@@ -475,6 +488,16 @@ pub enum PathRewrite {
         #[serde(with = "crate::matcher::regex_serde")]
         pattern: regex::Regex,
         substitution: String,
+    },
+    /// Kong's: with `strip`, the matched prefix (or `strip_regex`'s match) is removed; the rest
+    /// is appended to the service's path (`path_handling` v0 adds a `/` between them when
+    /// neither has one; v1, `legacy_concat`, concatenates), one `/` kept where both have one.
+    Kong {
+        service_path: String,
+        strip: bool,
+        #[serde(skip_serializing)]
+        strip_regex: Option<regex::Regex>,
+        legacy_concat: bool,
     },
 }
 

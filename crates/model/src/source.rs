@@ -163,6 +163,23 @@ fn to_document(path: &Path, index: usize, body: Value, at: &str) -> Result<Docum
             format!("{at}: expected a mapping (a Kubernetes resource)"),
         ));
     };
+    if crate::kong::is_declarative_config(&body) {
+        // A decK file is one document without Kubernetes metadata; it is named after its file.
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "kong".to_string());
+        return Ok(Document {
+            file: path.to_path_buf(),
+            index,
+            api_version: crate::kong::API_VERSION.to_string(),
+            kind: crate::kong::KIND.to_string(),
+            name,
+            namespace: "default".to_string(),
+            labels: BTreeMap::new(),
+            body,
+        });
+    }
     let string_at = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
     let metadata = object.get("metadata");
     let api_version = string_at(object.get("apiVersion"));

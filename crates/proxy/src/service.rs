@@ -17,8 +17,8 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Forward, HashKey, HeaderOps, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort, RequestMatch, RetryBudget,
-    RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
+    Forward, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort,
+    RequestMatch, RetryBudget, RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
 };
 use tokio::time::Instant;
 
@@ -187,7 +187,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
+        return Ok(no_route(listener.flavor));
     };
     let virtual_host = &listener.routes.virtual_hosts[vh_index];
     if virtual_host.https_redirect && !conn.tls {
@@ -198,7 +198,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some((route_index, matched)) = virtual_host.find(&info) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
+        return Ok(no_route(listener.flavor));
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
@@ -649,6 +649,21 @@ fn route_timeout(stats: &RouteStats) -> Response<ResponseBody> {
     )
 }
 
+/// The 404 for a request no route matches: Envoy's empty one, or Kong's JSON message.
+fn no_route(flavor: ListenerFlavor) -> Response<ResponseBody> {
+    let mut resp = local_reply(StatusCode::NOT_FOUND, "");
+    if flavor == ListenerFlavor::Kong {
+        *resp.body_mut() = body::full(bytes::Bytes::from_static(
+            b"{\n  \"message\":\"no Route matched with those values\"\n}",
+        ));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+    }
+    flagged(resp, ResponseFlags::NO_ROUTE)
+}
+
 /// `resp` marked with response `flags` (for access logs and metrics).
 fn flagged(mut resp: Response<ResponseBody>, flags: ResponseFlags) -> Response<ResponseBody> {
     ResponseFlags::mark(&mut resp, flags);
@@ -1062,6 +1077,38 @@ fn replace_matched(path: &str, matched: Option<&RequestMatch>, replacement: &str
     }
 }
 
+/// Kong's upstream path: the request path, less the matched prefix (or regex match) with
+/// `strip_path`, joined to the service's path. `path_handling` v0 puts a `/` between them
+/// when neither has one; v1 concatenates; both collapse the `//` the join would produce.
+fn kong_upstream_path(
+    path: &str,
+    matched: Option<&RequestMatch>,
+    service_path: &str,
+    strip: bool,
+    strip_regex: Option<&meshgate_model::Regex>,
+    legacy_concat: bool,
+) -> String {
+    let rest = if !strip {
+        path
+    } else if let Some(re) = strip_regex {
+        re.find(path).map_or(path, |m| &path[m.end()..])
+    } else {
+        match matched.and_then(|m| m.path.as_ref()).map(|p| &p.matcher) {
+            Some(StringMatch::Prefix(prefix)) if path.starts_with(prefix.as_str()) => &path[prefix.len()..],
+            _ => path,
+        }
+    };
+    let base = if service_path.is_empty() { "/" } else { service_path };
+    if rest.is_empty() {
+        return base.to_string();
+    }
+    match (base.ends_with('/'), rest.starts_with('/')) {
+        (true, true) => format!("{base}{}", &rest[1..]),
+        (false, false) if !legacy_concat => format!("{base}/{rest}"),
+        _ => format!("{base}{rest}"),
+    }
+}
+
 /// The path and query sent upstream after `rewrite.uri` / `uriRegexRewrite`.
 fn rewritten_path(uri: &Uri, forward: &Forward, matched: Option<&RequestMatch>) -> PathAndQuery {
     let original = uri
@@ -1076,6 +1123,19 @@ fn rewritten_path(uri: &Uri, forward: &Forward, matched: Option<&RequestMatch>) 
         PathRewrite::Full(p) => p.clone(),
         PathRewrite::ReplaceMatched(replacement) => replace_matched(path, matched, replacement),
         PathRewrite::Regex { pattern, substitution } => pattern.replace_all(path, substitution.as_str()).into_owned(),
+        PathRewrite::Kong {
+            service_path,
+            strip,
+            strip_regex,
+            legacy_concat,
+        } => kong_upstream_path(
+            path,
+            matched,
+            service_path,
+            *strip,
+            strip_regex.as_ref(),
+            *legacy_concat,
+        ),
     };
     let new_path = if new_path.is_empty() { "/".to_string() } else { new_path };
     let full = match original.query() {

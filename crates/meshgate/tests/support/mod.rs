@@ -591,3 +591,13 @@ pub fn gateway(name: &str, port: u16) -> String {
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\nspec:\n  selector:\n    istio: ingressgateway\n  servers:\n  - port:\n      number: {port}\n      name: http\n      protocol: HTTP\n    hosts:\n    - \"*\"\n---\n"
     )
 }
+
+/// Runs `meshgate analyze PATH`: its exit code and standard output.
+pub fn analyze(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("analyze")
+        .arg(path)
+        .output()
+        .expect("run meshgate analyze");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -16,7 +16,9 @@ use super::types::{AllowedRoutes, GatewaySpec, LabelSelector, Listener as GwList
 use super::{Ctx, GROUP, listener_sets};
 use crate::CompileOptions;
 use crate::diag::{Res, at, resource_name};
-use crate::snapshot::{Listener, ListenerTls, RequestMatch, Route, RouteTable, Snapshot, TlsCertificate, VirtualHost};
+use crate::snapshot::{
+    Listener, ListenerFlavor, ListenerTls, RequestMatch, Route, RouteTable, Snapshot, TlsCertificate, VirtualHost,
+};
 use crate::source::Document;
 
 /// PEM certificate chain and key with the labels findings and logs use for them.
@@ -771,6 +773,7 @@ fn build_group(
         port,
         tls,
         routes: table,
+        flavor: ListenerFlavor::Envoy,
     })
 }
 

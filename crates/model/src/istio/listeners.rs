@@ -11,8 +11,8 @@ use super::{Diag, Res, Resources, at};
 use crate::CompileOptions;
 use crate::diag::resource_name;
 use crate::snapshot::{
-    Forward, HeaderOps, Listener, ListenerTls, RetryPolicy, Route, RouteAction, RouteTable, Snapshot, TlsCertificate,
-    VirtualHost, WeightedDestination,
+    Forward, HeaderOps, Listener, ListenerFlavor, ListenerTls, RetryPolicy, Route, RouteAction, RouteTable, Snapshot,
+    TlsCertificate, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -108,6 +108,7 @@ pub(crate) fn build(
             port,
             tls,
             routes: table,
+            flavor: ListenerFlavor::Envoy,
         });
     }
     if let Some(port) = options.mesh_port {
@@ -122,6 +123,7 @@ pub(crate) fn build(
             port,
             tls: None,
             routes,
+            flavor: ListenerFlavor::Envoy,
         });
     }
 }

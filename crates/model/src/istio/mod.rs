@@ -84,7 +84,7 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
                     )
                 };
                 diag.error(doc, "", what);
-            } else if !crate::gateway_api::claims(doc) {
+            } else if !crate::gateway_api::claims(doc) && doc.kind != crate::kong::KIND {
                 diag.warn(
                     doc,
                     "",

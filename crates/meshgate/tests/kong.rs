@@ -1,0 +1,175 @@
+//! Kong decK files served by a real meshgate process on its Kong proxy listener (`--listen`).
+
+mod support;
+
+use std::net::SocketAddr;
+
+use support::{Echo, Proxy, analyze, free_port, raw_get, raw_request, scratch_dir};
+
+fn deck(stable: &Echo, canary: &Echo, other: &Echo) -> String {
+    format!(
+        r#"_format_version: "3.0"
+upstreams:
+- name: orders-upstream
+  algorithm: round-robin
+  targets:
+  - target: 127.0.0.1:{stable}
+    weight: 90
+  - target: 127.0.0.1:{canary}
+    weight: 10
+services:
+- name: orders
+  host: orders-upstream
+  path: /v1
+  routes:
+  - name: orders
+    paths: [/orders]
+  - name: orders-special
+    paths: [/orders/special]
+    strip_path: false
+  - name: items
+    paths: ["~/items/\\d+$"]
+  - name: cart
+    hosts: [shop.example.com]
+    paths: [/cart]
+    strip_path: false
+    preserve_host: true
+  - name: secure
+    paths: [/secure]
+    protocols: [https]
+- name: payments
+  url: http://127.0.0.1:{other}/pay
+  routes:
+  - name: payments-v2
+    paths: [/orders]
+    methods: [POST]
+    headers:
+      x-version: [V2]
+"#,
+        stable = stable.port(),
+        canary = canary.port(),
+        other = other.port(),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, serde_json::Value, String) {
+    let (status, _, body) = raw_get(addr, path, host).expect("request");
+    (status, serde_json::from_str(&body).unwrap_or_default(), body)
+}
+
+#[test]
+fn deck_services_routes_and_upstreams_route_like_kong() {
+    let stable = Echo::start("stable");
+    let canary = Echo::start("canary");
+    let other = Echo::start("payments");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&deck(&stable, &canary, &other), &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+
+    // strip_path (default true) removes the matched prefix; the rest joins the service path.
+    let (status, echo, _) = get(addr, "/orders/123?x=1", "api.example.com");
+    assert_eq!(status, 200);
+    assert_eq!(echo["uri"], "/v1/123?x=1");
+    // Without preserve_host the upstream sees the service's host (the upstream's name).
+    assert_eq!(echo["headers"]["host"], "orders-upstream");
+    let (_, echo, _) = get(addr, "/orders", "api.example.com");
+    assert_eq!(echo["path"], "/v1");
+
+    // A longer prefix has priority, whatever the order; strip_path false keeps the path.
+    let (_, echo, _) = get(addr, "/orders/special/7", "api.example.com");
+    assert_eq!(echo["path"], "/v1/orders/special/7");
+
+    // Regex paths (`~`) are anchored at the start; the match is stripped.
+    let (status, echo, _) = get(addr, "/items/42", "x");
+    assert_eq!(status, 200);
+    assert_eq!(echo["path"], "/v1");
+    assert_eq!(get(addr, "/items/42/more", "x").0, 404);
+
+    // Hosts + preserve_host.
+    let (_, echo, _) = get(addr, "/cart", "shop.example.com");
+    assert_eq!(echo["path"], "/v1/cart");
+    assert_eq!(echo["headers"]["host"], "shop.example.com");
+    assert_eq!(get(addr, "/cart", "other.example.com").0, 404);
+
+    // Methods and headers (values compared case-insensitively) make a route more specific.
+    let (status, _, body) = raw_request(
+        addr,
+        "POST /orders/9 HTTP/1.1\r\nHost: x\r\nx-version: v2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .expect("post");
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["name"], "payments");
+    assert_eq!(echo["path"], "/pay/9");
+
+    // An https-only route on a plain listener: Kong's 426.
+    let (status, _, body) = raw_get(addr, "/secure", "x").expect("426");
+    assert_eq!(status, 426);
+    assert!(body.contains("Please use HTTPS protocol"), "{body}");
+
+    // No route: Kong's JSON message.
+    let (status, headers, body) = raw_get(addr, "/nothing", "x").expect("404");
+    assert_eq!(status, 404);
+    assert!(body.contains("no Route matched with those values"), "{body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/json"))
+    );
+
+    // The seeds' canary: target weights 90/10 split traffic.
+    let before = (stable.count(), canary.count());
+    for _ in 0..400 {
+        assert_eq!(get(addr, "/orders/1", "x").0, 200);
+    }
+    let (s, c) = (stable.count() - before.0, canary.count() - before.1);
+    assert_eq!(s + c, 400);
+    assert!((20..=60).contains(&c), "canary got {c} of 400");
+}
+
+#[test]
+fn enforcing_plugins_refuse_the_config_and_others_warn() {
+    let dir = scratch_dir("kong-analyze");
+    let secured = dir.join("secured.yaml");
+    std::fs::write(
+        &secured,
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n  plugins:\n  - name: key-auth\n",
+    )
+    .expect("write");
+    let (code, stdout) = analyze(&secured);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("error: ")
+            && stdout.contains("KongDeclarativeConfig default/secured")
+            && stdout.contains("services[0].plugins[0].name")
+            && stdout.contains("key-auth"),
+        "{stdout}"
+    );
+
+    let logged = dir.join("logged.yaml");
+    std::fs::write(
+        &logged,
+        "_format_version: \"3.0\"\nplugins:\n- name: prometheus\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n",
+    )
+    .expect("write");
+    let (code, stdout) = analyze(&logged);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("plugins[0].name") && stdout.contains("prometheus"),
+        "{stdout}"
+    );
+
+    let typo = dir.join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    pathz: [/]\n",
+    )
+    .expect("write");
+    let (code, stdout) = analyze(&typo);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("services[0].routes[0]") && stdout.contains("pathz"),
+        "{stdout}"
+    );
+}

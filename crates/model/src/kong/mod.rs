@@ -1,0 +1,1001 @@
+//! Kong declarative configuration (decK files, `_format_version` "3.0" or "2.1") → snapshot.
+//!
+//! Services become clusters (an upstream entity's targets, or the service's own host), routes
+//! become snapshot routes on the Kong proxy listener (`--listen`, Kong's `proxy_listen`,
+//! default port 8000), ordered by the priority Kong's `traditional_compatible` router gives
+//! them: more matching fields first, then plain (non-wildcard) hosts, more headers, regex paths
+//! before prefixes, `regex_priority`, longer prefixes; a route whose paths differ in kind or
+//! length is split into one route per group as Kong does. Paths are rewritten as Kong's
+//! `strip_path` and `path_handling: v0` do, and the Host sent upstream is the service's (or the
+//! upstream's `host_header`) unless `preserve_host`.
+//!
+//! Plugins that enforce security or traffic policy are not implemented yet and make the
+//! configuration fail (serving the routes without them would open them up); other plugins and
+//! consumers are ignored with a warning.
+
+pub mod types;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::Value;
+
+use crate::CompileOptions;
+use crate::diag::{Diag, at, decode_value};
+use crate::istio::registry::Registry;
+use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
+use crate::snapshot::{
+    Cluster, ClusterId, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps, Listener, ListenerFlavor,
+    LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route, RouteAction, RouteTable, Snapshot,
+    UpstreamProtocol, VirtualHost, WeightedDestination,
+};
+use crate::source::Document;
+use types::{KongConfig, Plugin, Route as KongRoute, Service, Upstream};
+
+/// The `kind` the source reader gives a decK file (it has no `kind` of its own).
+pub const KIND: &str = "KongDeclarativeConfig";
+pub const API_VERSION: &str = "configuration.konghq.com/declarative";
+/// Kong's default `proxy_listen` port.
+pub const DEFAULT_PROXY_PORT: u16 = 8000;
+
+const FORMAT_VERSIONS: &[&str] = &["3.0", "2.1", "1.1"];
+/// Kong's defaults for services.
+const DEFAULT_RETRIES: u32 = 5;
+const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+/// Kong's default port for targets that name none.
+const DEFAULT_TARGET_PORT: u16 = 8000;
+
+/// Plugins whose absence would weaken security or protection: a config using them is refused
+/// until meshgate implements them.
+const ENFORCING_PLUGINS: &[&str] = &[
+    "key-auth",
+    "basic-auth",
+    "jwt",
+    "acl",
+    "ip-restriction",
+    "hmac-auth",
+    "oauth2",
+    "ldap-auth",
+    "openid-connect",
+    "rate-limiting",
+    "rate-limiting-advanced",
+    "request-size-limiting",
+    "request-termination",
+    "bot-detection",
+    "mtls-auth",
+];
+
+/// One Kong route (or one path group of it) ready to be placed on virtual hosts.
+struct Entry {
+    /// Lower-cased host patterns (`*.example.com` allowed); empty matches every host.
+    hosts: Vec<String>,
+    priority: Priority,
+    /// Declaration order, the last tie-breaker.
+    seq: usize,
+    route: Route,
+}
+
+/// Kong's `traditional_compatible` route priority; greater sorts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Priority {
+    match_weight: u8,
+    plain_hosts_only: bool,
+    headers: u8,
+    regex: bool,
+    regex_priority: u64,
+    prefix_length: usize,
+}
+
+/// What routes need from a compiled service.
+struct ServiceTarget {
+    name: String,
+    cluster: ClusterId,
+    /// The Host sent upstream when the route does not preserve the client's.
+    host_header: String,
+    path: String,
+    retries: u32,
+    read_timeout: Duration,
+}
+
+pub(crate) fn build(
+    documents: &[Document],
+    registry: &mut Registry<'_>,
+    options: &CompileOptions,
+    snapshot: &mut Snapshot,
+    diag: &mut Diag,
+) {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut any = false;
+    for doc in documents.iter().filter(|d| d.kind == KIND) {
+        any = true;
+        let Some(config) = decode_value::<KongConfig>(doc, &doc.body, "", diag) else {
+            continue;
+        };
+        compile_config(doc, &config, registry, diag, &mut entries);
+    }
+    if !any {
+        return;
+    }
+    let listens: Vec<(Option<IpAddr>, u16)> = if options.kong_listen.is_empty() {
+        vec![(None, DEFAULT_PROXY_PORT)]
+    } else {
+        options.kong_listen.iter().map(|a| (Some(a.ip()), a.port())).collect()
+    };
+    for (address, port) in listens {
+        snapshot.listeners.push(Listener {
+            name: format!("{}_{port}", address.map_or("0.0.0.0".to_string(), |a| a.to_string())),
+            address,
+            port,
+            tls: None,
+            routes: route_table(&entries, port),
+            flavor: ListenerFlavor::Kong,
+        });
+    }
+}
+
+fn compile_config(
+    doc: &Document,
+    config: &KongConfig,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+    entries: &mut Vec<Entry>,
+) {
+    if !FORMAT_VERSIONS.contains(&config.format_version.as_str()) {
+        diag.error(
+            doc,
+            "_format_version",
+            format!(
+                "unsupported decK format version {:?} (supported: {})",
+                config.format_version,
+                FORMAT_VERSIONS.join(", ")
+            ),
+        );
+        return;
+    }
+    warn_unsupported_top_level(doc, config, diag);
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        check_plugin(doc, &format!("plugins[{i}]"), plugin, diag);
+    }
+    if !config.consumers.is_empty() {
+        diag.warn(
+            doc,
+            "consumers",
+            "consumers and their credentials are not supported yet; ignored",
+        );
+    }
+
+    // Upstreams by name and id, with top-level targets attached.
+    let mut upstreams: HashMap<&str, (usize, Vec<&types::Target>)> = HashMap::new();
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let targets: Vec<&types::Target> = upstream.targets.iter().collect();
+        upstreams.insert(upstream.name.as_str(), (i, targets.clone()));
+        if let Some(id) = &upstream.id {
+            upstreams.insert(id.as_str(), (i, targets));
+        }
+    }
+    for (i, target) in config.targets.iter().enumerate() {
+        let key = target.upstream.as_ref().and_then(|u| u.key());
+        match key.and_then(|k| upstreams.get_mut(k)) {
+            Some((index, targets)) => {
+                let index = *index;
+                targets.push(target);
+                // Keep the name and id entries in step.
+                let upstream = &config.upstreams[index];
+                for alias in [Some(upstream.name.as_str()), upstream.id.as_deref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some((_, list)) = upstreams.get_mut(alias)
+                        && !list.iter().any(|t| std::ptr::eq(*t, target))
+                    {
+                        list.push(target);
+                    }
+                }
+            }
+            None => diag.error(
+                doc,
+                format!("targets[{i}].upstream"),
+                "names no upstream defined in this file",
+            ),
+        }
+    }
+
+    let mut services: HashMap<&str, Option<ServiceTarget>> = HashMap::new();
+    let mut seq = entries.len();
+    for (si, service) in config.services.iter().enumerate() {
+        let path = format!("services[{si}]");
+        let target = compile_service(doc, &path, service, config, &upstreams, registry, diag);
+        for (i, plugin) in service.plugins.iter().enumerate() {
+            check_plugin(doc, &format!("{path}.plugins[{i}]"), plugin, diag);
+        }
+        if let Some(target) = &target {
+            for (ri, route) in service.routes.iter().enumerate() {
+                compile_route(
+                    doc,
+                    &format!("{path}.routes[{ri}]"),
+                    route,
+                    target,
+                    &mut seq,
+                    diag,
+                    entries,
+                );
+            }
+        }
+        for key in [service.name.as_deref(), service.id.as_deref()].into_iter().flatten() {
+            services.insert(key, None);
+        }
+        if let Some(target) = target {
+            let keys: Vec<&str> = [service.name.as_deref(), service.id.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            for key in &keys[1..] {
+                services.insert(key, Some(clone_target(&target)));
+            }
+            if let Some(first) = keys.first() {
+                services.insert(first, Some(target));
+            }
+        }
+    }
+    for (ri, route) in config.routes.iter().enumerate() {
+        let path = format!("routes[{ri}]");
+        let Some(key) = route.service.as_ref().and_then(|s| s.key()) else {
+            diag.error(doc, at(&path, "service"), "a top-level route needs `service`");
+            continue;
+        };
+        match services.get(key) {
+            Some(Some(target)) => compile_route(doc, &path, route, target, &mut seq, diag, entries),
+            Some(None) => {} // the service itself was reported
+            None => diag.error(
+                doc,
+                at(&path, "service"),
+                format!("service {key:?} is not defined in this file"),
+            ),
+        }
+    }
+}
+
+fn clone_target(t: &ServiceTarget) -> ServiceTarget {
+    ServiceTarget {
+        name: t.name.clone(),
+        cluster: t.cluster,
+        host_header: t.host_header.clone(),
+        path: t.path.clone(),
+        retries: t.retries,
+        read_timeout: t.read_timeout,
+    }
+}
+
+fn warn_unsupported_top_level(doc: &Document, config: &KongConfig, diag: &mut Diag) {
+    let unsupported: [(&str, bool); 16] = [
+        ("_konnect", config.konnect.is_some()),
+        ("consumer_groups", config.consumer_groups.is_some()),
+        ("certificates", config.certificates.is_some()),
+        ("ca_certificates", config.ca_certificates.is_some()),
+        ("snis", config.snis.is_some()),
+        ("vaults", config.vaults.is_some()),
+        ("keys", config.keys.is_some()),
+        ("key_sets", config.key_sets.is_some()),
+        ("filter_chains", config.filter_chains.is_some()),
+        ("parameters", config.parameters.is_some()),
+        ("keyauth_credentials", config.keyauth_credentials.is_some()),
+        ("basicauth_credentials", config.basicauth_credentials.is_some()),
+        ("jwt_secrets", config.jwt_secrets.is_some()),
+        ("acls", config.acls.is_some()),
+        ("hmacauth_credentials", config.hmacauth_credentials.is_some()),
+        ("oauth2_credentials", config.oauth2_credentials.is_some()),
+    ];
+    for (field, set) in unsupported {
+        if set {
+            diag.warn(doc, field, "not supported yet; ignored");
+        }
+    }
+    if config.mtls_auth_credentials.is_some() {
+        diag.warn(doc, "mtls_auth_credentials", "not supported yet; ignored");
+    }
+}
+
+fn check_plugin(doc: &Document, path: &str, plugin: &Plugin, diag: &mut Diag) {
+    if plugin.enabled == Some(false) {
+        return;
+    }
+    if ENFORCING_PLUGINS.contains(&plugin.name.as_str()) {
+        diag.error(
+            doc,
+            at(path, "name"),
+            format!(
+                "plugin {} is not supported yet; refusing to serve these routes without it",
+                plugin.name
+            ),
+        );
+    } else {
+        diag.warn(
+            doc,
+            at(path, "name"),
+            format!("plugin {} is not supported yet; ignored", plugin.name),
+        );
+    }
+}
+
+/// The parts of a service URL: `protocol://host[:port][/path]`.
+fn parse_url(url: &str) -> Option<(String, String, Option<u16>, Option<String>)> {
+    let (protocol, rest) = url.split_once("://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(rest[i..].to_string())),
+        None => (rest, None),
+    };
+    let (host, port) = split_host_port(authority)?;
+    Some((protocol.to_ascii_lowercase(), host, port, path))
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
+    if authority.is_empty() {
+        return None;
+    }
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host.to_string(), Some(port.parse().ok()?))),
+        Some(_) => Some((authority.to_string(), None)),
+        None => Some((authority.to_string(), None)),
+    }
+}
+
+fn compile_service(
+    doc: &Document,
+    path: &str,
+    service: &Service,
+    config: &KongConfig,
+    upstreams: &HashMap<&str, (usize, Vec<&types::Target>)>,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Option<ServiceTarget> {
+    let name = service
+        .name
+        .clone()
+        .or_else(|| service.id.clone())
+        .unwrap_or_else(|| path.to_string());
+    for (field, set) in [
+        ("tls_verify", service.tls_verify.is_some()),
+        ("tls_verify_depth", service.tls_verify_depth.is_some()),
+        ("ca_certificates", service.ca_certificates.is_some()),
+        ("client_certificate", service.client_certificate.is_some()),
+    ] {
+        if set {
+            diag.warn(doc, at(path, field), "not supported yet; ignored");
+        }
+    }
+    if service.enabled == Some(false) {
+        diag.warn(doc, at(path, "enabled"), "service disabled: its routes are not served");
+        return None;
+    }
+    let (protocol, host, port, url_path) = match &service.url {
+        Some(url) => match parse_url(url) {
+            Some(parts) => parts,
+            None => {
+                diag.error(doc, at(path, "url"), format!("not a URL: {url:?}"));
+                return None;
+            }
+        },
+        None => {
+            let Some(host) = service.host.clone() else {
+                diag.error(doc, path, "a service needs `url` or `host`");
+                return None;
+            };
+            (
+                service.protocol.clone().unwrap_or_else(|| "http".to_string()),
+                host,
+                service.port,
+                service.path.clone(),
+            )
+        }
+    };
+    let upstream_protocol = match protocol.as_str() {
+        "http" => UpstreamProtocol::Http1,
+        "grpc" => UpstreamProtocol::Http2,
+        "https" | "grpcs" => {
+            diag.error(
+                doc,
+                at(path, if service.url.is_some() { "url" } else { "protocol" }),
+                format!("protocol {protocol}: TLS to upstreams is not supported yet"),
+            );
+            return None;
+        }
+        other => {
+            diag.error(
+                doc,
+                at(path, "protocol"),
+                format!("protocol {other:?} is not an HTTP protocol (http, grpc)"),
+            );
+            return None;
+        }
+    };
+    let port = port.unwrap_or(80);
+    if let Some(p) = &url_path
+        && !p.starts_with('/')
+    {
+        diag.error(doc, at(path, "path"), "must start with /");
+        return None;
+    }
+    let (cluster, host_header) = match upstreams.get(host.as_str()) {
+        Some((index, targets)) => {
+            let upstream = &config.upstreams[*index];
+            let upath = format!("upstreams[{index}]");
+            let cluster = upstream_cluster(doc, &upath, upstream, targets, upstream_protocol, registry, diag)?;
+            (cluster, upstream.host_header.clone().unwrap_or_else(|| host.clone()))
+        }
+        None => {
+            let cluster = registry.add_cluster(kong_cluster(
+                format!("kong|{host}:{port}"),
+                host.clone(),
+                port,
+                upstream_protocol,
+                LoadBalancer::RoundRobin,
+                vec![Endpoint {
+                    address: host.clone(),
+                    port,
+                    weight: 1,
+                    labels: Default::default(),
+                }],
+            ));
+            let header = if port == 80 {
+                host.clone()
+            } else {
+                format!("{host}:{port}")
+            };
+            (cluster, header)
+        }
+    };
+    let timeout_ms = service.read_timeout.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 {
+        diag.error(doc, at(path, "read_timeout"), "must be at least 1 (milliseconds)");
+        return None;
+    }
+    Some(ServiceTarget {
+        name,
+        cluster,
+        host_header,
+        path: url_path.unwrap_or_default(),
+        retries: service.retries.unwrap_or(DEFAULT_RETRIES),
+        read_timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// One place builds Kong's clusters, so fields added to [`Cluster`] get their Kong value here.
+fn kong_cluster(
+    name: String,
+    service: String,
+    port: u16,
+    protocol: UpstreamProtocol,
+    load_balancer: LoadBalancer,
+    endpoints: Vec<Endpoint>,
+) -> Cluster {
+    let discovery = if endpoints.iter().all(|e| e.address.parse::<IpAddr>().is_ok()) {
+        Discovery::Static
+    } else {
+        Discovery::Dns
+    };
+    Cluster {
+        name,
+        service,
+        subset: String::new(),
+        port,
+        protocol,
+        load_balancer,
+        discovery,
+        endpoints,
+    }
+}
+
+fn upstream_cluster(
+    doc: &Document,
+    path: &str,
+    upstream: &Upstream,
+    targets: &[&types::Target],
+    protocol: UpstreamProtocol,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Option<ClusterId> {
+    let name = format!("kong|{}", upstream.name);
+    if registry.has_cluster(&name) {
+        return Some(registry.add_cluster(kong_cluster(
+            name,
+            upstream.name.clone(),
+            0,
+            protocol,
+            LoadBalancer::RoundRobin,
+            Vec::new(),
+        )));
+    }
+    if upstream.healthchecks.is_some() {
+        diag.warn(doc, at(path, "healthchecks"), "not supported yet; ignored");
+    }
+    let load_balancer = match upstream.algorithm.as_deref().unwrap_or("round-robin") {
+        "round-robin" => LoadBalancer::RoundRobin,
+        "least-connections" => LoadBalancer::LeastRequest,
+        "latency" => {
+            diag.warn(
+                doc,
+                at(path, "algorithm"),
+                "latency balancing is approximated by least-request (fewest requests in flight)",
+            );
+            LoadBalancer::LeastRequest
+        }
+        "consistent-hashing" => match hash_key(doc, path, upstream, diag) {
+            Some(key) => LoadBalancer::ConsistentHash(key),
+            None => LoadBalancer::RoundRobin,
+        },
+        other => {
+            diag.error(
+                doc,
+                at(path, "algorithm"),
+                format!("unknown algorithm {other:?} (round-robin, least-connections, consistent-hashing, latency)"),
+            );
+            return None;
+        }
+    };
+    let mut endpoints = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        let weight = target.weight.unwrap_or(100);
+        if weight > 65_535 {
+            diag.error(doc, format!("{path}.targets[{i}].weight"), "must be 0..65535");
+            return None;
+        }
+        if weight == 0 {
+            continue;
+        }
+        let Some((host, port)) = split_host_port(&target.target) else {
+            diag.error(
+                doc,
+                format!("{path}.targets[{i}].target"),
+                format!("not host[:port]: {:?}", target.target),
+            );
+            return None;
+        };
+        endpoints.push(Endpoint {
+            address: host,
+            port: port.unwrap_or(DEFAULT_TARGET_PORT),
+            weight,
+            labels: Default::default(),
+        });
+    }
+    if endpoints.is_empty() {
+        diag.warn(
+            doc,
+            path,
+            "no target with a weight above 0: requests answer 503 no healthy upstream",
+        );
+    }
+    Some(registry.add_cluster(kong_cluster(
+        name,
+        upstream.name.clone(),
+        0,
+        protocol,
+        load_balancer,
+        endpoints,
+    )))
+}
+
+fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) -> Option<HashKey> {
+    let named = |field: &str, value: &Option<String>, diag: &mut Diag| -> Option<String> {
+        match value {
+            Some(v) if !v.is_empty() => Some(v.clone()),
+            _ => {
+                diag.error(doc, at(path, field), "required by hash_on");
+                None
+            }
+        }
+    };
+    match upstream.hash_on.as_deref().unwrap_or("none") {
+        "none" => None,
+        "ip" => Some(HashKey::SourceIp),
+        "header" => {
+            named("hash_on_header", &upstream.hash_on_header, diag).map(|h| HashKey::Header(h.to_ascii_lowercase()))
+        }
+        "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).map(HashKey::Cookie),
+        "query_arg" => named("hash_on_query_arg", &upstream.hash_on_query_arg, diag).map(HashKey::QueryParameter),
+        other => {
+            diag.warn(
+                doc,
+                at(path, "hash_on"),
+                format!("hashing on {other} is not supported yet; round-robin is used"),
+            );
+            None
+        }
+    }
+}
+
+/// Paths Kong prioritises together: the prefix length (`None`: the regex group) and the
+/// paths with their index in `paths`.
+type PathGroup<'p> = (Option<usize>, Vec<(usize, &'p String)>);
+
+/// Compiles a Kong route into one entry per path group (all regexes; each prefix length).
+fn compile_route(
+    doc: &Document,
+    path: &str,
+    route: &KongRoute,
+    service: &ServiceTarget,
+    seq: &mut usize,
+    diag: &mut Diag,
+    entries: &mut Vec<Entry>,
+) {
+    for (field, set) in [
+        ("snis", route.snis.is_some()),
+        ("sources", route.sources.is_some()),
+        ("destinations", route.destinations.is_some()),
+        ("expression", route.expression.is_some()),
+        ("priority", route.priority.is_some()),
+    ] {
+        if set {
+            diag.error(
+                doc,
+                at(path, field),
+                "not supported yet (traditional HTTP routes only); the route would match more than it should",
+            );
+            return;
+        }
+    }
+    if route.path_handling.as_deref().is_some_and(|h| h != "v0" && h != "v1") {
+        diag.error(doc, at(path, "path_handling"), "must be v0 or v1");
+        return;
+    }
+    let protocols: Vec<String> = route
+        .protocols
+        .clone()
+        .unwrap_or_else(|| vec!["http".to_string(), "https".to_string()]);
+    if let Some(bad) = protocols
+        .iter()
+        .find(|p| !matches!(p.as_str(), "http" | "https" | "grpc" | "grpcs"))
+    {
+        diag.error(
+            doc,
+            at(path, "protocols"),
+            format!("protocol {bad:?} is not supported (http, https, grpc, grpcs)"),
+        );
+        return;
+    }
+    let paths = route.paths.clone().unwrap_or_default();
+    let methods = route.methods.clone().unwrap_or_default();
+    let hosts_in = route.hosts.clone().unwrap_or_default();
+    let headers = route.headers.clone().unwrap_or_default();
+    if paths.is_empty() && methods.is_empty() && hosts_in.is_empty() && headers.is_empty() {
+        diag.error(
+            doc,
+            path,
+            "a route needs at least one of paths, hosts, methods or headers",
+        );
+        return;
+    }
+    let mut hosts = Vec::new();
+    for (i, host) in hosts_in.iter().enumerate() {
+        let host = host.to_ascii_lowercase();
+        let host = match split_host_port(&host) {
+            Some((h, _)) => h,
+            None => host,
+        };
+        if host.ends_with(".*") {
+            diag.warn(
+                doc,
+                format!("{path}.hosts[{i}]"),
+                "suffix wildcards (example.*) are not supported yet; this host is ignored",
+            );
+            continue;
+        }
+        hosts.push(host);
+    }
+    if !hosts_in.is_empty() && hosts.is_empty() {
+        return;
+    }
+    let header_matches = match header_matches(doc, path, &headers, diag) {
+        Some(h) => h,
+        None => return,
+    };
+    let method = if methods.is_empty() {
+        None
+    } else {
+        let alternation: Vec<String> = methods.iter().map(|m| regex::escape(&m.to_ascii_uppercase())).collect();
+        StringMatch::regex(&alternation.join("|")).ok()
+    };
+
+    // Path groups: one for every regex path, one per prefix length.
+    let mut groups: Vec<PathGroup<'_>> = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let key = if p.starts_with('~') { None } else { Some(p.len()) };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, list)) => list.push((i, p)),
+            None => groups.push((key, vec![(i, p)])),
+        }
+    }
+    if groups.is_empty() {
+        groups.push((Some(0), Vec::new()));
+    }
+    let plain_hosts_only = !hosts.is_empty() && hosts.iter().all(|h| !h.contains('*'));
+    let base_weight = [
+        !methods.is_empty(),
+        !hosts.is_empty(),
+        !headers.is_empty(),
+        !paths.is_empty(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count() as u8;
+    let route_name = format!(
+        "kong/{}/{}",
+        service.name,
+        route
+            .name
+            .clone()
+            .or_else(|| route.id.clone())
+            .unwrap_or_else(|| path.to_string())
+    );
+    let strip = route.strip_path.unwrap_or(true);
+    let legacy_concat = route.path_handling.as_deref() == Some("v1");
+    let https_only = !protocols.iter().any(|p| p == "http" || p == "grpc");
+    for (key, group) in groups {
+        let regex_group = key.is_none();
+        let mut matches = Vec::new();
+        let mut strip_regex = None;
+        for (i, p) in &group {
+            let matcher = if let Some(pattern) = p.strip_prefix('~') {
+                // Kong anchors regex paths at the start only.
+                match StringMatch::regex(&format!("(?:{pattern})(?s:.*)")) {
+                    Ok(m) => {
+                        if group.len() == 1 {
+                            strip_regex = Regex::new(&format!("^(?:{pattern})")).ok();
+                        }
+                        m
+                    }
+                    Err(e) => {
+                        diag.error(doc, format!("{path}.paths[{i}]"), format!("invalid regex: {e}"));
+                        return;
+                    }
+                }
+            } else {
+                if !p.starts_with('/') {
+                    diag.error(
+                        doc,
+                        format!("{path}.paths[{i}]"),
+                        "must start with / (or ~ for a regex)",
+                    );
+                    return;
+                }
+                StringMatch::Prefix((*p).clone())
+            };
+            matches.push(RequestMatch {
+                path: Some(PathMatch {
+                    matcher,
+                    ignore_case: false,
+                    segment_prefix: false,
+                }),
+                headers: header_matches.clone(),
+                method: method.clone(),
+                ..RequestMatch::default()
+            });
+        }
+        if group.is_empty() {
+            matches.push(RequestMatch {
+                headers: header_matches.clone(),
+                method: method.clone(),
+                ..RequestMatch::default()
+            });
+        }
+        if regex_group && strip && group.len() > 1 {
+            diag.warn(
+                doc,
+                at(path, "paths"),
+                "with several regex paths and strip_path, the matched part is not stripped",
+            );
+        }
+        let action = if https_only {
+            RouteAction::DirectResponse(DirectResponse {
+                status: 426,
+                body: bytes::Bytes::from_static(b"{\"message\":\"Please use HTTPS protocol\"}"),
+            })
+        } else {
+            RouteAction::Forward(forward(service, route, strip, strip_regex, legacy_concat))
+        };
+        entries.push(Entry {
+            hosts: hosts.clone(),
+            priority: Priority {
+                match_weight: base_weight,
+                plain_hosts_only,
+                headers: headers.len().min(255) as u8,
+                regex: regex_group && !group.is_empty(),
+                regex_priority: if regex_group {
+                    route.regex_priority.unwrap_or(0)
+                } else {
+                    0
+                },
+                prefix_length: key.unwrap_or(0),
+            },
+            seq: *seq,
+            route: Route {
+                name: route_name.clone(),
+                matches,
+                action,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+                mirrors: Vec::new(),
+                cors: None,
+            },
+        });
+        *seq += 1;
+    }
+}
+
+fn header_matches(
+    doc: &Document,
+    path: &str,
+    headers: &std::collections::BTreeMap<String, Vec<String>>,
+    diag: &mut Diag,
+) -> Option<Vec<HeaderMatch>> {
+    let mut out = Vec::new();
+    for (name, values) in headers {
+        let lower = name.to_ascii_lowercase();
+        if lower == "host" {
+            diag.error(doc, at(path, "headers.host"), "use `hosts` to match the Host header");
+            return None;
+        }
+        if values.is_empty() {
+            diag.error(doc, format!("{path}.headers.{name}"), "needs at least one value");
+            return None;
+        }
+        // Kong compares header values case-insensitively; `~*` marks a regex.
+        let alternatives: Vec<String> = values
+            .iter()
+            .map(|v| match v.strip_prefix("~*") {
+                Some(re) => format!("(?:{re})"),
+                None => regex::escape(v),
+            })
+            .collect();
+        match StringMatch::regex(&format!("(?i:{})", alternatives.join("|"))) {
+            Ok(matcher) => out.push(HeaderMatch {
+                name: lower,
+                matcher: Some(matcher),
+                invert: false,
+            }),
+            Err(e) => {
+                diag.error(doc, format!("{path}.headers.{name}"), format!("invalid regex: {e}"));
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+fn forward(
+    service: &ServiceTarget,
+    route: &KongRoute,
+    strip: bool,
+    strip_regex: Option<Regex>,
+    legacy_concat: bool,
+) -> Forward {
+    let retry = (service.retries > 0).then(|| RetryPolicy {
+        num_retries: service.retries,
+        per_try_timeout: Some(service.read_timeout),
+        // Kong (nginx `proxy_next_upstream error timeout`) retries failed connections and
+        // timeouts, never an HTTP status, immediately and on another target.
+        retry_on: RetryOn::CONNECT_FAILURE | RetryOn::RESET,
+        retriable_status_codes: Vec::new(),
+        backoff_base: Duration::ZERO,
+        backoff_max: Duration::ZERO,
+        avoid_previous_hosts: true,
+        budget: None,
+    });
+    Forward {
+        destinations: vec![WeightedDestination {
+            cluster: service.cluster,
+            weight: 100,
+            invalid: false,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }],
+        total_weight: 100,
+        rewrite: Some(Rewrite {
+            path: Some(PathRewrite::Kong {
+                service_path: service.path.clone(),
+                strip,
+                strip_regex,
+                legacy_concat,
+            }),
+            authority: (!route.preserve_host.unwrap_or(false)).then(|| service.host_header.clone()),
+        }),
+        timeout: None,
+        backend_timeout: retry.is_none().then_some(service.read_timeout),
+        retry,
+    }
+}
+
+/// Virtual hosts for the Kong listener: one per host pattern used by a route (holding the
+/// routes for that host and the host-less ones), plus `*` for host-less routes, each ordered
+/// by Kong's priority.
+fn route_table(entries: &[Entry], port: u16) -> RouteTable {
+    let mut domains: Vec<&str> = Vec::new();
+    for entry in entries {
+        for host in &entry.hosts {
+            if !domains.contains(&host.as_str()) {
+                domains.push(host);
+            }
+        }
+    }
+    let applies = |entry: &Entry, domain: &str| {
+        entry.hosts.is_empty()
+            || entry.hosts.iter().any(|h| {
+                h == domain
+                    || (!domain.starts_with('*') && h.strip_prefix('*').is_some_and(|suffix| domain.ends_with(suffix)))
+            })
+    };
+    let mut table = RouteTable::default();
+    for domain in domains {
+        table
+            .virtual_hosts
+            .push(virtual_host(entries, domain, port, |e| applies(e, domain)));
+    }
+    if entries.iter().any(|e| e.hosts.is_empty()) {
+        table
+            .virtual_hosts
+            .push(virtual_host(entries, "*", port, |e| e.hosts.is_empty()));
+    }
+    table.index();
+    table
+}
+
+fn virtual_host(entries: &[Entry], domain: &str, port: u16, include: impl Fn(&Entry) -> bool) -> VirtualHost {
+    let mut chosen: Vec<&Entry> = entries.iter().filter(|e| include(e)).collect();
+    chosen.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
+    VirtualHost {
+        name: format!("{domain}:{port}"),
+        domains: vec![domain.to_string()],
+        routes: chosen.into_iter().map(|e| e.route.clone()).collect(),
+        https_redirect: false,
+    }
+}
+
+/// Whether a document is a decK file (it has `_format_version` instead of `kind`).
+pub fn is_declarative_config(value: &Value) -> bool {
+    value.get("_format_version").is_some() && value.get("kind").is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_urls_split_into_parts() {
+        assert_eq!(
+            parse_url("http://orders.internal:8080/api"),
+            Some(("http".into(), "orders.internal".into(), Some(8080), Some("/api".into())))
+        );
+        assert_eq!(
+            parse_url("http://[::1]:9000"),
+            Some(("http".into(), "::1".into(), Some(9000), None))
+        );
+        assert_eq!(parse_url("orders.internal"), None);
+    }
+
+    #[test]
+    fn priority_orders_like_kong() {
+        let p = |match_weight, plain_hosts_only, headers, regex, prefix_length| Priority {
+            match_weight,
+            plain_hosts_only,
+            headers,
+            regex,
+            regex_priority: 0,
+            prefix_length,
+        };
+        // More fields beat a longer path; regexes beat prefixes; longer prefixes win.
+        assert!(p(2, true, 0, false, 1) > p(1, false, 0, false, 30));
+        assert!(p(1, false, 0, true, 0) > p(1, false, 0, false, 30));
+        assert!(p(1, false, 0, false, 5) > p(1, false, 0, false, 4));
+    }
+}
