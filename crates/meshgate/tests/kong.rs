@@ -134,7 +134,7 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
     let secured = dir.join("secured.yaml");
     std::fs::write(
         &secured,
-        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n  plugins:\n  - name: key-auth\n",
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n  plugins:\n  - name: jwt\n",
     )
     .expect("write");
     let (code, stdout) = analyze(&secured);
@@ -143,7 +143,7 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
         stdout.contains("error: ")
             && stdout.contains("KongDeclarativeConfig default/secured")
             && stdout.contains("services[0].plugins[0].name")
-            && stdout.contains("key-auth"),
+            && stdout.contains("jwt"),
         "{stdout}"
     );
 
@@ -172,4 +172,174 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
         stdout.contains("services[0].routes[0]") && stdout.contains("pathz"),
         "{stdout}"
     );
+}
+
+fn plugins_deck(app: &Echo) -> String {
+    format!(
+        r#"_format_version: "3.0"
+consumers:
+- username: alice
+  id: 4a6b1d5e-0000-4000-8000-00000000a11c
+  custom_id: crm-17
+  keyauth_credentials:
+  - key: alice-secret-key
+    id: cred-alice
+  acls:
+  - group: gold
+- username: bob
+  keyauth_credentials:
+  - key: bob-key
+- username: guest
+plugins:
+- name: correlation-id
+  config:
+    header_name: X-Correlation-ID
+    echo_downstream: true
+services:
+- name: app
+  url: http://127.0.0.1:{port}
+  routes:
+  - name: open
+    paths: [/open]
+  - name: gold
+    paths: [/gold]
+    plugins:
+    - name: key-auth
+      config:
+        hide_credentials: true
+    - name: acl
+      config:
+        allow: [gold]
+  - name: limited
+    paths: [/limited]
+    plugins:
+    - name: key-auth
+      config:
+        anonymous: guest
+    - name: rate-limiting
+      config:
+        minute: 3
+        limit_by: consumer
+        policy: local
+  - name: internal
+    paths: [/internal]
+    plugins:
+    - name: ip-restriction
+      config:
+        deny: [127.0.0.0/8]
+  - name: maintenance
+    paths: [/maintenance]
+    plugins:
+    - name: request-termination
+      config:
+        status_code: 503
+        message: down for maintenance
+"#,
+        port = app.port()
+    )
+}
+
+fn request(addr: SocketAddr, path: &str, headers: &str) -> (u16, Vec<(String, String)>, String) {
+    raw_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: api.test\r\n{headers}Connection: close\r\n\r\n"),
+    )
+    .expect("request")
+}
+
+fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn plugins_authenticate_authorize_limit_and_terminate_like_kong() {
+    let app = Echo::start("app");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&plugins_deck(&app), &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+
+    // A global correlation-id: generated for the upstream and echoed to the client.
+    let (status, headers, body) = request(addr, "/open", "");
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let id = header(&headers, "x-correlation-id").expect("echoed correlation id");
+    assert_eq!(echo["headers"]["x-correlation-id"], id);
+    assert!(id.contains('#'), "uuid#counter: {id}");
+
+    // key-auth: no key, a wrong key, a good key (in a header or the query, hidden upstream).
+    let (status, headers, body) = request(addr, "/gold", "");
+    assert_eq!(status, 401);
+    assert_eq!(body, r#"{"message":"No API key found in request"}"#);
+    assert_eq!(header(&headers, "www-authenticate"), Some(r#"Key realm="kong""#));
+    let (status, _, body) = request(addr, "/gold", "apikey: nope\r\n");
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"message":"Invalid authentication credentials"}"#)
+    );
+    let before = app.count();
+    let (status, _, body) = request(
+        addr,
+        "/gold?apikey=alice-secret-key&x=1",
+        "x-consumer-username: mallory\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["uri"], "/?x=1", "strip_path, and hide_credentials drops the key");
+    assert_eq!(
+        echo["headers"]["x-consumer-username"], "alice",
+        "client-sent values are replaced"
+    );
+    assert_eq!(echo["headers"]["x-consumer-id"], "4a6b1d5e-0000-4000-8000-00000000a11c");
+    assert_eq!(echo["headers"]["x-consumer-custom-id"], "crm-17");
+    assert_eq!(echo["headers"]["x-credential-identifier"], "cred-alice");
+    assert_eq!(echo["headers"]["x-consumer-groups"], "gold");
+    assert!(echo["headers"].get("apikey").is_none());
+    assert_eq!(app.count(), before + 1);
+
+    // acl: bob is authenticated but not in the allowed group.
+    let (status, _, body) = request(addr, "/gold", "apikey: bob-key\r\n");
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"message":"You cannot consume this service"}"#)
+    );
+
+    // rate-limiting by consumer, 3 a minute; anonymous requests count as the guest consumer.
+    for n in 0..3 {
+        let (status, headers, body) = request(addr, "/limited", "apikey: bob-key\r\n");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(header(&headers, "x-ratelimit-limit-minute"), Some("3"));
+        assert_eq!(
+            header(&headers, "x-ratelimit-remaining-minute"),
+            Some(["2", "1", "0"][n])
+        );
+        assert_eq!(header(&headers, "ratelimit-limit"), Some("3"));
+    }
+    let (status, headers, body) = request(addr, "/limited", "apikey: bob-key\r\n");
+    assert_eq!(
+        (status, body.as_str()),
+        (429, r#"{"message":"API rate limit exceeded"}"#)
+    );
+    let retry_after: u64 = header(&headers, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after));
+    assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
+    let (status, _, body) = request(addr, "/limited", "");
+    assert_eq!(status, 200, "the anonymous guest has its own counter: {body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["headers"]["x-anonymous-consumer"], "true");
+    assert_eq!(echo["headers"]["x-consumer-username"], "guest");
+
+    // ip-restriction and request-termination answer without reaching the upstream.
+    let before = app.count();
+    let (status, _, body) = request(addr, "/internal", "");
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"message":"Your IP address is not allowed"}"#)
+    );
+    let (status, _, body) = request(addr, "/maintenance", "");
+    assert_eq!((status, body.as_str()), (503, r#"{"message":"down for maintenance"}"#));
+    assert_eq!(app.count(), before);
 }

@@ -37,6 +37,7 @@ fn table(hosts: usize, per_host: usize) -> RouteTable {
                 response_headers: HeaderOps::default(),
                 mirrors: Vec::new(),
                 cors: None,
+                plugins: None,
             })
             .collect();
         t.virtual_hosts.push(VirtualHost {

@@ -149,6 +149,9 @@ pub struct Route {
     /// other requests get the `Access-Control-*` response headers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsPolicy>,
+    /// Kong plugins this route runs, highest priority first (decK routes only).
+    #[serde(skip)]
+    pub plugins: Option<std::sync::Arc<crate::kong::plugins::PluginChain>>,
 }
 
 /// A request mirror: a copy of a share of the matched requests is sent to `cluster`.

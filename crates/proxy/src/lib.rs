@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod listener;
+pub mod plugins;
 pub mod reload;
 pub mod response_flags;
 pub mod service;
@@ -68,6 +69,8 @@ pub struct Shared {
     /// Set on SIGTERM: `/ready` fails while requests in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
     pub access_log: Option<access_log::AccessLog>,
+    /// Kong plugin state kept across requests and reloads (rate-limit counters).
+    pub plugin_state: plugins::PluginState,
 }
 
 impl Shared {
@@ -98,6 +101,7 @@ impl Shared {
             http,
             draining: std::sync::atomic::AtomicBool::new(false),
             access_log,
+            plugin_state: plugins::PluginState::default(),
         })
     }
 

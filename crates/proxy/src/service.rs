@@ -26,6 +26,7 @@ use crate::Shared;
 use crate::access_log::{self, UpstreamHost, UpstreamInfo};
 use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody};
 use crate::cors;
+use crate::plugins;
 use crate::response_flags::ResponseFlags;
 use crate::stats::RouteStats;
 use crate::upstream::cluster::ClusterRuntime;
@@ -202,6 +203,23 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
+    let plugin_effects = match &route.plugins {
+        Some(chain) => match plugins::access(
+            chain,
+            &req,
+            conn.remote.ip().to_canonical(),
+            &route.name,
+            &conn.shared.plugin_state,
+        ) {
+            Ok(effects) => Some(effects),
+            Err(mut resp) => {
+                stats[0].record(resp.status().as_u16());
+                apply_header_ops(resp.headers_mut(), &route.response_headers);
+                return Ok(*resp);
+            }
+        },
+        None => None,
+    };
     let cors_origin = match &route.cors {
         Some(policy) => {
             if let Some(resp) = cors::preflight(policy, &req) {
@@ -241,6 +259,10 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
                 return Ok(resp);
             }
             let cluster = &active.clusters[destination.cluster];
+            let mut req = req;
+            if let Some(effects) = &plugin_effects {
+                effects.apply_to_request(&mut req);
+            }
             let mut resp = forward_request(
                 req,
                 conn,
@@ -279,6 +301,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     apply_header_ops(response.headers_mut(), &route.response_headers);
     if let Some(policy) = &route.cors {
         cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
+    }
+    if let Some(effects) = plugin_effects {
+        effects.apply_to_response(response.headers_mut());
     }
     Ok(response)
 }

@@ -261,6 +261,7 @@ fn compile_rule(
                 response_headers: filters.response_headers.clone(),
                 mirrors: filters.mirrors.clone(),
                 cors: filters.cors.clone(),
+                plugins: None,
             },
         });
     }

@@ -399,6 +399,7 @@ fn mesh_routes(vss: &[CompiledVs<'_>], registry: &mut Registry<'_>, port: u16, d
                 response_headers: HeaderOps::default(),
                 mirrors: Vec::new(),
                 cors: None,
+                plugins: None,
             }],
             https_redirect: false,
         });

@@ -340,6 +340,7 @@ fn compile_http_route(
                 response_headers,
                 mirrors: Vec::new(),
                 cors: None,
+                plugins: None,
             },
             match_gateways,
         }),

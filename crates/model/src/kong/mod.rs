@@ -13,10 +13,12 @@
 //! configuration fail (serving the routes without them would open them up); other plugins and
 //! consumers are ignored with a warning.
 
+pub mod plugins;
 pub mod types;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
@@ -32,6 +34,7 @@ use crate::snapshot::{
     UpstreamProtocol, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
+use plugins::{Consumer, Consumers, PluginChain};
 use types::{KongConfig, Plugin, Route as KongRoute, Service, Upstream};
 
 /// The `kind` the source reader gives a decK file (it has no `kind` of its own).
@@ -50,19 +53,14 @@ const DEFAULT_TARGET_PORT: u16 = 8000;
 /// Plugins whose absence would weaken security or protection: a config using them is refused
 /// until meshgate implements them.
 const ENFORCING_PLUGINS: &[&str] = &[
-    "key-auth",
     "basic-auth",
     "jwt",
-    "acl",
-    "ip-restriction",
     "hmac-auth",
     "oauth2",
     "ldap-auth",
     "openid-connect",
-    "rate-limiting",
     "rate-limiting-advanced",
     "request-size-limiting",
-    "request-termination",
     "bot-detection",
     "mtls-auth",
 ];
@@ -155,16 +153,7 @@ fn compile_config(
         return;
     }
     warn_unsupported_top_level(doc, config, diag);
-    for (i, plugin) in config.plugins.iter().enumerate() {
-        check_plugin(doc, &format!("plugins[{i}]"), plugin, diag);
-    }
-    if !config.consumers.is_empty() {
-        diag.warn(
-            doc,
-            "consumers",
-            "consumers and their credentials are not supported yet; ignored",
-        );
-    }
+    let consumers = Arc::new(compile_consumers(doc, &config.consumers, diag));
 
     // Upstreams by name and id, with top-level targets attached.
     let mut upstreams: HashMap<&str, (usize, Vec<&types::Target>)> = HashMap::new();
@@ -202,41 +191,50 @@ fn compile_config(
         }
     }
 
-    let mut services: HashMap<&str, Option<ServiceTarget>> = HashMap::new();
+    // Plugin instances by scope: global, per service (name or id), per route (name or id).
+    let mut scoped = ScopedPlugins::default();
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        let path = format!("plugins[{i}]");
+        if plugin.consumer.is_some() || plugin.consumer_group.is_some() {
+            diag.error(
+                doc,
+                at(&path, "consumer"),
+                "consumer-scoped plugins are not supported yet",
+            );
+            continue;
+        }
+        match (
+            plugin.route.as_ref().and_then(|r| r.key()),
+            plugin.service.as_ref().and_then(|s| s.key()),
+        ) {
+            (Some(route), _) => scoped.by_route.entry(route).or_default().push((path, plugin)),
+            (None, Some(service)) => scoped.by_service.entry(service).or_default().push((path, plugin)),
+            (None, None) => scoped.global.push((path, plugin)),
+        }
+    }
+
+    let mut service_index: HashMap<&str, usize> = HashMap::new();
+    let mut targets: Vec<Option<ServiceTarget>> = Vec::new();
     let mut seq = entries.len();
     for (si, service) in config.services.iter().enumerate() {
         let path = format!("services[{si}]");
-        let target = compile_service(doc, &path, service, config, &upstreams, registry, diag);
-        for (i, plugin) in service.plugins.iter().enumerate() {
-            check_plugin(doc, &format!("{path}.plugins[{i}]"), plugin, diag);
-        }
-        if let Some(target) = &target {
-            for (ri, route) in service.routes.iter().enumerate() {
-                compile_route(
-                    doc,
-                    &format!("{path}.routes[{ri}]"),
-                    route,
-                    target,
-                    &mut seq,
-                    diag,
-                    entries,
-                );
-            }
-        }
+        targets.push(compile_service(doc, &path, service, config, &upstreams, registry, diag));
         for key in [service.name.as_deref(), service.id.as_deref()].into_iter().flatten() {
-            services.insert(key, None);
+            service_index.insert(key, si);
         }
-        if let Some(target) = target {
-            let keys: Vec<&str> = [service.name.as_deref(), service.id.as_deref()]
-                .into_iter()
-                .flatten()
-                .collect();
-            for key in &keys[1..] {
-                services.insert(key, Some(clone_target(&target)));
-            }
-            if let Some(first) = keys.first() {
-                services.insert(first, Some(target));
-            }
+    }
+    let ctx = ChainContext {
+        doc,
+        config,
+        scoped: &scoped,
+        consumers: &consumers,
+    };
+    for (si, service) in config.services.iter().enumerate() {
+        let Some(target) = &targets[si] else { continue };
+        for (ri, route) in service.routes.iter().enumerate() {
+            let path = format!("services[{si}].routes[{ri}]");
+            let chain = ctx.chain(si, route, &path, diag);
+            compile_route(doc, &path, route, target, chain, &mut seq, diag, entries);
         }
     }
     for (ri, route) in config.routes.iter().enumerate() {
@@ -245,9 +243,13 @@ fn compile_config(
             diag.error(doc, at(&path, "service"), "a top-level route needs `service`");
             continue;
         };
-        match services.get(key) {
-            Some(Some(target)) => compile_route(doc, &path, route, target, &mut seq, diag, entries),
-            Some(None) => {} // the service itself was reported
+        match service_index.get(key) {
+            Some(&si) => {
+                if let Some(target) = &targets[si] {
+                    let chain = ctx.chain(si, route, &path, diag);
+                    compile_route(doc, &path, route, target, chain, &mut seq, diag, entries);
+                }
+            }
             None => diag.error(
                 doc,
                 at(&path, "service"),
@@ -257,14 +259,67 @@ fn compile_config(
     }
 }
 
-fn clone_target(t: &ServiceTarget) -> ServiceTarget {
-    ServiceTarget {
-        name: t.name.clone(),
-        cluster: t.cluster,
-        host_header: t.host_header.clone(),
-        path: t.path.clone(),
-        retries: t.retries,
-        read_timeout: t.read_timeout,
+/// Plugin instances by where they are attached, with their field path.
+#[derive(Default)]
+struct ScopedPlugins<'c> {
+    global: Vec<(String, &'c Plugin)>,
+    by_service: HashMap<&'c str, Vec<(String, &'c Plugin)>>,
+    by_route: HashMap<&'c str, Vec<(String, &'c Plugin)>>,
+}
+
+/// What building a route's plugin chain needs.
+struct ChainContext<'a, 'c> {
+    doc: &'a Document,
+    config: &'c KongConfig,
+    scoped: &'a ScopedPlugins<'c>,
+    consumers: &'a Arc<Consumers>,
+}
+
+impl ChainContext<'_, '_> {
+    /// The chain of `route` (of service `si`): for each plugin name the most specific instance
+    /// (route, then service, then global), compiled, highest priority first.
+    fn chain(&self, si: usize, route: &KongRoute, route_path: &str, diag: &mut Diag) -> Option<Arc<PluginChain>> {
+        let service = &self.config.services[si];
+        let mut chosen: Vec<(String, &Plugin)> = Vec::new();
+        fn add<'p>(path: String, plugin: &'p Plugin, chosen: &mut Vec<(String, &'p Plugin)>) {
+            if !chosen.iter().any(|(_, p)| p.name == plugin.name) {
+                chosen.push((path, plugin));
+            }
+        }
+        // Most specific first: a later, less specific instance of the same name is skipped.
+        for (i, plugin) in route.plugins.iter().enumerate() {
+            add(format!("{route_path}.plugins[{i}]"), plugin, &mut chosen);
+        }
+        for key in [route.name.as_deref(), route.id.as_deref()].into_iter().flatten() {
+            for (path, plugin) in self.scoped.by_route.get(key).into_iter().flatten() {
+                add(path.clone(), plugin, &mut chosen);
+            }
+        }
+        for (i, plugin) in service.plugins.iter().enumerate() {
+            add(format!("services[{si}].plugins[{i}]"), plugin, &mut chosen);
+        }
+        for key in [service.name.as_deref(), service.id.as_deref()].into_iter().flatten() {
+            for (path, plugin) in self.scoped.by_service.get(key).into_iter().flatten() {
+                add(path.clone(), plugin, &mut chosen);
+            }
+        }
+        for (path, plugin) in &self.scoped.global {
+            add(path.clone(), plugin, &mut chosen);
+        }
+        let mut plugins = Vec::new();
+        for (path, plugin) in chosen {
+            if plugin.enabled == Some(false) {
+                continue;
+            }
+            if let Some(compiled) = compile_plugin(self.doc, &path, plugin, self.consumers, diag) {
+                plugins.push(compiled);
+            }
+        }
+        if plugins.is_empty() {
+            return None;
+        }
+        plugins.sort_by_key(|p| std::cmp::Reverse(p.priority()));
+        Some(Arc::new(PluginChain { plugins }))
     }
 }
 
@@ -297,25 +352,350 @@ fn warn_unsupported_top_level(doc: &Document, config: &KongConfig, diag: &mut Di
     }
 }
 
-fn check_plugin(doc: &Document, path: &str, plugin: &Plugin, diag: &mut Diag) {
-    if plugin.enabled == Some(false) {
-        return;
+/// A decK consumer with the credentials meshgate reads.
+/// Fields decK has that meshgate accepts without using are kept so unknown ones stay errors.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckConsumer {
+    username: Option<String>,
+    custom_id: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    keyauth_credentials: Vec<DeckKey>,
+    #[serde(default)]
+    acls: Vec<DeckAcl>,
+    basicauth_credentials: Option<Value>,
+    jwt_secrets: Option<Value>,
+    hmacauth_credentials: Option<Value>,
+    oauth2_credentials: Option<Value>,
+    mtls_auth_credentials: Option<Value>,
+    plugins: Option<Value>,
+    groups: Option<Value>,
+    created_at: Option<Value>,
+    updated_at: Option<Value>,
+}
+
+/// Fields decK has that meshgate accepts without using are kept so unknown ones stay errors.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckKey {
+    key: String,
+    id: Option<String>,
+    ttl: Option<Value>,
+    #[serde(default)]
+    tags: Vec<String>,
+    created_at: Option<Value>,
+}
+
+/// Fields decK has that meshgate accepts without using are kept so unknown ones stay errors.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckAcl {
+    group: String,
+    id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    created_at: Option<Value>,
+}
+
+fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consumers {
+    let mut consumers = Consumers::default();
+    for (i, value) in list.iter().enumerate() {
+        let path = format!("consumers[{i}]");
+        let Some(consumer) = decode_value::<DeckConsumer>(doc, value, &path, diag) else {
+            continue;
+        };
+        let Some(id) = consumer
+            .id
+            .clone()
+            .or_else(|| consumer.username.clone())
+            .or_else(|| consumer.custom_id.clone())
+        else {
+            diag.error(doc, &path, "a consumer needs a username or custom_id");
+            continue;
+        };
+        for (field, set) in [
+            ("basicauth_credentials", consumer.basicauth_credentials.is_some()),
+            ("jwt_secrets", consumer.jwt_secrets.is_some()),
+            ("hmacauth_credentials", consumer.hmacauth_credentials.is_some()),
+            ("oauth2_credentials", consumer.oauth2_credentials.is_some()),
+            ("mtls_auth_credentials", consumer.mtls_auth_credentials.is_some()),
+            ("groups", consumer.groups.is_some()),
+        ] {
+            if set {
+                diag.warn(doc, at(&path, field), "not supported yet; ignored");
+            }
+        }
+        if consumer.plugins.is_some() {
+            diag.error(
+                doc,
+                at(&path, "plugins"),
+                "consumer-scoped plugins are not supported yet",
+            );
+        }
+        let index = consumers.list.len();
+        for (k, key) in consumer.keyauth_credentials.iter().enumerate() {
+            if key.key.is_empty() {
+                diag.error(doc, format!("{path}.keyauth_credentials[{k}].key"), "must not be empty");
+                continue;
+            }
+            if key.ttl.is_some() {
+                diag.warn(
+                    doc,
+                    format!("{path}.keyauth_credentials[{k}].ttl"),
+                    "key expiry is not supported yet; the key does not expire",
+                );
+            }
+            let credential = key.id.clone().unwrap_or_else(|| format!("{id}-key-{k}"));
+            if consumers.keys.insert(key.key.clone(), (index, credential)).is_some() {
+                diag.error(
+                    doc,
+                    format!("{path}.keyauth_credentials[{k}].key"),
+                    "this key is already given to a consumer",
+                );
+            }
+        }
+        consumers.list.push(Consumer {
+            id,
+            username: consumer.username,
+            custom_id: consumer.custom_id,
+            groups: consumer.acls.into_iter().map(|a| a.group).collect(),
+        });
     }
-    if ENFORCING_PLUGINS.contains(&plugin.name.as_str()) {
-        diag.error(
-            doc,
-            at(path, "name"),
-            format!(
-                "plugin {} is not supported yet; refusing to serve these routes without it",
-                plugin.name
-            ),
-        );
-    } else {
-        diag.warn(
-            doc,
-            at(path, "name"),
-            format!("plugin {} is not supported yet; ignored", plugin.name),
-        );
+    consumers
+}
+
+/// Compiles one plugin instance; `None` when it is ignored (warned) or invalid (error).
+fn compile_plugin(
+    doc: &Document,
+    path: &str,
+    plugin: &Plugin,
+    consumers: &Arc<Consumers>,
+    diag: &mut Diag,
+) -> Option<plugins::Plugin> {
+    let empty = Value::Object(Default::default());
+    let config = plugin.config.as_ref().unwrap_or(&empty);
+    let config_path = at(path, "config");
+    match plugin.name.as_str() {
+        "key-auth" => {
+            let c: plugins::KeyAuthConfig = decode_value(doc, config, &config_path, diag)?;
+            if c.key_in_body {
+                diag.warn(
+                    doc,
+                    at(&config_path, "key_in_body"),
+                    "keys in the body are not read yet: such requests are refused",
+                );
+            }
+            let anonymous = match c.anonymous.as_deref().filter(|a| !a.is_empty()) {
+                Some(reference) => match consumers.find(reference) {
+                    Some(i) => Some(i),
+                    None => {
+                        diag.error(
+                            doc,
+                            at(&config_path, "anonymous"),
+                            format!("no consumer {reference:?} in this file"),
+                        );
+                        return None;
+                    }
+                },
+                None => None,
+            };
+            Some(plugins::Plugin::KeyAuth(plugins::KeyAuth {
+                key_names: c.key_names.iter().map(|k| k.to_ascii_lowercase()).collect(),
+                key_in_header: c.key_in_header,
+                key_in_query: c.key_in_query,
+                hide_credentials: c.hide_credentials,
+                run_on_preflight: c.run_on_preflight,
+                anonymous,
+                realm: c.realm.unwrap_or_else(|| "kong".to_string()),
+                consumers: consumers.clone(),
+            }))
+        }
+        "ip-restriction" => {
+            let c: plugins::IpRestrictionConfig = decode_value(doc, config, &config_path, diag)?;
+            let parse = |list: &Option<Vec<String>>, field: &str, diag: &mut Diag| -> Option<Vec<plugins::IpNet>> {
+                let mut out = Vec::new();
+                for (i, text) in list.iter().flatten().enumerate() {
+                    match plugins::IpNet::parse(text) {
+                        Ok(net) => out.push(net),
+                        Err(e) => {
+                            diag.error(doc, format!("{config_path}.{field}[{i}]"), e);
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            };
+            let allow = parse(&c.allow, "allow", diag)?;
+            let deny = parse(&c.deny, "deny", diag)?;
+            if allow.is_empty() && deny.is_empty() {
+                diag.error(doc, &config_path, "at least one of allow or deny is required");
+                return None;
+            }
+            Some(plugins::Plugin::IpRestriction(plugins::IpRestriction {
+                allow,
+                deny,
+                status: c.status,
+                message: c
+                    .message
+                    .unwrap_or_else(|| "Your IP address is not allowed".to_string()),
+            }))
+        }
+        "acl" => {
+            let c: plugins::AclConfig = decode_value(doc, config, &config_path, diag)?;
+            let allow = c.allow.unwrap_or_default();
+            let deny = c.deny.unwrap_or_default();
+            if allow.is_empty() == deny.is_empty() {
+                diag.error(doc, &config_path, "exactly one of allow or deny is required");
+                return None;
+            }
+            Some(plugins::Plugin::Acl(plugins::Acl {
+                allow,
+                deny,
+                hide_groups_header: c.hide_groups_header,
+                consumers: consumers.clone(),
+            }))
+        }
+        "rate-limiting" => {
+            let c: plugins::RateLimitingConfig = decode_value(doc, config, &config_path, diag)?;
+            let limits: Vec<(plugins::Window, u64)> = plugins::Window::ALL
+                .iter()
+                .filter_map(|(window, name)| {
+                    let value = match *name {
+                        "second" => c.second,
+                        "minute" => c.minute,
+                        "hour" => c.hour,
+                        "day" => c.day,
+                        "month" => c.month,
+                        _ => c.year,
+                    };
+                    value.map(|v| (*window, v))
+                })
+                .collect();
+            if limits.is_empty() {
+                diag.error(
+                    doc,
+                    &config_path,
+                    "at least one of second, minute, hour, day, month or year is required",
+                );
+                return None;
+            }
+            match c.policy.as_str() {
+                "local" => {}
+                "cluster" | "redis" => diag.warn(
+                    doc,
+                    at(&config_path, "policy"),
+                    format!(
+                        "policy {} is not supported yet: counters are kept per meshgate process (policy local)",
+                        c.policy
+                    ),
+                ),
+                other => {
+                    diag.error(
+                        doc,
+                        at(&config_path, "policy"),
+                        format!("unknown policy {other:?} (local, cluster, redis)"),
+                    );
+                    return None;
+                }
+            }
+            let limit_by = match c.limit_by.as_str() {
+                "consumer" => plugins::LimitBy::Consumer,
+                "credential" => plugins::LimitBy::Credential,
+                "ip" => plugins::LimitBy::Ip,
+                "service" => plugins::LimitBy::Service(path.to_string()),
+                "header" => match c.header_name.filter(|h| !h.is_empty()) {
+                    Some(h) => plugins::LimitBy::Header(h.to_ascii_lowercase()),
+                    None => {
+                        diag.error(doc, at(&config_path, "header_name"), "required with limit_by header");
+                        return None;
+                    }
+                },
+                "path" => match c.path.filter(|p| !p.is_empty()) {
+                    Some(p) => plugins::LimitBy::Path(p),
+                    None => {
+                        diag.error(doc, at(&config_path, "path"), "required with limit_by path");
+                        return None;
+                    }
+                },
+                other => {
+                    diag.error(
+                        doc,
+                        at(&config_path, "limit_by"),
+                        format!("unknown value {other:?} (consumer, credential, ip, service, header, path)"),
+                    );
+                    return None;
+                }
+            };
+            Some(plugins::Plugin::RateLimiting(plugins::RateLimiting {
+                instance: plugin
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{path}", doc.file.display())),
+                limits,
+                limit_by,
+                hide_client_headers: c.hide_client_headers,
+                error_code: c.error_code,
+                error_message: c.error_message,
+            }))
+        }
+        "request-termination" => {
+            let c: plugins::RequestTerminationConfig = decode_value(doc, config, &config_path, diag)?;
+            if !(100..=599).contains(&c.status_code) {
+                diag.error(doc, at(&config_path, "status_code"), "must be 100..599");
+                return None;
+            }
+            if c.echo || c.trigger.is_some() {
+                diag.warn(
+                    doc,
+                    &config_path,
+                    "echo and trigger are not supported yet; every request is terminated",
+                );
+            }
+            Some(plugins::Plugin::RequestTermination(plugins::RequestTermination {
+                status: c.status_code,
+                message: c.message,
+                body: c.body,
+                content_type: c.content_type,
+            }))
+        }
+        "correlation-id" => {
+            let c: plugins::CorrelationIdConfig = decode_value(doc, config, &config_path, diag)?;
+            if !matches!(c.generator.as_str(), "uuid" | "uuid#counter" | "tracker") {
+                diag.error(
+                    doc,
+                    at(&config_path, "generator"),
+                    "must be uuid, uuid#counter or tracker",
+                );
+                return None;
+            }
+            Some(plugins::Plugin::CorrelationId(plugins::CorrelationId {
+                header_name: c.header_name,
+                generator: c.generator,
+                echo_downstream: c.echo_downstream,
+            }))
+        }
+        name if ENFORCING_PLUGINS.contains(&name) => {
+            diag.error(
+                doc,
+                at(path, "name"),
+                format!("plugin {name} is not supported yet; refusing to serve these routes without it"),
+            );
+            None
+        }
+        name => {
+            diag.warn(
+                doc,
+                at(path, "name"),
+                format!("plugin {name} is not supported yet; ignored"),
+            );
+            None
+        }
     }
 }
 
@@ -620,11 +1000,13 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
 type PathGroup<'p> = (Option<usize>, Vec<(usize, &'p String)>);
 
 /// Compiles a Kong route into one entry per path group (all regexes; each prefix length).
+#[allow(clippy::too_many_arguments)]
 fn compile_route(
     doc: &Document,
     path: &str,
     route: &KongRoute,
     service: &ServiceTarget,
+    chain: Option<Arc<PluginChain>>,
     seq: &mut usize,
     diag: &mut Diag,
     entries: &mut Vec<Entry>,
@@ -827,6 +1209,7 @@ fn compile_route(
                 response_headers: HeaderOps::default(),
                 mirrors: Vec::new(),
                 cors: None,
+                plugins: chain.clone(),
             },
         });
         *seq += 1;

@@ -1,0 +1,396 @@
+//! Kong plugins meshgate implements, compiled from decK `plugins` entries into the chain a
+//! route runs, in Kong's priority order (highest first).
+//!
+//! Scoping follows Kong: for each plugin name, the instance on the route wins over the one on
+//! its service, which wins over a global one. Consumer-scoped instances are not supported yet.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A route's plugins, highest priority first.
+#[derive(Debug, Default)]
+pub struct PluginChain {
+    pub plugins: Vec<Plugin>,
+}
+
+#[derive(Debug)]
+pub enum Plugin {
+    CorrelationId(CorrelationId),
+    KeyAuth(KeyAuth),
+    IpRestriction(IpRestriction),
+    Acl(Acl),
+    RateLimiting(RateLimiting),
+    RequestTermination(RequestTermination),
+}
+
+impl Plugin {
+    /// Kong's plugin priorities (`PRIORITY` of each handler).
+    pub fn priority(&self) -> i32 {
+        match self {
+            Plugin::CorrelationId(_) => 100_001,
+            Plugin::KeyAuth(_) => 1250,
+            Plugin::IpRestriction(_) => 990,
+            Plugin::Acl(_) => 950,
+            Plugin::RateLimiting(_) => 910,
+            Plugin::RequestTermination(_) => 2,
+        }
+    }
+}
+
+/// Consumers of one decK file, shared by the plugins that identify or check them.
+#[derive(Debug, Default)]
+pub struct Consumers {
+    pub list: Vec<Consumer>,
+    /// key-auth key → (consumer index, credential id).
+    pub keys: HashMap<String, (usize, String)>,
+}
+
+impl Consumers {
+    /// The consumer whose id or username is `reference`.
+    pub fn find(&self, reference: &str) -> Option<usize> {
+        self.list
+            .iter()
+            .position(|c| c.id == reference || c.username.as_deref() == Some(reference))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    /// The decK `id`, or one derived from the username so headers always carry an id.
+    pub id: String,
+    pub username: Option<String>,
+    pub custom_id: Option<String>,
+    /// ACL groups.
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct KeyAuth {
+    pub key_names: Vec<String>,
+    pub key_in_header: bool,
+    pub key_in_query: bool,
+    pub hide_credentials: bool,
+    pub run_on_preflight: bool,
+    /// The consumer requests without a valid key run as (index into `consumers`).
+    pub anonymous: Option<usize>,
+    /// `WWW-Authenticate: Key realm="<realm>"` on a missing key.
+    pub realm: String,
+    pub consumers: Arc<Consumers>,
+}
+
+#[derive(Debug)]
+pub struct IpRestriction {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    pub status: u16,
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub struct Acl {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub hide_groups_header: bool,
+    pub consumers: Arc<Consumers>,
+}
+
+#[derive(Debug)]
+pub struct RateLimiting {
+    /// Counters are kept per plugin instance: this key, stable across reloads.
+    pub instance: String,
+    /// `(window, limit)`, shortest window first.
+    pub limits: Vec<(Window, u64)>,
+    pub limit_by: LimitBy,
+    pub hide_client_headers: bool,
+    pub error_code: u16,
+    pub error_message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Month,
+    Year,
+}
+
+impl Window {
+    pub const ALL: [(Window, &'static str); 6] = [
+        (Window::Second, "second"),
+        (Window::Minute, "minute"),
+        (Window::Hour, "hour"),
+        (Window::Day, "day"),
+        (Window::Month, "month"),
+        (Window::Year, "year"),
+    ];
+
+    /// The window's length in seconds (a month is 30 days and a year 365, as Kong's).
+    pub fn seconds(self) -> u64 {
+        match self {
+            Window::Second => 1,
+            Window::Minute => 60,
+            Window::Hour => 3600,
+            Window::Day => 86_400,
+            Window::Month => 2_592_000,
+            Window::Year => 31_536_000,
+        }
+    }
+
+    /// `Minute` as Kong capitalises it in `X-RateLimit-Limit-Minute`.
+    pub fn header_suffix(self) -> &'static str {
+        match self {
+            Window::Second => "Second",
+            Window::Minute => "Minute",
+            Window::Hour => "Hour",
+            Window::Day => "Day",
+            Window::Month => "Month",
+            Window::Year => "Year",
+        }
+    }
+}
+
+/// Whom a rate limit counts; every kind falls back to the client IP when its value is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitBy {
+    Consumer,
+    Credential,
+    Ip,
+    Service(String),
+    Header(String),
+    Path(String),
+}
+
+#[derive(Debug)]
+pub struct RequestTermination {
+    pub status: u16,
+    /// A JSON `{"message": ...}` body, or `body` with `content_type` as given.
+    pub message: Option<String>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct CorrelationId {
+    pub header_name: String,
+    /// `uuid`, `uuid#counter` or `tracker`.
+    pub generator: String,
+    pub echo_downstream: bool,
+}
+
+/// An IPv4 or IPv6 network (`10.0.0.0/8`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub address: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0..{max}"))?,
+            None => max,
+        };
+        Ok(IpNet { address, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+// --- decK config schemas (Kong's field names and defaults) ---
+//
+// Fields Kong has that meshgate accepts without acting on them stay in the schemas, so that
+// unknown fields remain errors; hence `dead_code` is allowed on them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KeyAuthConfig {
+    #[serde(default = "default_key_names")]
+    pub key_names: Vec<String>,
+    #[serde(default = "yes")]
+    pub key_in_header: bool,
+    #[serde(default = "yes")]
+    pub key_in_query: bool,
+    #[serde(default)]
+    pub key_in_body: bool,
+    #[serde(default)]
+    pub hide_credentials: bool,
+    #[serde(default = "yes")]
+    pub run_on_preflight: bool,
+    #[serde(default)]
+    pub anonymous: Option<String>,
+    #[serde(default)]
+    pub realm: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct IpRestrictionConfig {
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub deny: Option<Vec<String>>,
+    #[serde(default = "forbidden")]
+    pub status: u16,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AclConfig {
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub deny: Option<Vec<String>>,
+    #[serde(default)]
+    pub hide_groups_header: bool,
+    #[serde(default)]
+    pub always_use_authenticated_groups: bool,
+    #[serde(default)]
+    pub include_consumer_groups: bool,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateLimitingConfig {
+    pub second: Option<u64>,
+    pub minute: Option<u64>,
+    pub hour: Option<u64>,
+    pub day: Option<u64>,
+    pub month: Option<u64>,
+    pub year: Option<u64>,
+    #[serde(default = "default_limit_by")]
+    pub limit_by: String,
+    pub header_name: Option<String>,
+    pub path: Option<String>,
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    #[serde(default = "yes")]
+    pub fault_tolerant: bool,
+    #[serde(default)]
+    pub hide_client_headers: bool,
+    #[serde(default = "too_many_requests")]
+    pub error_code: u16,
+    #[serde(default = "default_rate_message")]
+    pub error_message: String,
+    pub sync_rate: Option<f64>,
+    // Redis settings (policy redis is not supported yet).
+    pub redis: Option<Value>,
+    pub redis_host: Option<Value>,
+    pub redis_port: Option<Value>,
+    pub redis_password: Option<Value>,
+    pub redis_username: Option<Value>,
+    pub redis_ssl: Option<Value>,
+    pub redis_ssl_verify: Option<Value>,
+    pub redis_server_name: Option<Value>,
+    pub redis_timeout: Option<Value>,
+    pub redis_database: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestTerminationConfig {
+    #[serde(default = "service_unavailable")]
+    pub status_code: u16,
+    pub message: Option<String>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub echo: bool,
+    pub trigger: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CorrelationIdConfig {
+    #[serde(default = "default_correlation_header")]
+    pub header_name: String,
+    #[serde(default = "default_generator")]
+    pub generator: String,
+    #[serde(default)]
+    pub echo_downstream: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_key_names() -> Vec<String> {
+    vec!["apikey".to_string()]
+}
+fn forbidden() -> u16 {
+    403
+}
+fn too_many_requests() -> u16 {
+    429
+}
+fn service_unavailable() -> u16 {
+    503
+}
+fn default_limit_by() -> String {
+    "consumer".to_string()
+}
+fn default_policy() -> String {
+    "local".to_string()
+}
+fn default_rate_message() -> String {
+    "API rate limit exceeded".to_string()
+}
+fn default_correlation_header() -> String {
+    "Kong-Request-ID".to_string()
+}
+fn default_generator() -> String {
+    "uuid#counter".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let net = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "v4-mapped v6 clients");
+        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(IpNet::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("banana").is_err());
+    }
+}

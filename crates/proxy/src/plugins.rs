@@ -1,0 +1,540 @@
+//! Kong plugins on the request path: the access phase runs a route's chain in priority order
+//! (any plugin may answer the request itself), and response headers the plugins ask for are
+//! added on the way back. Statuses, messages and header names are Kong's.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use meshgate_model::kong::plugins::{
+    Acl, Consumers, CorrelationId, IpRestriction, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
+    RequestTermination, Window,
+};
+
+use crate::body::{self, ResponseBody};
+use crate::response_flags::ResponseFlags;
+
+const CONSUMER_ID: &str = "x-consumer-id";
+const CONSUMER_CUSTOM_ID: &str = "x-consumer-custom-id";
+const CONSUMER_USERNAME: &str = "x-consumer-username";
+const CREDENTIAL_IDENTIFIER: &str = "x-credential-identifier";
+const ANONYMOUS: &str = "x-anonymous-consumer";
+const CONSUMER_GROUPS: &str = "x-consumer-groups";
+
+/// Counters that outlive a request and a reload: rate-limit windows, shared by all workers.
+#[derive(Default)]
+pub struct PluginState {
+    shards: [Mutex<HashMap<String, (u64, u64)>>; 16],
+    correlation_counter: AtomicU64,
+}
+
+/// Who the request runs as after authentication.
+struct Authenticated<'a> {
+    consumers: &'a Consumers,
+    consumer: usize,
+    credential: Option<&'a str>,
+}
+
+/// What the plugins change: request headers (and URI) for the upstream, applied when the
+/// request is forwarded, and headers added to the response on its way back.
+#[derive(Default)]
+pub struct PluginEffects {
+    /// `None` removes the header.
+    request_headers: Vec<(HeaderName, Option<HeaderValue>)>,
+    request_uri: Option<http::Uri>,
+    response_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl PluginEffects {
+    fn set(&mut self, name: HeaderName, value: Option<HeaderValue>) {
+        self.request_headers.retain(|(n, _)| *n != name);
+        self.request_headers.push((name, value));
+    }
+
+    /// Applies the request edits to the request about to be forwarded.
+    pub fn apply_to_request<B>(&self, req: &mut Request<B>) {
+        for (name, value) in &self.request_headers {
+            match value {
+                Some(v) => {
+                    req.headers_mut().insert(name.clone(), v.clone());
+                }
+                None => {
+                    req.headers_mut().remove(name);
+                }
+            }
+        }
+        if let Some(uri) = &self.request_uri {
+            *req.uri_mut() = uri.clone();
+        }
+    }
+
+    pub fn apply_to_response(self, headers: &mut HeaderMap) {
+        for (name, value) in self.response_headers {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Runs the access phase of `chain`; `Err` is the response that ends the request there.
+pub fn access<B>(
+    chain: &PluginChain,
+    req: &Request<B>,
+    client: IpAddr,
+    route: &str,
+    state: &PluginState,
+) -> Result<PluginEffects, Rejection> {
+    let mut effects = PluginEffects::default();
+    let mut authenticated: Option<Authenticated<'_>> = None;
+    for plugin in &chain.plugins {
+        match plugin {
+            Plugin::CorrelationId(c) => correlation_id(c, req, state, &mut effects),
+            Plugin::KeyAuth(k) => key_auth(k, req, &mut authenticated, &mut effects)?,
+            Plugin::IpRestriction(r) => ip_restriction(r, client)?,
+            Plugin::Acl(a) => acl(a, authenticated.as_ref(), &mut effects)?,
+            Plugin::RateLimiting(r) => rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects)?,
+            Plugin::RequestTermination(t) => return Err(terminate(t)),
+        }
+    }
+    Ok(effects)
+}
+
+/// Kong's error reply: `{"message": ...}` as JSON.
+/// A plugin's answer that ends the request (boxed: it is the rare path).
+pub type Rejection = Box<Response<ResponseBody>>;
+
+fn kong_error(status: u16, message: &str, flags: ResponseFlags) -> Rejection {
+    let body = serde_json::json!({ "message": message }).to_string();
+    let mut resp = Response::new(body::full(body));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    ResponseFlags::mark(&mut resp, flags);
+    Box::new(resp)
+}
+
+fn correlation_id<B>(c: &CorrelationId, req: &Request<B>, state: &PluginState, effects: &mut PluginEffects) {
+    let Ok(name) = HeaderName::from_bytes(c.header_name.as_bytes()) else {
+        return;
+    };
+    let value = match req.headers().get(&name) {
+        Some(v) if !v.is_empty() => v.clone(),
+        _ => {
+            let id = match c.generator.as_str() {
+                "uuid" => uuid(),
+                "tracker" => format!("{}-{}", uuid(), state.correlation_counter.fetch_add(1, Relaxed)),
+                _ => format!("{}#{}", uuid(), state.correlation_counter.fetch_add(1, Relaxed) + 1),
+            };
+            let Ok(v) = HeaderValue::from_str(&id) else { return };
+            effects.set(name.clone(), Some(v.clone()));
+            v
+        }
+    };
+    if c.echo_downstream {
+        effects.response_headers.push((name, value));
+    }
+}
+
+fn uuid() -> String {
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The value of query parameter `name`, and how many times it appears.
+fn query_values<'q>(query: &'q str, name: &str) -> Vec<&'q str> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            k.eq_ignore_ascii_case(name).then_some(v)
+        })
+        .collect()
+}
+
+fn key_auth<'c, B>(
+    k: &'c KeyAuth,
+    req: &Request<B>,
+    authenticated: &mut Option<Authenticated<'c>>,
+    effects: &mut PluginEffects,
+) -> Result<(), Rejection> {
+    if !k.run_on_preflight && req.method() == Method::OPTIONS {
+        return Ok(());
+    }
+    if k.anonymous.is_some() && authenticated.as_ref().is_some_and(|a| a.credential.is_some()) {
+        // Already authenticated by another plugin: anonymous makes the plugins an OR.
+        return Ok(());
+    }
+    match find_key(k, req) {
+        Ok(Some((name, key, from_query))) => {
+            // The map lookup hashes the presented key with a per-process random SipHash key,
+            // so response timing does not reveal how much of a stored key matched.
+            match k.consumers.keys.get(&key) {
+                Some((consumer, credential)) => {
+                    if k.hide_credentials {
+                        hide_key(req, &name, from_query, effects);
+                    }
+                    let who = Authenticated {
+                        consumers: &k.consumers,
+                        consumer: *consumer,
+                        credential: Some(credential.as_str()),
+                    };
+                    set_consumer_headers(effects, &who);
+                    *authenticated = Some(who);
+                    Ok(())
+                }
+                None => anonymous_or(
+                    k,
+                    authenticated,
+                    effects,
+                    kong_error(401, "Invalid authentication credentials", ResponseFlags::UNAUTHORIZED),
+                ),
+            }
+        }
+        Ok(None) => {
+            let mut resp = kong_error(401, "No API key found in request", ResponseFlags::UNAUTHORIZED);
+            if let Ok(v) = HeaderValue::from_str(&format!("Key realm=\"{}\"", k.realm)) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            anonymous_or(k, authenticated, effects, resp)
+        }
+        Err(resp) => anonymous_or(k, authenticated, effects, resp),
+    }
+}
+
+/// With `anonymous` set, a failed authentication runs the request as that consumer instead.
+fn anonymous_or<'c>(
+    k: &'c KeyAuth,
+    authenticated: &mut Option<Authenticated<'c>>,
+    effects: &mut PluginEffects,
+    failure: Rejection,
+) -> Result<(), Rejection> {
+    let Some(anonymous) = k.anonymous else {
+        return Err(failure);
+    };
+    let who = Authenticated {
+        consumers: &k.consumers,
+        consumer: anonymous,
+        credential: None,
+    };
+    set_consumer_headers(effects, &who);
+    *authenticated = Some(who);
+    Ok(())
+}
+
+/// The presented key: `(key name, key, found in the query)`; `Err` for a duplicate key.
+#[allow(clippy::type_complexity)]
+fn find_key<B>(k: &KeyAuth, req: &Request<B>) -> Result<Option<(String, String, bool)>, Rejection> {
+    for name in &k.key_names {
+        if k.key_in_header {
+            let mut values = req.headers().get_all(name.as_str()).iter();
+            if let Some(first) = values.next() {
+                if values.next().is_some() {
+                    return Err(kong_error(401, "Duplicate API key found", ResponseFlags::UNAUTHORIZED));
+                }
+                if let Ok(key) = first.to_str()
+                    && !key.is_empty()
+                {
+                    return Ok(Some((name.clone(), key.to_string(), false)));
+                }
+            }
+        }
+        if k.key_in_query
+            && let Some(query) = req.uri().query()
+        {
+            let values = query_values(query, name);
+            if values.len() > 1 {
+                return Err(kong_error(401, "Duplicate API key found", ResponseFlags::UNAUTHORIZED));
+            }
+            if let Some(v) = values.first().filter(|v| !v.is_empty()) {
+                return Ok(Some((name.clone(), percent_decode(v), true)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(v: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                match (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push(h << 4 | l);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `hide_credentials`: the key does not reach the upstream.
+fn hide_key<B>(req: &Request<B>, name: &str, from_query: bool, effects: &mut PluginEffects) {
+    if let Ok(header) = HeaderName::from_bytes(name.as_bytes()) {
+        effects.set(header, None);
+    }
+    if !from_query {
+        return;
+    }
+    let uri = req.uri().clone();
+    let Some(query) = uri.query() else { return };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.split('=').next().unwrap_or("").eq_ignore_ascii_case(name))
+        .collect();
+    let path_and_query = if kept.is_empty() {
+        uri.path().to_string()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = uri.into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
+        parts.path_and_query = Some(pq);
+        if let Ok(new_uri) = http::Uri::from_parts(parts) {
+            effects.request_uri = Some(new_uri);
+        }
+    }
+}
+
+/// Kong's `X-Consumer-*` headers for the upstream; values a client sent are never passed on.
+fn set_consumer_headers(effects: &mut PluginEffects, who: &Authenticated<'_>) {
+    let consumer = who.consumers.list.get(who.consumer);
+    let mut set = |name: &'static str, value: Option<&str>| {
+        let value = value.and_then(|v| HeaderValue::from_str(v).ok());
+        effects.set(HeaderName::from_static(name), value);
+    };
+    let Some(consumer) = consumer else {
+        for name in [
+            CONSUMER_ID,
+            CONSUMER_CUSTOM_ID,
+            CONSUMER_USERNAME,
+            CREDENTIAL_IDENTIFIER,
+            ANONYMOUS,
+        ] {
+            set(name, None);
+        }
+        return;
+    };
+    set(CONSUMER_ID, Some(&consumer.id));
+    set(CONSUMER_CUSTOM_ID, consumer.custom_id.as_deref());
+    set(CONSUMER_USERNAME, consumer.username.as_deref());
+    set(CREDENTIAL_IDENTIFIER, who.credential);
+    set(ANONYMOUS, who.credential.is_none().then_some("true"));
+}
+
+fn ip_restriction(r: &IpRestriction, client: IpAddr) -> Result<(), Rejection> {
+    let denied = r.deny.iter().any(|n| n.contains(client));
+    let allowed = r.allow.is_empty() || r.allow.iter().any(|n| n.contains(client));
+    if denied || !allowed {
+        return Err(kong_error(r.status, &r.message, ResponseFlags::UNAUTHORIZED));
+    }
+    Ok(())
+}
+
+fn acl(a: &Acl, who: Option<&Authenticated<'_>>, effects: &mut PluginEffects) -> Result<(), Rejection> {
+    let Some(who) = who else {
+        return Err(kong_error(401, "Unauthorized", ResponseFlags::UNAUTHORIZED));
+    };
+    let groups: &[String] = who
+        .consumers
+        .list
+        .get(who.consumer)
+        .map_or(&[], |c| c.groups.as_slice());
+    let in_any = |list: &[String]| groups.iter().any(|g| list.contains(g));
+    let blocked = if a.allow.is_empty() {
+        in_any(&a.deny)
+    } else {
+        !in_any(&a.allow)
+    };
+    if blocked {
+        return Err(kong_error(
+            403,
+            "You cannot consume this service",
+            ResponseFlags::UNAUTHORIZED,
+        ));
+    }
+    let value = (!a.hide_groups_header && !groups.is_empty())
+        .then(|| HeaderValue::from_str(&groups.join(", ")).ok())
+        .flatten();
+    effects.set(HeaderName::from_static(CONSUMER_GROUPS), value);
+    Ok(())
+}
+
+/// The fixed-window counters of `r`, as Kong's `local` policy keeps them: one per window
+/// aligned to the clock, per identifier.
+fn rate_limit<B>(
+    r: &RateLimiting,
+    req: &Request<B>,
+    client: IpAddr,
+    route: &str,
+    who: Option<&Authenticated<'_>>,
+    state: &PluginState,
+    effects: &mut PluginEffects,
+) -> Result<(), Rejection> {
+    let identifier = identifier(r, req, client, route, who);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // (window, limit, remaining after this request, seconds until the window resets)
+    let mut usage: Vec<(Window, u64, u64, u64)> = Vec::with_capacity(r.limits.len());
+    let mut exceeded: Option<u64> = None;
+    for &(window, limit) in &r.limits {
+        let start = now - now % window.seconds();
+        let reset = start + window.seconds() - now;
+        let key = format!("{}|{}|{}", r.instance, window.seconds(), identifier);
+        let shard = &state.shards[shard_of(&key)];
+        let mut counters = shard.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired windows are dropped as they are met, keeping the map bounded by clients.
+        let entry = counters.entry(key).or_insert((start, 0));
+        if entry.0 != start {
+            *entry = (start, 0);
+        }
+        if entry.1 >= limit {
+            exceeded = Some(exceeded.map_or(reset, |r: u64| r.max(reset)));
+            usage.push((window, limit, 0, reset));
+        } else {
+            usage.push((window, limit, limit - entry.1 - 1, reset));
+        }
+    }
+    if exceeded.is_none() {
+        for &(window, _) in &r.limits {
+            let key = format!("{}|{}|{}", r.instance, window.seconds(), identifier);
+            let shard = &state.shards[shard_of(&key)];
+            let mut counters = shard.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = counters.get_mut(&key) {
+                entry.1 += 1;
+            }
+        }
+    }
+    let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    if !r.hide_client_headers {
+        for &(window, limit, remaining, _) in &usage {
+            let suffix = window.header_suffix();
+            if let (Ok(n1), Ok(n2)) = (
+                HeaderName::from_bytes(format!("x-ratelimit-limit-{suffix}").as_bytes()),
+                HeaderName::from_bytes(format!("x-ratelimit-remaining-{suffix}").as_bytes()),
+            ) {
+                headers.push((n1, HeaderValue::from(limit)));
+                headers.push((n2, HeaderValue::from(remaining)));
+            }
+        }
+        // RateLimit-*: the most constraining window (fewest requests left).
+        if let Some(&(_, limit, remaining, reset)) = usage.iter().min_by_key(|(_, _, remaining, _)| *remaining) {
+            headers.push((HeaderName::from_static("ratelimit-limit"), HeaderValue::from(limit)));
+            headers.push((
+                HeaderName::from_static("ratelimit-remaining"),
+                HeaderValue::from(remaining),
+            ));
+            headers.push((HeaderName::from_static("ratelimit-reset"), HeaderValue::from(reset)));
+        }
+    }
+    if let Some(retry_after) = exceeded {
+        let mut resp = kong_error(r.error_code, &r.error_message, ResponseFlags::RATE_LIMITED);
+        for (name, value) in headers {
+            resp.headers_mut().insert(name, value);
+        }
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        return Err(resp);
+    }
+    effects.response_headers.extend(headers);
+    Ok(())
+}
+
+fn shard_of(key: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % 16) as usize
+}
+
+/// Whom a request counts against; Kong falls back to the client IP when the value is absent.
+fn identifier<B>(
+    r: &RateLimiting,
+    req: &Request<B>,
+    client: IpAddr,
+    route: &str,
+    who: Option<&Authenticated<'_>>,
+) -> String {
+    let ip = || format!("ip:{client}");
+    match &r.limit_by {
+        LimitBy::Ip => ip(),
+        LimitBy::Consumer => who
+            .and_then(|w| w.consumers.list.get(w.consumer))
+            .map_or_else(ip, |c| format!("consumer:{}", c.id)),
+        LimitBy::Credential => who
+            .and_then(|w| w.credential)
+            .map_or_else(ip, |c| format!("credential:{c}")),
+        LimitBy::Service(service) => format!("service:{service}:{route}"),
+        LimitBy::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(ip, |v| format!("header:{v}")),
+        LimitBy::Path(path) => {
+            if req.uri().path() == path {
+                format!("path:{path}")
+            } else {
+                ip()
+            }
+        }
+    }
+}
+
+fn terminate(t: &RequestTermination) -> Rejection {
+    let status = StatusCode::from_u16(t.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    match (&t.body, &t.message) {
+        (Some(body), _) => {
+            let mut resp = Response::new(body::full(body.clone()));
+            *resp.status_mut() = status;
+            if let Some(v) = t.content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            Box::new(resp)
+        }
+        (None, Some(message)) => kong_error(t.status, message, ResponseFlags::NONE),
+        (None, None) => kong_error(
+            t.status,
+            status.canonical_reason().unwrap_or("Terminated"),
+            ResponseFlags::NONE,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keys_are_decoded() {
+        assert_eq!(percent_decode("a%2Bb+c"), "a+b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(query_values("apikey=1&x=2&APIKEY=3", "apikey"), ["1", "3"]);
+    }
+}
