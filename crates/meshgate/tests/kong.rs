@@ -186,6 +186,9 @@ consumers:
     id: cred-alice
   acls:
   - group: gold
+  basicauth_credentials:
+  - username: alice
+    password: s3cret
 - username: bob
   keyauth_credentials:
   - key: bob-key
@@ -227,6 +230,43 @@ services:
     - name: ip-restriction
       config:
         deny: [127.0.0.0/8]
+  - name: basic
+    paths: [/basic]
+    plugins:
+    - name: basic-auth
+      config:
+        hide_credentials: true
+  - name: small
+    paths: [/small]
+    plugins:
+    - name: request-size-limiting
+      config:
+        allowed_payload_size: 1
+        size_unit: kilobytes
+  - name: transform
+    paths: [/transform]
+    strip_path: false
+    plugins:
+    - name: request-transformer
+      config:
+        remove:
+          headers: [x-remove]
+        rename:
+          headers: ["x-old:x-new"]
+        add:
+          headers: ["x-added:yes"]
+          querystring: ["page:1"]
+    - name: response-transformer
+      config:
+        add:
+          headers: ["x-served-by:meshgate"]
+        remove:
+          headers: [content-type]
+    - name: cors
+      config:
+        origins: [https://app.example.com]
+        methods: [GET]
+        max_age: 600
   - name: maintenance
     paths: [/maintenance]
     plugins:
@@ -342,4 +382,59 @@ fn plugins_authenticate_authorize_limit_and_terminate_like_kong() {
     let (status, _, body) = request(addr, "/maintenance", "");
     assert_eq!((status, body.as_str()), (503, r#"{"message":"down for maintenance"}"#));
     assert_eq!(app.count(), before);
+
+    // basic-auth: constant-time password check, the Authorization header hidden upstream.
+    let (status, headers, body) = request(addr, "/basic", "");
+    assert_eq!((status, body.as_str()), (401, r#"{"message":"Unauthorized"}"#));
+    assert_eq!(header(&headers, "www-authenticate"), Some(r#"Basic realm="service""#));
+    // "alice:wrong" and "alice:s3cret" in base64.
+    let (status, _, body) = request(addr, "/basic", "authorization: Basic YWxpY2U6d3Jvbmc=\r\n");
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"message":"Invalid authentication credentials"}"#)
+    );
+    let (status, _, body) = request(addr, "/basic", "authorization: Basic YWxpY2U6czNjcmV0\r\n");
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["headers"]["x-consumer-username"], "alice");
+    assert!(echo["headers"].get("authorization").is_none());
+
+    // request-size-limiting on Content-Length.
+    let big = "x".repeat(2000);
+    let (status, _, body) = raw_request(
+        addr,
+        &format!(
+            "POST /small HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{big}",
+            big.len()
+        ),
+    )
+    .expect("post");
+    assert_eq!(
+        (status, body.as_str()),
+        (413, r#"{"message":"Request size limit exceeded"}"#)
+    );
+
+    // Transformers edit what the upstream sees and what the client gets.
+    let (status, headers, body) = request(addr, "/transform?a=b", "x-remove: 1\r\nx-old: kept\r\n");
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["uri"], "/transform?a=b&page=1");
+    assert_eq!(echo["headers"]["x-added"], "yes");
+    assert_eq!(echo["headers"]["x-new"], "kept");
+    assert!(echo["headers"].get("x-remove").is_none() && echo["headers"].get("x-old").is_none());
+    assert_eq!(header(&headers, "x-served-by"), Some("meshgate"));
+    assert_eq!(header(&headers, "content-type"), None);
+
+    // cors: preflights answered by the gateway.
+    let (status, headers, _) = raw_request(
+        addr,
+        "OPTIONS /transform HTTP/1.1\r\nHost: api.test\r\norigin: https://app.example.com\r\naccess-control-request-method: GET\r\nConnection: close\r\n\r\n",
+    )
+    .expect("preflight");
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(header(&headers, "access-control-max-age"), Some("600"));
 }

@@ -8,11 +8,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use meshgate_model::kong::plugins::{
-    Acl, Consumers, CorrelationId, IpRestriction, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
-    RequestTermination, Window,
+    Acl, BasicAuth, Consumers, CorrelationId, IpRestriction, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
+    RequestSizeLimiting, RequestTermination, TransformOps, Transformer, Window,
 };
 
 use crate::body::{self, ResponseBody};
@@ -43,9 +44,12 @@ struct Authenticated<'a> {
 /// request is forwarded, and headers added to the response on its way back.
 #[derive(Default)]
 pub struct PluginEffects {
-    /// `None` removes the header.
+    /// A full replacement of the request headers (request-transformer), applied first.
+    request_header_map: Option<HeaderMap>,
+    /// Then these: `None` removes the header.
     request_headers: Vec<(HeaderName, Option<HeaderValue>)>,
     request_uri: Option<http::Uri>,
+    request_method: Option<Method>,
     response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
@@ -55,26 +59,91 @@ impl PluginEffects {
         self.request_headers.push((name, value));
     }
 
+    /// The request headers as the plugins so far have left them.
+    fn current_headers<B>(&self, req: &Request<B>) -> HeaderMap {
+        let mut map = self.request_header_map.clone().unwrap_or_else(|| req.headers().clone());
+        apply_header_edits(&mut map, &self.request_headers);
+        map
+    }
+
     /// Applies the request edits to the request about to be forwarded.
     pub fn apply_to_request<B>(&self, req: &mut Request<B>) {
-        for (name, value) in &self.request_headers {
-            match value {
-                Some(v) => {
-                    req.headers_mut().insert(name.clone(), v.clone());
-                }
-                None => {
-                    req.headers_mut().remove(name);
-                }
-            }
+        if let Some(map) = &self.request_header_map {
+            *req.headers_mut() = map.clone();
+        }
+        apply_header_edits(req.headers_mut(), &self.request_headers);
+        if let Some(method) = &self.request_method {
+            *req.method_mut() = method.clone();
         }
         if let Some(uri) = &self.request_uri {
             *req.uri_mut() = uri.clone();
         }
     }
 
-    pub fn apply_to_response(self, headers: &mut HeaderMap) {
+    /// Adds the headers plugins asked for, then runs response-transformer.
+    pub fn apply_to_response(self, chain: &PluginChain, headers: &mut HeaderMap) {
         for (name, value) in self.response_headers {
             headers.insert(name, value);
+        }
+        for plugin in &chain.plugins {
+            if let Plugin::ResponseTransformer(t) = plugin {
+                transform_headers(&t.headers, headers);
+            }
+        }
+    }
+}
+
+fn apply_header_edits(headers: &mut HeaderMap, edits: &[(HeaderName, Option<HeaderValue>)]) {
+    for (name, value) in edits {
+        match value {
+            Some(v) => {
+                headers.insert(name.clone(), v.clone());
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// Kong's transformer order on headers: remove, rename, replace (if present), add (if
+/// absent), append.
+fn transform_headers(ops: &TransformOps, headers: &mut HeaderMap) {
+    let name_of = |n: &str| HeaderName::from_bytes(n.as_bytes()).ok();
+    let value_of = |v: &str| HeaderValue::from_str(v).ok();
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (from, to) in &ops.rename {
+        if let (Some(values), Some(to)) = (
+            headers
+                .contains_key(from.as_str())
+                .then(|| headers.get_all(from.as_str()).iter().cloned().collect::<Vec<_>>()),
+            name_of(to),
+        ) {
+            headers.remove(from.as_str());
+            for v in values {
+                headers.append(to.clone(), v);
+            }
+        }
+    }
+    for (name, value) in &ops.replace {
+        if headers.contains_key(name.as_str())
+            && let (Some(n), Some(v)) = (name_of(name), value_of(value))
+        {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.add {
+        if !headers.contains_key(name.as_str())
+            && let (Some(n), Some(v)) = (name_of(name), value_of(value))
+        {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.append {
+        if let (Some(n), Some(v)) = (name_of(name), value_of(value)) {
+            headers.append(n, v);
         }
     }
 }
@@ -97,9 +166,172 @@ pub fn access<B>(
             Plugin::Acl(a) => acl(a, authenticated.as_ref(), &mut effects)?,
             Plugin::RateLimiting(r) => rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects)?,
             Plugin::RequestTermination(t) => return Err(terminate(t)),
+            Plugin::BasicAuth(b) => basic_auth(b, req, &mut authenticated, &mut effects)?,
+            Plugin::RequestSizeLimiting(l) => request_size(l, req)?,
+            Plugin::RequestTransformer(t) => transform_request(t, req, &mut effects),
+            // Applied to the response (`apply_to_response`) and by the route's CORS handling.
+            Plugin::ResponseTransformer(_) | Plugin::Cors(_) => {}
         }
     }
     Ok(effects)
+}
+
+fn basic_auth<'c, B>(
+    b: &'c BasicAuth,
+    req: &Request<B>,
+    authenticated: &mut Option<Authenticated<'c>>,
+    effects: &mut PluginEffects,
+) -> Result<(), Rejection> {
+    if b.anonymous.is_some() && authenticated.as_ref().is_some_and(|a| a.credential.is_some()) {
+        return Ok(());
+    }
+    let fail = |anonymous: Option<usize>,
+                authenticated: &mut Option<Authenticated<'c>>,
+                effects: &mut PluginEffects,
+                resp: Rejection| {
+        let Some(anonymous) = anonymous else {
+            return Err(resp);
+        };
+        let who = Authenticated {
+            consumers: &b.consumers,
+            consumer: anonymous,
+            credential: None,
+        };
+        set_consumer_headers(effects, &who);
+        *authenticated = Some(who);
+        Ok(())
+    };
+    let presented = [header::AUTHORIZATION, header::PROXY_AUTHORIZATION]
+        .iter()
+        .find_map(|name| req.headers().get(name).and_then(|v| v.to_str().ok()).map(|v| (name, v)));
+    let Some((header_name, value)) = presented else {
+        let mut resp = kong_error(401, "Unauthorized", ResponseFlags::UNAUTHORIZED);
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", b.realm)) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return fail(b.anonymous, authenticated, effects, resp);
+    };
+    let invalid = || kong_error(401, "Invalid authentication credentials", ResponseFlags::UNAUTHORIZED);
+    let decoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let Some((username, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+        return fail(b.anonymous, authenticated, effects, invalid());
+    };
+    match b.consumers.basic.get(username) {
+        Some((consumer, credential, stored)) if constant_time_eq(stored.as_bytes(), password.as_bytes()) => {
+            if b.hide_credentials {
+                effects.set(header_name.clone(), None);
+            }
+            let who = Authenticated {
+                consumers: &b.consumers,
+                consumer: *consumer,
+                credential: Some(credential.as_str()),
+            };
+            set_consumer_headers(effects, &who);
+            *authenticated = Some(who);
+            Ok(())
+        }
+        _ => fail(b.anonymous, authenticated, effects, invalid()),
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+fn request_size<B>(l: &RequestSizeLimiting, req: &Request<B>) -> Result<(), Rejection> {
+    match req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(length) if length > l.limit => Err(kong_error(413, "Request size limit exceeded", ResponseFlags::NONE)),
+        Some(_) => Ok(()),
+        None if l.require_content_length && req.method() != Method::GET && req.method() != Method::HEAD => Err(
+            kong_error(411, "A valid Content-Length header is required", ResponseFlags::NONE),
+        ),
+        None => Ok(()),
+    }
+}
+
+/// request-transformer: headers, query string, method and URI for the upstream request.
+fn transform_request<B>(t: &Transformer, req: &Request<B>, effects: &mut PluginEffects) {
+    let mut headers = effects.current_headers(req);
+    transform_headers(&t.headers, &mut headers);
+    effects.request_header_map = Some(headers);
+    effects.request_headers.clear();
+    if let Some(method) = t
+        .method
+        .as_deref()
+        .and_then(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+    {
+        effects.request_method = Some(method);
+    }
+    let q = &t.querystring;
+    let has_query_ops = !(q.remove.is_empty()
+        && q.rename.is_empty()
+        && q.replace.is_empty()
+        && q.add.is_empty()
+        && q.append.is_empty());
+    if t.uri.is_none() && !has_query_ops {
+        return;
+    }
+    let uri = effects.request_uri.clone().unwrap_or_else(|| req.uri().clone());
+    let mut pairs: Vec<(String, String)> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    pairs.retain(|(k, _)| !q.remove.contains(k));
+    for (from, to) in &q.rename {
+        for pair in pairs.iter_mut().filter(|(k, _)| k == from) {
+            pair.0 = to.clone();
+        }
+    }
+    for (name, value) in &q.replace {
+        for pair in pairs.iter_mut().filter(|(k, _)| k == name) {
+            pair.1 = value.clone();
+        }
+    }
+    for (name, value) in &q.add {
+        if !pairs.iter().any(|(k, _)| k == name) {
+            pairs.push((name.clone(), value.clone()));
+        }
+    }
+    for (name, value) in &q.append {
+        pairs.push((name.clone(), value.clone()));
+    }
+    let path = t.uri.as_deref().unwrap_or(uri.path());
+    let query: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| if v.is_empty() { k.clone() } else { format!("{k}={v}") })
+        .collect();
+    let path_and_query = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    let mut parts = uri.into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
+        parts.path_and_query = Some(pq);
+        if let Ok(new_uri) = http::Uri::from_parts(parts) {
+            effects.request_uri = Some(new_uri);
+        }
+    }
 }
 
 /// Kong's error reply: `{"message": ...}` as JSON.

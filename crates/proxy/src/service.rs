@@ -302,8 +302,8 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     if let Some(policy) = &route.cors {
         cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
     }
-    if let Some(effects) = plugin_effects {
-        effects.apply_to_response(response.headers_mut());
+    if let (Some(effects), Some(chain)) = (plugin_effects, &route.plugins) {
+        effects.apply_to_response(chain, response.headers_mut());
     }
     Ok(response)
 }

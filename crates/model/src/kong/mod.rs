@@ -53,14 +53,12 @@ const DEFAULT_TARGET_PORT: u16 = 8000;
 /// Plugins whose absence would weaken security or protection: a config using them is refused
 /// until meshgate implements them.
 const ENFORCING_PLUGINS: &[&str] = &[
-    "basic-auth",
     "jwt",
     "hmac-auth",
     "oauth2",
     "ldap-auth",
     "openid-connect",
     "rate-limiting-advanced",
-    "request-size-limiting",
     "bot-detection",
     "mtls-auth",
 ];
@@ -233,8 +231,8 @@ fn compile_config(
         let Some(target) = &targets[si] else { continue };
         for (ri, route) in service.routes.iter().enumerate() {
             let path = format!("services[{si}].routes[{ri}]");
-            let chain = ctx.chain(si, route, &path, diag);
-            compile_route(doc, &path, route, target, chain, &mut seq, diag, entries);
+            let plugins = ctx.chain(si, route, &path, diag);
+            compile_route(doc, &path, route, target, plugins, &mut seq, diag, entries);
         }
     }
     for (ri, route) in config.routes.iter().enumerate() {
@@ -246,8 +244,8 @@ fn compile_config(
         match service_index.get(key) {
             Some(&si) => {
                 if let Some(target) = &targets[si] {
-                    let chain = ctx.chain(si, route, &path, diag);
-                    compile_route(doc, &path, route, target, chain, &mut seq, diag, entries);
+                    let plugins = ctx.chain(si, route, &path, diag);
+                    compile_route(doc, &path, route, target, plugins, &mut seq, diag, entries);
                 }
             }
             None => diag.error(
@@ -267,6 +265,12 @@ struct ScopedPlugins<'c> {
     by_route: HashMap<&'c str, Vec<(String, &'c Plugin)>>,
 }
 
+/// A route's plugins: the chain run on requests, and the CORS policy the route answers with.
+struct RoutePlugins {
+    chain: Option<Arc<PluginChain>>,
+    cors: Option<crate::snapshot::CorsPolicy>,
+}
+
 /// What building a route's plugin chain needs.
 struct ChainContext<'a, 'c> {
     doc: &'a Document,
@@ -278,7 +282,7 @@ struct ChainContext<'a, 'c> {
 impl ChainContext<'_, '_> {
     /// The chain of `route` (of service `si`): for each plugin name the most specific instance
     /// (route, then service, then global), compiled, highest priority first.
-    fn chain(&self, si: usize, route: &KongRoute, route_path: &str, diag: &mut Diag) -> Option<Arc<PluginChain>> {
+    fn chain(&self, si: usize, route: &KongRoute, route_path: &str, diag: &mut Diag) -> RoutePlugins {
         let service = &self.config.services[si];
         let mut chosen: Vec<(String, &Plugin)> = Vec::new();
         fn add<'p>(path: String, plugin: &'p Plugin, chosen: &mut Vec<(String, &'p Plugin)>) {
@@ -307,19 +311,22 @@ impl ChainContext<'_, '_> {
             add(path.clone(), plugin, &mut chosen);
         }
         let mut plugins = Vec::new();
+        let mut cors = None;
         for (path, plugin) in chosen {
             if plugin.enabled == Some(false) {
                 continue;
             }
-            if let Some(compiled) = compile_plugin(self.doc, &path, plugin, self.consumers, diag) {
-                plugins.push(compiled);
+            match compile_plugin(self.doc, &path, plugin, self.consumers, diag) {
+                Some(plugins::Plugin::Cors(policy)) => cors = Some(policy),
+                Some(compiled) => plugins.push(compiled),
+                None => {}
             }
         }
-        if plugins.is_empty() {
-            return None;
-        }
         plugins.sort_by_key(|p| std::cmp::Reverse(p.priority()));
-        Some(Arc::new(PluginChain { plugins }))
+        RoutePlugins {
+            chain: (!plugins.is_empty()).then(|| Arc::new(PluginChain { plugins })),
+            cors,
+        }
     }
 }
 
@@ -367,7 +374,8 @@ struct DeckConsumer {
     keyauth_credentials: Vec<DeckKey>,
     #[serde(default)]
     acls: Vec<DeckAcl>,
-    basicauth_credentials: Option<Value>,
+    #[serde(default)]
+    basicauth_credentials: Vec<DeckBasic>,
     jwt_secrets: Option<Value>,
     hmacauth_credentials: Option<Value>,
     oauth2_credentials: Option<Value>,
@@ -392,6 +400,18 @@ struct DeckKey {
 }
 
 /// Fields decK has that meshgate accepts without using are kept so unknown ones stay errors.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckBasic {
+    username: String,
+    password: String,
+    id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    created_at: Option<Value>,
+}
+
 #[allow(dead_code)]
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -420,7 +440,6 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
             continue;
         };
         for (field, set) in [
-            ("basicauth_credentials", consumer.basicauth_credentials.is_some()),
             ("jwt_secrets", consumer.jwt_secrets.is_some()),
             ("hmacauth_credentials", consumer.hmacauth_credentials.is_some()),
             ("oauth2_credentials", consumer.oauth2_credentials.is_some()),
@@ -460,6 +479,17 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
                 );
             }
         }
+        for (b, basic) in consumer.basicauth_credentials.iter().enumerate() {
+            let credential = basic.id.clone().unwrap_or_else(|| format!("{id}-basic-{b}"));
+            let entry = (index, credential, basic.password.clone());
+            if consumers.basic.insert(basic.username.clone(), entry).is_some() {
+                diag.error(
+                    doc,
+                    format!("{path}.basicauth_credentials[{b}].username"),
+                    "this username is already used by another credential",
+                );
+            }
+        }
         consumers.list.push(Consumer {
             id,
             username: consumer.username,
@@ -468,6 +498,114 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
         });
     }
     consumers
+}
+
+/// The `anonymous` consumer of an auth plugin: `Some(None)` when unset, `None` (an error)
+/// when it names no consumer.
+fn resolve_anonymous(
+    doc: &Document,
+    config_path: &str,
+    reference: Option<&str>,
+    consumers: &Consumers,
+    diag: &mut Diag,
+) -> Option<Option<usize>> {
+    match reference.filter(|a| !a.is_empty()) {
+        Some(reference) => match consumers.find(reference) {
+            Some(i) => Some(Some(i)),
+            None => {
+                diag.error(
+                    doc,
+                    at(config_path, "anonymous"),
+                    format!("no consumer {reference:?} in this file"),
+                );
+                None
+            }
+        },
+        None => Some(None),
+    }
+}
+
+/// request-/response-transformer: `name:value` pairs (`old:new` for rename), header names
+/// lower-cased; body and JSON edits are not supported yet and are errors.
+fn transformer(
+    doc: &Document,
+    config_path: &str,
+    c: &plugins::TransformerConfig,
+    request: bool,
+    diag: &mut Diag,
+) -> Option<plugins::Transformer> {
+    let mut out = plugins::Transformer {
+        method: c.http_method.clone(),
+        uri: c.replace.uri.clone(),
+        ..Default::default()
+    };
+    if !request && (c.http_method.is_some() || c.replace.uri.is_some()) {
+        diag.error(
+            doc,
+            config_path,
+            "http_method and replace.uri belong to request-transformer",
+        );
+        return None;
+    }
+    let sections = [
+        ("remove", &c.remove),
+        ("rename", &c.rename),
+        ("replace", &c.replace),
+        ("add", &c.add),
+        ("append", &c.append),
+    ];
+    for (section, values) in sections {
+        if !values.body.is_empty() || !values.json.is_empty() || !values.json_types.is_empty() {
+            diag.error(
+                doc,
+                format!("{config_path}.{section}"),
+                "body and json transformations are not supported yet",
+            );
+            return None;
+        }
+        if !request && !values.querystring.is_empty() {
+            diag.error(
+                doc,
+                format!("{config_path}.{section}.querystring"),
+                "only request-transformer edits the query string",
+            );
+            return None;
+        }
+        for (field, list, ops) in [
+            ("headers", &values.headers, &mut out.headers),
+            ("querystring", &values.querystring, &mut out.querystring),
+        ] {
+            for (i, item) in list.iter().enumerate() {
+                let lower = |s: &str| {
+                    if field == "headers" {
+                        s.trim().to_ascii_lowercase()
+                    } else {
+                        s.trim().to_string()
+                    }
+                };
+                if section == "remove" {
+                    ops.remove.push(lower(item));
+                    continue;
+                }
+                let Some((name, value)) = item.split_once(':') else {
+                    diag.error(
+                        doc,
+                        format!("{config_path}.{section}.{field}[{i}]"),
+                        format!("expected name:value, got {item:?}"),
+                    );
+                    return None;
+                };
+                let pair = (lower(name), value.trim().to_string());
+                match section {
+                    "rename" => ops.rename.push((pair.0, lower(&pair.1))),
+                    "replace" => ops.replace.push(pair),
+                    "add" => ops.add.push(pair),
+                    _ => ops.append.push(pair),
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Compiles one plugin instance; `None` when it is ignored (warned) or invalid (error).
@@ -491,20 +629,7 @@ fn compile_plugin(
                     "keys in the body are not read yet: such requests are refused",
                 );
             }
-            let anonymous = match c.anonymous.as_deref().filter(|a| !a.is_empty()) {
-                Some(reference) => match consumers.find(reference) {
-                    Some(i) => Some(i),
-                    None => {
-                        diag.error(
-                            doc,
-                            at(&config_path, "anonymous"),
-                            format!("no consumer {reference:?} in this file"),
-                        );
-                        return None;
-                    }
-                },
-                None => None,
-            };
+            let anonymous = resolve_anonymous(doc, &config_path, c.anonymous.as_deref(), consumers, diag)?;
             Some(plugins::Plugin::KeyAuth(plugins::KeyAuth {
                 key_names: c.key_names.iter().map(|k| k.to_ascii_lowercase()).collect(),
                 key_in_header: c.key_in_header,
@@ -514,6 +639,79 @@ fn compile_plugin(
                 anonymous,
                 realm: c.realm.unwrap_or_else(|| "kong".to_string()),
                 consumers: consumers.clone(),
+            }))
+        }
+        "basic-auth" => {
+            let c: plugins::BasicAuthConfig = decode_value(doc, config, &config_path, diag)?;
+            let anonymous = resolve_anonymous(doc, &config_path, c.anonymous.as_deref(), consumers, diag)?;
+            Some(plugins::Plugin::BasicAuth(plugins::BasicAuth {
+                hide_credentials: c.hide_credentials,
+                anonymous,
+                realm: c.realm.unwrap_or_else(|| "service".to_string()),
+                consumers: consumers.clone(),
+            }))
+        }
+        "request-size-limiting" => {
+            let c: plugins::RequestSizeLimitingConfig = decode_value(doc, config, &config_path, diag)?;
+            let unit: u64 = match c.size_unit.as_str() {
+                "megabytes" => 1 << 20,
+                "kilobytes" => 1 << 10,
+                "bytes" => 1,
+                other => {
+                    diag.error(
+                        doc,
+                        at(&config_path, "size_unit"),
+                        format!("unknown unit {other:?} (megabytes, kilobytes, bytes)"),
+                    );
+                    return None;
+                }
+            };
+            Some(plugins::Plugin::RequestSizeLimiting(plugins::RequestSizeLimiting {
+                limit: c.allowed_payload_size.saturating_mul(unit),
+                require_content_length: c.require_content_length,
+            }))
+        }
+        "request-transformer" | "response-transformer" => {
+            let c: plugins::TransformerConfig = decode_value(doc, config, &config_path, diag)?;
+            let transformer = transformer(doc, &config_path, &c, plugin.name == "request-transformer", diag)?;
+            Some(if plugin.name == "request-transformer" {
+                plugins::Plugin::RequestTransformer(transformer)
+            } else {
+                plugins::Plugin::ResponseTransformer(transformer)
+            })
+        }
+        "cors" => {
+            let c: plugins::CorsConfig = decode_value(doc, config, &config_path, diag)?;
+            if c.preflight_continue {
+                diag.warn(
+                    doc,
+                    at(&config_path, "preflight_continue"),
+                    "not supported yet: preflights are answered by meshgate",
+                );
+            }
+            let origins = if c.origins.is_empty() {
+                vec!["*".to_string()]
+            } else {
+                c.origins
+            };
+            Some(plugins::Plugin::Cors(crate::snapshot::CorsPolicy {
+                allow_origins: origins,
+                allow_methods: c.methods.unwrap_or_else(|| {
+                    [
+                        "GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+                    ]
+                    .iter()
+                    .map(|m| m.to_string())
+                    .collect()
+                }),
+                allow_headers: if c.headers.is_empty() {
+                    vec!["*".to_string()]
+                } else {
+                    c.headers.iter().map(|h| h.to_ascii_lowercase()).collect()
+                },
+                expose_headers: c.exposed_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                allow_credentials: c.credentials,
+                max_age: c.max_age.unwrap_or(0),
             }))
         }
         "ip-restriction" => {
@@ -1006,7 +1204,7 @@ fn compile_route(
     path: &str,
     route: &KongRoute,
     service: &ServiceTarget,
-    chain: Option<Arc<PluginChain>>,
+    plugins: RoutePlugins,
     seq: &mut usize,
     diag: &mut Diag,
     entries: &mut Vec<Entry>,
@@ -1208,8 +1406,8 @@ fn compile_route(
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
                 mirrors: Vec::new(),
-                cors: None,
-                plugins: chain.clone(),
+                cors: plugins.cors.clone(),
+                plugins: plugins.chain.clone(),
             },
         });
         *seq += 1;

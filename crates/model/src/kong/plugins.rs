@@ -21,10 +21,16 @@ pub struct PluginChain {
 pub enum Plugin {
     CorrelationId(CorrelationId),
     KeyAuth(KeyAuth),
+    BasicAuth(BasicAuth),
+    RequestSizeLimiting(RequestSizeLimiting),
+    RequestTransformer(Transformer),
+    ResponseTransformer(Transformer),
     IpRestriction(IpRestriction),
     Acl(Acl),
     RateLimiting(RateLimiting),
     RequestTermination(RequestTermination),
+    /// Answered by the route's CORS handling, not the chain (see `super::ChainContext`).
+    Cors(crate::snapshot::CorsPolicy),
 }
 
 impl Plugin {
@@ -33,10 +39,15 @@ impl Plugin {
         match self {
             Plugin::CorrelationId(_) => 100_001,
             Plugin::KeyAuth(_) => 1250,
+            Plugin::BasicAuth(_) => 1100,
+            Plugin::RequestSizeLimiting(_) => 951,
+            Plugin::RequestTransformer(_) => 801,
+            Plugin::ResponseTransformer(_) => 800,
             Plugin::IpRestriction(_) => 990,
             Plugin::Acl(_) => 950,
             Plugin::RateLimiting(_) => 910,
             Plugin::RequestTermination(_) => 2,
+            Plugin::Cors(_) => 2000,
         }
     }
 }
@@ -47,6 +58,8 @@ pub struct Consumers {
     pub list: Vec<Consumer>,
     /// key-auth key → (consumer index, credential id).
     pub keys: HashMap<String, (usize, String)>,
+    /// basic-auth username → (consumer index, credential id, password).
+    pub basic: HashMap<String, (usize, String, String)>,
 }
 
 impl Consumers {
@@ -80,6 +93,42 @@ pub struct KeyAuth {
     /// `WWW-Authenticate: Key realm="<realm>"` on a missing key.
     pub realm: String,
     pub consumers: Arc<Consumers>,
+}
+
+#[derive(Debug)]
+pub struct BasicAuth {
+    pub hide_credentials: bool,
+    pub anonymous: Option<usize>,
+    pub realm: String,
+    pub consumers: Arc<Consumers>,
+}
+
+#[derive(Debug)]
+pub struct RequestSizeLimiting {
+    /// The largest body accepted, in bytes.
+    pub limit: u64,
+    pub require_content_length: bool,
+}
+
+/// request-transformer / response-transformer on headers (and, for requests, the query
+/// string): Kong applies remove, rename, replace, add, append in that order.
+#[derive(Debug, Default)]
+pub struct Transformer {
+    pub headers: TransformOps,
+    pub querystring: TransformOps,
+    /// request-transformer `replace.uri`.
+    pub uri: Option<String>,
+    /// request-transformer `http_method`.
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct TransformOps {
+    pub remove: Vec<String>,
+    pub rename: Vec<(String, String)>,
+    pub replace: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub append: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -256,6 +305,85 @@ pub(crate) struct KeyAuthConfig {
     pub realm: Option<String>,
 }
 
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BasicAuthConfig {
+    #[serde(default)]
+    pub hide_credentials: bool,
+    #[serde(default)]
+    pub anonymous: Option<String>,
+    #[serde(default)]
+    pub realm: Option<String>,
+    #[serde(default)]
+    pub brute_force_protection: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestSizeLimitingConfig {
+    #[serde(default = "default_payload_size")]
+    pub allowed_payload_size: u64,
+    #[serde(default = "default_size_unit")]
+    pub size_unit: String,
+    #[serde(default)]
+    pub require_content_length: bool,
+}
+
+/// `remove`/`rename`/`replace`/`add`/`append` of request- and response-transformer.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TransformSection {
+    #[serde(default)]
+    pub headers: Vec<String>,
+    #[serde(default)]
+    pub querystring: Vec<String>,
+    #[serde(default)]
+    pub body: Vec<String>,
+    #[serde(default)]
+    pub json: Vec<String>,
+    #[serde(default)]
+    pub json_types: Vec<String>,
+    pub uri: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TransformerConfig {
+    pub http_method: Option<String>,
+    #[serde(default)]
+    pub remove: TransformSection,
+    #[serde(default)]
+    pub rename: TransformSection,
+    #[serde(default)]
+    pub replace: TransformSection,
+    #[serde(default)]
+    pub add: TransformSection,
+    #[serde(default)]
+    pub append: TransformSection,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CorsConfig {
+    #[serde(default)]
+    pub origins: Vec<String>,
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub headers: Vec<String>,
+    #[serde(default)]
+    pub exposed_headers: Vec<String>,
+    #[serde(default)]
+    pub credentials: bool,
+    pub max_age: Option<u32>,
+    #[serde(default)]
+    pub preflight_continue: bool,
+    #[serde(default)]
+    pub private_network: bool,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IpRestrictionConfig {
@@ -347,6 +475,12 @@ pub(crate) struct CorrelationIdConfig {
     pub echo_downstream: bool,
 }
 
+fn default_payload_size() -> u64 {
+    128
+}
+fn default_size_unit() -> String {
+    "megabytes".to_string()
+}
 fn yes() -> bool {
     true
 }
