@@ -134,7 +134,7 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
     let secured = dir.join("secured.yaml");
     std::fs::write(
         &secured,
-        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n  plugins:\n  - name: jwt\n",
+        "_format_version: \"3.0\"\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n  plugins:\n  - name: hmac-auth\n",
     )
     .expect("write");
     let (code, stdout) = analyze(&secured);
@@ -143,7 +143,7 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
         stdout.contains("error: ")
             && stdout.contains("KongDeclarativeConfig default/secured")
             && stdout.contains("services[0].plugins[0].name")
-            && stdout.contains("jwt"),
+            && stdout.contains("hmac-auth"),
         "{stdout}"
     );
 
@@ -437,4 +437,224 @@ fn plugins_authenticate_authorize_limit_and_terminate_like_kong() {
         Some("https://app.example.com")
     );
     assert_eq!(header(&headers, "access-control-max-age"), Some("600"));
+}
+
+mod jwt_keys {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RSA_PKCS1_SHA256, RsaKeyPair};
+
+    pub fn b64url(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// `header.claims.signature` with `sign` over the first two parts.
+    pub fn token(header: &str, claims: &str, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+        let input = format!("{}.{}", b64url(header.as_bytes()), b64url(claims.as_bytes()));
+        let signature = sign(input.as_bytes());
+        format!("{input}.{}", b64url(&signature))
+    }
+
+    pub fn hs256(secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        move |input| ring::hmac::sign(&key, input).as_ref().to_vec()
+    }
+
+    /// A fresh P-256 key: the signer and its public key as a PEM SubjectPublicKeyInfo.
+    pub fn es256() -> (impl Fn(&[u8]) -> Vec<u8>, String) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("p256 key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).expect("p256 pair");
+        let mut spki = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+            0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let pem = pem("PUBLIC KEY", &spki);
+        let sign = move |input: &[u8]| {
+            pair.sign(&ring::rand::SystemRandom::new(), input)
+                .expect("sign")
+                .as_ref()
+                .to_vec()
+        };
+        (sign, pem)
+    }
+
+    /// A fresh RSA-2048 key made by the openssl tool (ring cannot generate RSA keys).
+    pub fn rs256(dir: &std::path::Path, name: &str) -> (impl Fn(&[u8]) -> Vec<u8>, String) {
+        let key = dir.join(format!("{name}.pem"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&key)
+            .output()
+            .expect("run openssl genpkey");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let public = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .output()
+            .expect("run openssl pkey");
+        assert!(public.status.success());
+        let private_pem = std::fs::read_to_string(&key).expect("key file");
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(
+                private_pem
+                    .lines()
+                    .filter(|l| !l.starts_with("-----"))
+                    .collect::<String>(),
+            )
+            .expect("pkcs8 der");
+        let pair = RsaKeyPair::from_pkcs8(&der).expect("rsa pair");
+        let sign = move |input: &[u8]| {
+            let mut signature = vec![0; pair.public().modulus_len()];
+            pair.sign(
+                &RSA_PKCS1_SHA256,
+                &ring::rand::SystemRandom::new(),
+                input,
+                &mut signature,
+            )
+            .expect("rsa sign");
+            signature
+        };
+        (sign, String::from_utf8_lossy(&public.stdout).into_owned())
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or(""))
+            .collect();
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+    }
+}
+
+#[test]
+fn jwt_tokens_signed_with_real_keys_are_checked_like_kong() {
+    use jwt_keys::*;
+    let app = Echo::start("jwt-app");
+    let dir = scratch_dir("kong-jwt");
+    let (es_sign, es_pem) = es256();
+    let (rs_sign, rs_pem) = rs256(&dir, "good");
+    let (other_rs_sign, _) = rs256(&dir, "other");
+    let indent = |pem: &str| pem.lines().map(|l| format!("      {l}\n")).collect::<String>();
+    let deck = format!(
+        r#"_format_version: "3.0"
+consumers:
+- username: hs-user
+  jwt_secrets:
+  - key: hs-issuer
+    secret: very-secret-shared-key
+- username: es-user
+  jwt_secrets:
+  - key: es-issuer
+    algorithm: ES256
+    rsa_public_key: |
+{es}- username: rs-user
+  jwt_secrets:
+  - key: rs-issuer
+    algorithm: RS256
+    rsa_public_key: |
+{rs}services:
+- name: app
+  url: http://127.0.0.1:{port}
+  routes:
+  - name: api
+    paths: [/api]
+  plugins:
+  - name: jwt
+    config:
+      claims_to_verify: [exp]
+"#,
+        es = indent(&es_pem),
+        rs = indent(&rs_pem),
+        port = app.port(),
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&deck, &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+    let future = 4_102_444_800u64; // 2100-01-01
+    let bearer = |token: &str| format!("authorization: Bearer {token}\r\n");
+    let claims = |iss: &str, exp: u64| format!(r#"{{"iss":"{iss}","exp":{exp},"sub":"42"}}"#);
+
+    let good = token(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &claims("hs-issuer", future),
+        hs256(b"very-secret-shared-key"),
+    );
+    let (status, _, body) = request(addr, "/api", &bearer(&good));
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["headers"]["x-consumer-username"], "hs-user");
+    let (status, _, _) = request(addr, &format!("/api?jwt={good}"), "");
+    assert_eq!(status, 200, "a token in the jwt query parameter");
+
+    let cases: Vec<(String, &str)> = vec![
+        (String::new(), r#"{"message":"Unauthorized"}"#),
+        (
+            bearer(&token(
+                r#"{"alg":"HS256"}"#,
+                &claims("hs-issuer", future),
+                hs256(b"wrong-key"),
+            )),
+            r#"{"message":"Invalid signature"}"#,
+        ),
+        (
+            bearer(&token(r#"{"alg":"none"}"#, &claims("hs-issuer", future), |_| {
+                Vec::new()
+            })),
+            r#"{"message":"Invalid algorithm"}"#,
+        ),
+        (
+            bearer(&token(
+                r#"{"alg":"HS256"}"#,
+                &claims("hs-issuer", 1_000_000),
+                hs256(b"very-secret-shared-key"),
+            )),
+            r#"{"exp":"token expired"}"#,
+        ),
+        (
+            bearer(&token(r#"{"alg":"HS256"}"#, &claims("nobody", future), hs256(b"x"))),
+            r#"{"message":"No credentials found for given 'iss'"}"#,
+        ),
+        (
+            bearer(&token(r#"{"alg":"HS256"}"#, r#"{"sub":"1"}"#, hs256(b"x"))),
+            r#"{"message":"No mandatory 'iss' in claims"}"#,
+        ),
+        (bearer("not.a-token"), r#"{"message":"Bad token; invalid JWT"}"#),
+        // A token for the ES256 credential signed as RS256: the wrong key type.
+        (
+            bearer(&token(r#"{"alg":"RS256"}"#, &claims("es-issuer", future), &rs_sign)),
+            r#"{"message":"Invalid algorithm"}"#,
+        ),
+        (
+            bearer(&token(
+                r#"{"alg":"RS256"}"#,
+                &claims("rs-issuer", future),
+                &other_rs_sign,
+            )),
+            r#"{"message":"Invalid signature"}"#,
+        ),
+    ];
+    for (headers, want) in &cases {
+        let (status, _, body) = request(addr, "/api", headers);
+        assert_eq!((status, body.as_str()), (401, *want), "{headers}");
+    }
+
+    let es_token = token(r#"{"alg":"ES256"}"#, &claims("es-issuer", future), &es_sign);
+    let (status, _, body) = request(addr, "/api", &bearer(&es_token));
+    assert_eq!(status, 200, "ES256: {body}");
+    let rs_token = token(r#"{"alg":"RS256"}"#, &claims("rs-issuer", future), &rs_sign);
+    let (status, _, body) = request(addr, "/api", &bearer(&rs_token));
+    assert_eq!(status, 200, "RS256: {body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["headers"]["x-consumer-username"], "rs-user");
 }

@@ -12,7 +12,7 @@ use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use meshgate_model::kong::plugins::{
-    Acl, BasicAuth, Consumers, CorrelationId, IpRestriction, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
+    Acl, BasicAuth, Consumers, CorrelationId, IpRestriction, Jwt, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
     RequestSizeLimiting, RequestTermination, TransformOps, Transformer, Window,
 };
 
@@ -167,6 +167,7 @@ pub fn access<B>(
             Plugin::RateLimiting(r) => rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects)?,
             Plugin::RequestTermination(t) => return Err(terminate(t)),
             Plugin::BasicAuth(b) => basic_auth(b, req, &mut authenticated, &mut effects)?,
+            Plugin::Jwt(j) => jwt(j, req, &mut authenticated, &mut effects)?,
             Plugin::RequestSizeLimiting(l) => request_size(l, req)?,
             Plugin::RequestTransformer(t) => transform_request(t, req, &mut effects),
             // Applied to the response (`apply_to_response`) and by the route's CORS handling.
@@ -235,6 +236,198 @@ fn basic_auth<'c, B>(
             Ok(())
         }
         _ => fail(b.anonymous, authenticated, effects, invalid()),
+    }
+}
+
+/// The tokens a request presents: query parameters, cookies, and `Bearer` tokens in headers.
+fn jwt_tokens<B>(j: &Jwt, req: &Request<B>) -> Vec<String> {
+    let mut tokens: Vec<String> = Vec::new();
+    let mut push = |t: String| {
+        if !t.is_empty() && !tokens.contains(&t) {
+            tokens.push(t);
+        }
+    };
+    if let Some(query) = req.uri().query() {
+        for name in &j.uri_param_names {
+            for v in query_values(query, name) {
+                push(percent_decode(v));
+            }
+        }
+    }
+    for cookie in req.headers().get_all(header::COOKIE) {
+        for pair in cookie.to_str().unwrap_or("").split(';') {
+            if let Some((k, v)) = pair.trim().split_once('=')
+                && j.cookie_names.iter().any(|n| n == k)
+            {
+                push(v.to_string());
+            }
+        }
+    }
+    for name in &j.header_names {
+        if let Some(v) = req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()) {
+            let v = v.trim_start();
+            if let Some(token) = v.strip_prefix("Bearer").or_else(|| v.strip_prefix("bearer"))
+                && token.starts_with(char::is_whitespace)
+            {
+                push(token.trim().to_string());
+            }
+        }
+    }
+    tokens
+}
+
+fn jwt<'c, B>(
+    j: &'c Jwt,
+    req: &Request<B>,
+    authenticated: &mut Option<Authenticated<'c>>,
+    effects: &mut PluginEffects,
+) -> Result<(), Rejection> {
+    if !j.run_on_preflight && req.method() == Method::OPTIONS {
+        return Ok(());
+    }
+    if j.anonymous.is_some() && authenticated.as_ref().is_some_and(|a| a.credential.is_some()) {
+        return Ok(());
+    }
+    match verify_jwt(j, req) {
+        Ok(secret) => {
+            let who = Authenticated {
+                consumers: &j.consumers,
+                consumer: secret.consumer,
+                credential: Some(secret.id.as_str()),
+            };
+            set_consumer_headers(effects, &who);
+            *authenticated = Some(who);
+            Ok(())
+        }
+        Err(resp) => match j.anonymous {
+            Some(anonymous) => {
+                let who = Authenticated {
+                    consumers: &j.consumers,
+                    consumer: anonymous,
+                    credential: None,
+                };
+                set_consumer_headers(effects, &who);
+                *authenticated = Some(who);
+                Ok(())
+            }
+            None => Err(resp),
+        },
+    }
+}
+
+/// Kong's jwt checks, in its order, with its messages.
+fn verify_jwt<'c, B>(j: &'c Jwt, req: &Request<B>) -> Result<&'c meshgate_model::kong::plugins::JwtSecret, Rejection> {
+    let unauthorized = |message: &str| kong_error(401, message, ResponseFlags::UNAUTHORIZED);
+    let tokens = jwt_tokens(j, req);
+    let token = match tokens.as_slice() {
+        [] => return Err(unauthorized("Unauthorized")),
+        [one] => one,
+        _ => return Err(unauthorized("Multiple tokens provided")),
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header_b64, claims_b64, signature_b64] = parts.as_slice() else {
+        return Err(unauthorized("Bad token; invalid JWT"));
+    };
+    let decode_json = |part: &str| -> Option<serde_json::Value> {
+        let bytes = b64.decode(part.trim_end_matches('=')).ok()?;
+        serde_json::from_slice(&bytes).ok().filter(serde_json::Value::is_object)
+    };
+    let (Some(jwt_header), Some(claims)) = (decode_json(header_b64), decode_json(claims_b64)) else {
+        return Err(unauthorized("Bad token; invalid JSON"));
+    };
+    let Ok(signature) = b64.decode(signature_b64.trim_end_matches('=')) else {
+        return Err(unauthorized("Bad token; invalid signature encoding"));
+    };
+    let key_claim = &j.key_claim_name;
+    let Some(key) = claims.get(key_claim).or_else(|| jwt_header.get(key_claim)) else {
+        return Err(unauthorized(&format!("No mandatory '{key_claim}' in claims")));
+    };
+    let Some(key) = key.as_str().filter(|k| !k.is_empty()) else {
+        return Err(unauthorized(&format!("Invalid '{key_claim}' in claims")));
+    };
+    let Some(secret) = j.consumers.jwt.get(key) else {
+        return Err(unauthorized(&format!("No credentials found for given '{key_claim}'")));
+    };
+    // `alg: none` or any other algorithm than the credential's is refused here.
+    if jwt_header.get("alg").and_then(|a| a.as_str()) != Some(secret.algorithm.as_str()) {
+        return Err(unauthorized("Invalid algorithm"));
+    }
+    let signing_input = format!("{header_b64}.{claims_b64}");
+    if !signature_valid(j, secret, signing_input.as_bytes(), &signature) {
+        return Err(unauthorized("Invalid signature"));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut errors = serde_json::Map::new();
+    for claim in &j.claims_to_verify {
+        match (claim.as_str(), claims.get(claim)) {
+            (_, None) => {}
+            (name, Some(v)) if !v.is_number() => {
+                errors.insert(name.to_string(), "must be a number".into());
+            }
+            ("exp", Some(v)) if v.as_f64().is_some_and(|exp| exp <= now) => {
+                errors.insert("exp".to_string(), "token expired".into());
+            }
+            ("nbf", Some(v)) if v.as_f64().is_some_and(|nbf| nbf > now) => {
+                errors.insert("nbf".to_string(), "token not valid yet".into());
+            }
+            _ => {}
+        }
+    }
+    if j.maximum_expiration > 0 {
+        match claims.get("exp").and_then(|e| e.as_f64()) {
+            None => {
+                errors.insert("exp".to_string(), "exp is required".into());
+            }
+            Some(exp) if exp - now > j.maximum_expiration as f64 => {
+                errors.insert("exp".to_string(), "exceeds maximum allowed expiration".into());
+            }
+            Some(_) => {}
+        }
+    }
+    if !errors.is_empty() {
+        let mut resp = Response::new(body::full(serde_json::Value::Object(errors).to_string()));
+        *resp.status_mut() = StatusCode::UNAUTHORIZED;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        ResponseFlags::mark(&mut resp, ResponseFlags::UNAUTHORIZED);
+        return Err(Box::new(resp));
+    }
+    Ok(secret)
+}
+
+fn signature_valid(j: &Jwt, secret: &meshgate_model::kong::plugins::JwtSecret, input: &[u8], signature: &[u8]) -> bool {
+    use ring::{hmac, signature as sig};
+    let hmac_with = |algorithm: hmac::Algorithm| {
+        let key_bytes = if j.secret_is_base64 {
+            match base64::engine::general_purpose::STANDARD.decode(&secret.secret) {
+                Ok(k) => k,
+                Err(_) => return false,
+            }
+        } else {
+            secret.secret.clone()
+        };
+        hmac::verify(&hmac::Key::new(algorithm, &key_bytes), input, signature).is_ok()
+    };
+    let public = |algorithm: &'static dyn sig::VerificationAlgorithm| {
+        sig::UnparsedPublicKey::new(algorithm, &secret.public_key)
+            .verify(input, signature)
+            .is_ok()
+    };
+    match secret.algorithm.as_str() {
+        "HS256" => hmac_with(hmac::HMAC_SHA256),
+        "HS384" => hmac_with(hmac::HMAC_SHA384),
+        "HS512" => hmac_with(hmac::HMAC_SHA512),
+        "RS256" => public(&sig::RSA_PKCS1_2048_8192_SHA256),
+        "RS384" => public(&sig::RSA_PKCS1_2048_8192_SHA384),
+        "RS512" => public(&sig::RSA_PKCS1_2048_8192_SHA512),
+        "ES256" => public(&sig::ECDSA_P256_SHA256_FIXED),
+        "ES384" => public(&sig::ECDSA_P384_SHA384_FIXED),
+        _ => false,
     }
 }
 

@@ -53,7 +53,6 @@ const DEFAULT_TARGET_PORT: u16 = 8000;
 /// Plugins whose absence would weaken security or protection: a config using them is refused
 /// until meshgate implements them.
 const ENFORCING_PLUGINS: &[&str] = &[
-    "jwt",
     "hmac-auth",
     "oauth2",
     "ldap-auth",
@@ -376,7 +375,8 @@ struct DeckConsumer {
     acls: Vec<DeckAcl>,
     #[serde(default)]
     basicauth_credentials: Vec<DeckBasic>,
-    jwt_secrets: Option<Value>,
+    #[serde(default)]
+    jwt_secrets: Vec<DeckJwt>,
     hmacauth_credentials: Option<Value>,
     oauth2_credentials: Option<Value>,
     mtls_auth_credentials: Option<Value>,
@@ -400,6 +400,20 @@ struct DeckKey {
 }
 
 /// Fields decK has that meshgate accepts without using are kept so unknown ones stay errors.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckJwt {
+    key: Option<String>,
+    secret: Option<String>,
+    rsa_public_key: Option<String>,
+    algorithm: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    created_at: Option<Value>,
+}
+
 #[allow(dead_code)]
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -440,7 +454,6 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
             continue;
         };
         for (field, set) in [
-            ("jwt_secrets", consumer.jwt_secrets.is_some()),
             ("hmacauth_credentials", consumer.hmacauth_credentials.is_some()),
             ("oauth2_credentials", consumer.oauth2_credentials.is_some()),
             ("mtls_auth_credentials", consumer.mtls_auth_credentials.is_some()),
@@ -487,6 +500,70 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
                     doc,
                     format!("{path}.basicauth_credentials[{b}].username"),
                     "this username is already used by another credential",
+                );
+            }
+        }
+        for (j, secret) in consumer.jwt_secrets.iter().enumerate() {
+            let jpath = format!("{path}.jwt_secrets[{j}]");
+            let Some(key) = secret.key.clone().filter(|k| !k.is_empty()) else {
+                diag.error(
+                    doc,
+                    at(&jpath, "key"),
+                    "required (the value of the key claim, `iss` by default)",
+                );
+                continue;
+            };
+            let algorithm = secret.algorithm.clone().unwrap_or_else(|| "HS256".to_string());
+            let (shared, public_key) = match algorithm.as_str() {
+                "HS256" | "HS384" | "HS512" => match &secret.secret {
+                    Some(s) if !s.is_empty() => (s.as_bytes().to_vec(), Vec::new()),
+                    _ => {
+                        diag.error(
+                            doc,
+                            at(&jpath, "secret"),
+                            format!("required with algorithm {algorithm}"),
+                        );
+                        continue;
+                    }
+                },
+                "RS256" | "RS384" | "RS512" | "ES256" | "ES384" => {
+                    let Some(pem) = &secret.rsa_public_key else {
+                        diag.error(
+                            doc,
+                            at(&jpath, "rsa_public_key"),
+                            format!("required with algorithm {algorithm}"),
+                        );
+                        continue;
+                    };
+                    match plugins::public_key_from_pem(pem) {
+                        Ok(k) => (Vec::new(), k),
+                        Err(e) => {
+                            diag.error(doc, at(&jpath, "rsa_public_key"), e);
+                            continue;
+                        }
+                    }
+                }
+                other => {
+                    diag.error(
+                        doc,
+                        at(&jpath, "algorithm"),
+                        format!("unsupported algorithm {other:?} (HS256/384/512, RS256/384/512, ES256/384)"),
+                    );
+                    continue;
+                }
+            };
+            let entry = plugins::JwtSecret {
+                consumer: index,
+                id: secret.id.clone().unwrap_or_else(|| format!("{id}-jwt-{j}")),
+                algorithm,
+                secret: shared,
+                public_key,
+            };
+            if consumers.jwt.insert(key, entry).is_some() {
+                diag.error(
+                    doc,
+                    at(&jpath, "key"),
+                    "this key is already used by another jwt credential",
                 );
             }
         }
@@ -638,6 +715,30 @@ fn compile_plugin(
                 run_on_preflight: c.run_on_preflight,
                 anonymous,
                 realm: c.realm.unwrap_or_else(|| "kong".to_string()),
+                consumers: consumers.clone(),
+            }))
+        }
+        "jwt" => {
+            let c: plugins::JwtConfig = decode_value(doc, config, &config_path, diag)?;
+            if let Some(bad) = c.claims_to_verify.iter().find(|c| *c != "exp" && *c != "nbf") {
+                diag.error(
+                    doc,
+                    at(&config_path, "claims_to_verify"),
+                    format!("{bad:?} cannot be verified (exp, nbf)"),
+                );
+                return None;
+            }
+            let anonymous = resolve_anonymous(doc, &config_path, c.anonymous.as_deref(), consumers, diag)?;
+            Some(plugins::Plugin::Jwt(plugins::Jwt {
+                uri_param_names: c.uri_param_names,
+                cookie_names: c.cookie_names,
+                header_names: c.header_names.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                claims_to_verify: c.claims_to_verify,
+                key_claim_name: c.key_claim_name,
+                secret_is_base64: c.secret_is_base64,
+                anonymous,
+                run_on_preflight: c.run_on_preflight,
+                maximum_expiration: c.maximum_expiration,
                 consumers: consumers.clone(),
             }))
         }

@@ -22,6 +22,7 @@ pub enum Plugin {
     CorrelationId(CorrelationId),
     KeyAuth(KeyAuth),
     BasicAuth(BasicAuth),
+    Jwt(Jwt),
     RequestSizeLimiting(RequestSizeLimiting),
     RequestTransformer(Transformer),
     ResponseTransformer(Transformer),
@@ -40,6 +41,7 @@ impl Plugin {
             Plugin::CorrelationId(_) => 100_001,
             Plugin::KeyAuth(_) => 1250,
             Plugin::BasicAuth(_) => 1100,
+            Plugin::Jwt(_) => 1450,
             Plugin::RequestSizeLimiting(_) => 951,
             Plugin::RequestTransformer(_) => 801,
             Plugin::ResponseTransformer(_) => 800,
@@ -60,6 +62,22 @@ pub struct Consumers {
     pub keys: HashMap<String, (usize, String)>,
     /// basic-auth username → (consumer index, credential id, password).
     pub basic: HashMap<String, (usize, String, String)>,
+    /// jwt credential `key` (matched against the `key_claim_name` claim) → secret.
+    pub jwt: HashMap<String, JwtSecret>,
+}
+
+/// A consumer's `jwt_secrets` entry, its key material checked when the config loads.
+#[derive(Debug, Clone)]
+pub struct JwtSecret {
+    pub consumer: usize,
+    pub id: String,
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256` or `ES384`.
+    pub algorithm: String,
+    /// HS*: the shared secret as written.
+    pub secret: Vec<u8>,
+    /// RS*: the PKCS#1 `RSAPublicKey`; ES*: the uncompressed curve point, both taken from the
+    /// `rsa_public_key` PEM (SubjectPublicKeyInfo).
+    pub public_key: Vec<u8>,
 }
 
 impl Consumers {
@@ -92,6 +110,23 @@ pub struct KeyAuth {
     pub anonymous: Option<usize>,
     /// `WWW-Authenticate: Key realm="<realm>"` on a missing key.
     pub realm: String,
+    pub consumers: Arc<Consumers>,
+}
+
+#[derive(Debug)]
+pub struct Jwt {
+    pub uri_param_names: Vec<String>,
+    pub cookie_names: Vec<String>,
+    /// Lower-cased; their `Bearer` tokens are read.
+    pub header_names: Vec<String>,
+    /// `exp` and/or `nbf`.
+    pub claims_to_verify: Vec<String>,
+    pub key_claim_name: String,
+    pub secret_is_base64: bool,
+    pub anonymous: Option<usize>,
+    pub run_on_preflight: bool,
+    /// Seconds; 0 means no maximum.
+    pub maximum_expiration: u64,
     pub consumers: Arc<Consumers>,
 }
 
@@ -308,6 +343,31 @@ pub(crate) struct KeyAuthConfig {
 #[allow(dead_code)]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct JwtConfig {
+    #[serde(default = "default_jwt_params")]
+    pub uri_param_names: Vec<String>,
+    #[serde(default)]
+    pub cookie_names: Vec<String>,
+    #[serde(default = "default_jwt_headers")]
+    pub header_names: Vec<String>,
+    #[serde(default)]
+    pub claims_to_verify: Vec<String>,
+    #[serde(default = "default_key_claim")]
+    pub key_claim_name: String,
+    #[serde(default)]
+    pub secret_is_base64: bool,
+    #[serde(default)]
+    pub anonymous: Option<String>,
+    #[serde(default = "yes")]
+    pub run_on_preflight: bool,
+    #[serde(default)]
+    pub maximum_expiration: u64,
+    pub realm: Option<String>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct BasicAuthConfig {
     #[serde(default)]
     pub hide_credentials: bool,
@@ -475,6 +535,15 @@ pub(crate) struct CorrelationIdConfig {
     pub echo_downstream: bool,
 }
 
+fn default_jwt_params() -> Vec<String> {
+    vec!["jwt".to_string()]
+}
+fn default_jwt_headers() -> Vec<String> {
+    vec!["authorization".to_string()]
+}
+fn default_key_claim() -> String {
+    "iss".to_string()
+}
 fn default_payload_size() -> u64 {
     128
 }
@@ -512,9 +581,74 @@ fn default_generator() -> String {
     "uuid#counter".to_string()
 }
 
+/// The key inside a PEM `PUBLIC KEY` (SubjectPublicKeyInfo): the contents of its BIT
+/// STRING, which is the PKCS#1 `RSAPublicKey` for RSA and the curve point for EC keys.
+pub fn public_key_from_pem(pem: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let body: String = pem
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && !l.is_empty())
+        .collect();
+    if !pem.contains("BEGIN PUBLIC KEY") {
+        return Err("expected a PEM block BEGIN PUBLIC KEY".to_string());
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("bad base64 in the PEM block: {e}"))?;
+    // SEQUENCE { SEQUENCE { algorithm }, BIT STRING { 0, key } }
+    let (outer, _) = der_element(&der, 0x30).ok_or("not a DER SEQUENCE")?;
+    let (_, rest) = der_element(outer, 0x30).ok_or("no AlgorithmIdentifier")?;
+    let (bits, _) = der_element(rest, 0x03).ok_or("no BIT STRING")?;
+    match bits.split_first() {
+        Some((0, key)) if !key.is_empty() => Ok(key.to_vec()),
+        _ => Err("malformed BIT STRING".to_string()),
+    }
+}
+
+/// The contents of the DER element at the start of `input` with tag `tag`, and what follows.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = input.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&len0, rest) = rest.split_first()?;
+    let (len, rest) = if len0 < 0x80 {
+        (usize::from(len0), rest)
+    } else {
+        let count = usize::from(len0 & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[count..])
+    };
+    (rest.len() >= len).then(|| (&rest[..len], &rest[len..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spki_pem_yields_the_key() {
+        // A P-256 key: the fixed SPKI prefix, then the 65-byte uncompressed point.
+        let mut der = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+            0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        der.push(0x04);
+        der.extend([7u8; 64]);
+        use base64::Engine;
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        );
+        let key = public_key_from_pem(&pem).unwrap();
+        assert_eq!(key.len(), 65);
+        assert_eq!(key[0], 4);
+        assert!(public_key_from_pem("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----").is_err());
+    }
 
     #[test]
     fn networks_contain_their_addresses() {
