@@ -658,3 +658,111 @@ consumers:
     let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(echo["headers"]["x-consumer-username"], "rs-user");
 }
+
+/// A redis-server on a free loopback port, killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        RedisServer { child, port }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_rate_limits_are_shared_by_proxies_and_fault_tolerance_decides_when_redis_is_down() {
+    let app = Echo::start("redis-app");
+    let mut redis = RedisServer::start();
+    let deck = format!(
+        r#"_format_version: "3.0"
+services:
+- name: app
+  url: http://127.0.0.1:{app}
+  routes:
+  - name: tolerant
+    paths: [/tolerant]
+    plugins:
+    - name: rate-limiting
+      config:
+        minute: 4
+        limit_by: ip
+        policy: redis
+        redis:
+          host: 127.0.0.1
+          port: {redis}
+          timeout: 500
+  - name: strict
+    paths: [/strict]
+    plugins:
+    - name: rate-limiting
+      config:
+        minute: 100
+        policy: redis
+        redis_host: 127.0.0.1
+        redis_port: {redis}
+        redis_timeout: 500
+        fault_tolerant: false
+"#,
+        app = app.port(),
+        redis = redis.port,
+    );
+    let (port_a, port_b) = (free_port(), free_port());
+    let (listen_a, listen_b) = (format!("127.0.0.1:{port_a}"), format!("127.0.0.1:{port_b}"));
+    let _a = Proxy::start_with(&deck, &["--listen", &listen_a]);
+    let _b = Proxy::start_with(&deck, &["--listen", &listen_b]);
+    let (a, b): (SocketAddr, SocketAddr) = (listen_a.parse().expect("addr"), listen_b.parse().expect("addr"));
+
+    // Two meshgate processes count against the same Redis counters: 4 a minute in total.
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let addr = if n % 2 == 0 { a } else { b };
+        statuses.push(request(addr, "/tolerant", "").0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{statuses:?}");
+    assert_eq!(request(a, "/strict", "").0, 200);
+
+    // Redis goes away: fault_tolerant lets traffic through, otherwise Kong's 500.
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let (status, headers, _) = request(b, "/tolerant", "");
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "x-ratelimit-limit-minute"),
+        None,
+        "no counters, no headers"
+    );
+    let (status, _, body) = request(a, "/strict", "");
+    assert_eq!(
+        (status, body.as_str()),
+        (500, r#"{"message":"An unexpected error occurred"}"#)
+    );
+}

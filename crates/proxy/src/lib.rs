@@ -12,6 +12,7 @@ pub mod body;
 pub mod cors;
 pub mod listener;
 pub mod plugins;
+pub mod redis;
 pub mod reload;
 pub mod response_flags;
 pub mod service;

@@ -31,6 +31,7 @@ const CONSUMER_GROUPS: &str = "x-consumer-groups";
 pub struct PluginState {
     shards: [Mutex<HashMap<String, (u64, u64)>>; 16],
     correlation_counter: AtomicU64,
+    redis: crate::redis::RedisPool,
 }
 
 /// Who the request runs as after authentication.
@@ -149,7 +150,7 @@ fn transform_headers(ops: &TransformOps, headers: &mut HeaderMap) {
 }
 
 /// Runs the access phase of `chain`; `Err` is the response that ends the request there.
-pub fn access<B>(
+pub async fn access<B>(
     chain: &PluginChain,
     req: &Request<B>,
     client: IpAddr,
@@ -164,7 +165,9 @@ pub fn access<B>(
             Plugin::KeyAuth(k) => key_auth(k, req, &mut authenticated, &mut effects)?,
             Plugin::IpRestriction(r) => ip_restriction(r, client)?,
             Plugin::Acl(a) => acl(a, authenticated.as_ref(), &mut effects)?,
-            Plugin::RateLimiting(r) => rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects)?,
+            Plugin::RateLimiting(r) => {
+                rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects).await?
+            }
             Plugin::RequestTermination(t) => return Err(terminate(t)),
             Plugin::BasicAuth(b) => basic_auth(b, req, &mut authenticated, &mut effects)?,
             Plugin::Jwt(j) => jwt(j, req, &mut authenticated, &mut effects)?,
@@ -813,9 +816,9 @@ fn acl(a: &Acl, who: Option<&Authenticated<'_>>, effects: &mut PluginEffects) ->
     Ok(())
 }
 
-/// The fixed-window counters of `r`, as Kong's `local` policy keeps them: one per window
-/// aligned to the clock, per identifier.
-fn rate_limit<B>(
+/// Fixed windows aligned to the clock, one counter per window and identifier: in this process
+/// (Kong's `local` policy) or in Redis (`redis`).
+async fn rate_limit<B>(
     r: &RateLimiting,
     req: &Request<B>,
     client: IpAddr,
@@ -826,37 +829,25 @@ fn rate_limit<B>(
 ) -> Result<(), Rejection> {
     let identifier = identifier(r, req, client, route, who);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    // (window, limit, remaining after this request, seconds until the window resets)
-    let mut usage: Vec<(Window, u64, u64, u64)> = Vec::with_capacity(r.limits.len());
-    let mut exceeded: Option<u64> = None;
-    for &(window, limit) in &r.limits {
-        let start = now - now % window.seconds();
-        let reset = start + window.seconds() - now;
-        let key = format!("{}|{}|{}", r.instance, window.seconds(), identifier);
-        let shard = &state.shards[shard_of(&key)];
-        let mut counters = shard.lock().unwrap_or_else(|p| p.into_inner());
-        // Expired windows are dropped as they are met, keeping the map bounded by clients.
-        let entry = counters.entry(key).or_insert((start, 0));
-        if entry.0 != start {
-            *entry = (start, 0);
-        }
-        if entry.1 >= limit {
-            exceeded = Some(exceeded.map_or(reset, |r: u64| r.max(reset)));
-            usage.push((window, limit, 0, reset));
-        } else {
-            usage.push((window, limit, limit - entry.1 - 1, reset));
-        }
-    }
-    if exceeded.is_none() {
-        for &(window, _) in &r.limits {
-            let key = format!("{}|{}|{}", r.instance, window.seconds(), identifier);
-            let shard = &state.shards[shard_of(&key)];
-            let mut counters = shard.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(entry) = counters.get_mut(&key) {
-                entry.1 += 1;
+    let usage = match &r.redis {
+        None => local_usage(r, route, &identifier, now, state),
+        Some(target) => match redis_usage(r, target, route, &identifier, now, state).await {
+            Ok(usage) => usage,
+            Err(e) if r.fault_tolerant => {
+                tracing::warn!(error = %e, "rate-limiting: Redis unavailable; request let through (fault_tolerant)");
+                return Ok(());
             }
-        }
-    }
+            Err(e) => {
+                tracing::error!(error = %e, "rate-limiting: Redis unavailable");
+                return Err(kong_error(500, "An unexpected error occurred", ResponseFlags::NONE));
+            }
+        },
+    };
+    let exceeded = usage.iter().filter(|u| u.exceeded).map(|u| u.reset).max();
+    let usage: Vec<(Window, u64, u64, u64)> = usage
+        .iter()
+        .map(|u| (u.window, u.limit, u.remaining, u.reset))
+        .collect();
     let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
     if !r.hide_client_headers {
         for &(window, limit, remaining, _) in &usage {
@@ -890,6 +881,93 @@ fn rate_limit<B>(
     }
     effects.response_headers.extend(headers);
     Ok(())
+}
+
+/// One window's state for a request.
+struct WindowUsage {
+    window: Window,
+    limit: u64,
+    /// Requests left after this one.
+    remaining: u64,
+    /// Seconds until the window ends.
+    reset: u64,
+    exceeded: bool,
+}
+
+fn window_usage(window: Window, limit: u64, used: u64, now: u64) -> WindowUsage {
+    let start = now - now % window.seconds();
+    let exceeded = used >= limit;
+    WindowUsage {
+        window,
+        limit,
+        remaining: if exceeded { 0 } else { limit - used - 1 },
+        reset: start + window.seconds() - now,
+        exceeded,
+    }
+}
+
+/// Kong's `local` policy: counters in this process, shared by the workers.
+fn local_usage(r: &RateLimiting, route: &str, identifier: &str, now: u64, state: &PluginState) -> Vec<WindowUsage> {
+    let key_of = |window: Window| format!("{}|{}|{}|{}", r.instance, route, window.seconds(), identifier);
+    let mut usage = Vec::with_capacity(r.limits.len());
+    for &(window, limit) in &r.limits {
+        let start = now - now % window.seconds();
+        let key = key_of(window);
+        let mut counters = state.shards[shard_of(&key)].lock().unwrap_or_else(|p| p.into_inner());
+        // A counter of an older window restarts as it is met, keeping the map bounded by clients.
+        let entry = counters.entry(key).or_insert((start, 0));
+        if entry.0 != start {
+            *entry = (start, 0);
+        }
+        usage.push(window_usage(window, limit, entry.1, now));
+    }
+    if !usage.iter().any(|u| u.exceeded) {
+        for &(window, _) in &r.limits {
+            let key = key_of(window);
+            let mut counters = state.shards[shard_of(&key)].lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = counters.get_mut(&key) {
+                entry.1 += 1;
+            }
+        }
+    }
+    usage
+}
+
+/// Kong's `redis` policy: read every window's counter in one pipeline, and when the request
+/// is allowed, increment them (with their expiry) in a second.
+async fn redis_usage(
+    r: &RateLimiting,
+    target: &meshgate_model::kong::plugins::RedisTarget,
+    route: &str,
+    identifier: &str,
+    now: u64,
+    state: &PluginState,
+) -> Result<Vec<WindowUsage>, String> {
+    let keys: Vec<String> = r
+        .limits
+        .iter()
+        .map(|(window, _)| {
+            let start = now - now % window.seconds();
+            let period = window.header_suffix().to_ascii_lowercase();
+            format!("ratelimit:{}:{route}:{identifier}:{start}:{period}", r.instance)
+        })
+        .collect();
+    let reads: Vec<Vec<String>> = keys.iter().map(|k| vec!["GET".to_string(), k.clone()]).collect();
+    let replies = state.redis.pipeline(target, &reads).await?;
+    let mut usage = Vec::with_capacity(r.limits.len());
+    for (&(window, limit), reply) in r.limits.iter().zip(&replies) {
+        let used = reply.as_count().ok_or("unexpected Redis reply to GET")?;
+        usage.push(window_usage(window, limit, used, now));
+    }
+    if !usage.iter().any(|u| u.exceeded) {
+        let mut writes = Vec::with_capacity(keys.len() * 2);
+        for (key, (window, _)) in keys.iter().zip(&r.limits) {
+            writes.push(vec!["INCRBY".to_string(), key.clone(), "1".to_string()]);
+            writes.push(vec!["EXPIRE".to_string(), key.clone(), window.seconds().to_string()]);
+        }
+        state.redis.pipeline(target, &writes).await?;
+    }
+    Ok(usage)
 }
 
 fn shard_of(key: &str) -> usize {

@@ -210,7 +210,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             conn.remote.ip().to_canonical(),
             &route.name,
             &conn.shared.plugin_state,
-        ) {
+        )
+        .await
+        {
             Ok(effects) => Some(effects),
             Err(mut resp) => {
                 stats[0].record(resp.status().as_u16());

@@ -577,6 +577,49 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
     consumers
 }
 
+/// The Redis server of `policy: redis`, from `redis.*` (Kong 3.7+) or the flat `redis_*`.
+fn redis_target(
+    doc: &Document,
+    config_path: &str,
+    c: &plugins::RateLimitingConfig,
+    diag: &mut Diag,
+) -> Option<plugins::RedisTarget> {
+    let nested = c.redis.as_ref();
+    let text = |v: &Option<Value>| v.as_ref().and_then(|v| v.as_str().map(str::to_string));
+    let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_u64);
+    let host = nested.and_then(|r| r.host.clone()).or_else(|| text(&c.redis_host));
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        diag.error(doc, at(config_path, "redis.host"), "required with policy redis");
+        return None;
+    };
+    if nested.and_then(|r| r.ssl).unwrap_or(false) || c.redis_ssl.as_ref().and_then(Value::as_bool).unwrap_or(false) {
+        diag.error(doc, at(config_path, "redis.ssl"), "TLS to Redis is not supported yet");
+        return None;
+    }
+    let port = nested
+        .and_then(|r| r.port)
+        .or_else(|| number(&c.redis_port).and_then(|p| u16::try_from(p).ok()))
+        .unwrap_or(6379);
+    Some(plugins::RedisTarget {
+        host,
+        port,
+        username: nested
+            .and_then(|r| r.username.clone())
+            .or_else(|| text(&c.redis_username)),
+        password: nested
+            .and_then(|r| r.password.clone())
+            .or_else(|| text(&c.redis_password)),
+        database: nested
+            .and_then(|r| r.database)
+            .or_else(|| number(&c.redis_database).and_then(|d| u32::try_from(d).ok()))
+            .unwrap_or(0),
+        timeout_ms: nested
+            .and_then(|r| r.timeout)
+            .or_else(|| number(&c.redis_timeout))
+            .unwrap_or(2000),
+    })
+}
+
 /// The `anonymous` consumer of an auth plugin: `Some(None)` when unset, `None` (an error)
 /// when it names no consumer.
 fn resolve_anonymous(
@@ -884,16 +927,17 @@ fn compile_plugin(
                 );
                 return None;
             }
-            match c.policy.as_str() {
-                "local" => {}
-                "cluster" | "redis" => diag.warn(
-                    doc,
-                    at(&config_path, "policy"),
-                    format!(
-                        "policy {} is not supported yet: counters are kept per meshgate process (policy local)",
-                        c.policy
-                    ),
-                ),
+            let redis = match c.policy.as_str() {
+                "local" => None,
+                "cluster" => {
+                    diag.warn(
+                        doc,
+                        at(&config_path, "policy"),
+                        "policy cluster needs Kong's database: counters are kept per meshgate process (policy local)",
+                    );
+                    None
+                }
+                "redis" => Some(redis_target(doc, &config_path, &c, diag)?),
                 other => {
                     diag.error(
                         doc,
@@ -902,7 +946,7 @@ fn compile_plugin(
                     );
                     return None;
                 }
-            }
+            };
             let limit_by = match c.limit_by.as_str() {
                 "consumer" => plugins::LimitBy::Consumer,
                 "credential" => plugins::LimitBy::Credential,
@@ -932,15 +976,15 @@ fn compile_plugin(
                 }
             };
             Some(plugins::Plugin::RateLimiting(plugins::RateLimiting {
-                instance: plugin
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| format!("{}:{path}", doc.file.display())),
+                // Identical on every node loading the same file, so Redis counters are shared.
+                instance: plugin.id.clone().unwrap_or_else(|| path.to_string()),
                 limits,
                 limit_by,
                 hide_client_headers: c.hide_client_headers,
                 error_code: c.error_code,
                 error_message: c.error_message,
+                redis,
+                fault_tolerant: c.fault_tolerant,
             }))
         }
         "request-termination" => {

@@ -54,8 +54,9 @@ impl Plugin {
     }
 }
 
-/// Consumers of one decK file, shared by the plugins that identify or check them.
-#[derive(Debug, Default)]
+/// Consumers of one decK file, shared by the plugins that identify or check them. Its
+/// `Debug` output leaves credentials out, so they never reach a log.
+#[derive(Default)]
 pub struct Consumers {
     pub list: Vec<Consumer>,
     /// key-auth key → (consumer index, credential id).
@@ -67,7 +68,7 @@ pub struct Consumers {
 }
 
 /// A consumer's `jwt_secrets` entry, its key material checked when the config loads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JwtSecret {
     pub consumer: usize,
     pub id: String,
@@ -78,6 +79,17 @@ pub struct JwtSecret {
     /// RS*: the PKCS#1 `RSAPublicKey`; ES*: the uncompressed curve point, both taken from the
     /// `rsa_public_key` PEM (SubjectPublicKeyInfo).
     pub public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Consumers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumers")
+            .field("list", &self.list)
+            .field("keys", &self.keys.len())
+            .field("basic", &self.basic.len())
+            .field("jwt", &self.jwt.len())
+            .finish()
+    }
 }
 
 impl Consumers {
@@ -184,7 +196,9 @@ pub struct Acl {
 
 #[derive(Debug)]
 pub struct RateLimiting {
-    /// Counters are kept per plugin instance: this key, stable across reloads.
+    /// Counters are kept per plugin instance and route (as Kong keys them by route and
+    /// service): the instance's id, or its field path in the file, stable across reloads
+    /// and nodes.
     pub instance: String,
     /// `(window, limit)`, shortest window first.
     pub limits: Vec<(Window, u64)>,
@@ -192,6 +206,34 @@ pub struct RateLimiting {
     pub hide_client_headers: bool,
     pub error_code: u16,
     pub error_message: String,
+    /// `None`: counters in this process (Kong's `local`); `Some`: in Redis, shared by every
+    /// meshgate (and Kong) node using that Redis.
+    pub redis: Option<RedisTarget>,
+    /// With Redis unreachable: let requests through (true) or answer 500 (false).
+    pub fault_tolerant: bool,
+}
+
+/// Where the `redis` policy keeps its counters (`Debug` leaves the password out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub database: u32,
+    /// Milliseconds allowed for each exchange with Redis.
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -498,8 +540,9 @@ pub(crate) struct RateLimitingConfig {
     #[serde(default = "default_rate_message")]
     pub error_message: String,
     pub sync_rate: Option<f64>,
-    // Redis settings (policy redis is not supported yet).
-    pub redis: Option<Value>,
+    /// Kong 3.7+: the Redis settings grouped.
+    pub redis: Option<RedisConfig>,
+    // Kong's older flat Redis settings.
     pub redis_host: Option<Value>,
     pub redis_port: Option<Value>,
     pub redis_password: Option<Value>,
@@ -509,6 +552,34 @@ pub(crate) struct RateLimitingConfig {
     pub redis_server_name: Option<Value>,
     pub redis_timeout: Option<Value>,
     pub redis_database: Option<Value>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RedisConfig {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub database: Option<u32>,
+    pub timeout: Option<u64>,
+    pub connect_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
+    pub read_timeout: Option<u64>,
+    pub ssl: Option<bool>,
+    pub ssl_verify: Option<bool>,
+    pub server_name: Option<String>,
+    pub sentinel_master: Option<Value>,
+    pub sentinel_role: Option<Value>,
+    pub sentinel_nodes: Option<Value>,
+    pub sentinel_username: Option<Value>,
+    pub sentinel_password: Option<Value>,
+    pub cluster_nodes: Option<Value>,
+    pub cluster_max_redirections: Option<Value>,
+    pub connection_is_proxied: Option<Value>,
+    pub keepalive_pool_size: Option<Value>,
+    pub keepalive_backlog: Option<Value>,
 }
 
 #[derive(Deserialize)]
