@@ -1263,6 +1263,7 @@ mod tests {
                     labels: Default::default(),
                 })
                 .collect(),
+            pool: Default::default(),
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
     }

@@ -208,6 +208,7 @@ mod tests {
             load_balancer: lb,
             discovery: Discovery::Static,
             endpoints,
+            pool: Default::default(),
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
     }
