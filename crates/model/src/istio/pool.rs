@@ -33,10 +33,8 @@ pub(crate) fn settings(
 }
 
 fn tcp_settings(tcp: &TcpPool, out: &mut ConnectionPoolSettings, report: &mut dyn FnMut(String, String)) {
-    if let Some(n) = count(&tcp.max_connections, "tcp.maxConnections", report) {
-        if n > 0 {
-            out.max_connections = n;
-        }
+    if let Some(n) = count(&tcp.max_connections, "tcp.maxConnections", report).filter(|n| *n > 0) {
+        out.max_connections = n;
     }
     if let Some(d) = duration(&tcp.connect_timeout, "tcp.connectTimeout", report) {
         out.connect_timeout = d;
