@@ -156,6 +156,15 @@ async fn pending_and_connection_limits_overflow_at_once_and_recover() {
         overflows as u64
     );
     assert_eq!(
+        metric(
+            &proxy,
+            "meshgate_upstream_overflows_total",
+            &["app.test", "breaker=\"connections\""]
+        ),
+        7 + 6,
+        "every request but the first found the cluster at maxConnections, once each"
+    );
+    assert_eq!(
         metric(&proxy, "meshgate_upstream_connections_total", &["app.test"]),
         1,
         "one upstream connection"

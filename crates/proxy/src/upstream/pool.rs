@@ -271,11 +271,11 @@ impl EndpointPool {
     }
 
     /// Reserves a new connection: under `max_connections`, or this pool has none at all.
+    /// The caller counts a refusal once per request (Envoy's `upstream_cx_overflow`).
     fn reserve(&self, stats: &Arc<UpstreamStats>) -> Option<ConnectionSlot> {
         let before = stats.connections_reserved.fetch_add(1, SeqCst);
         if before >= u64::from(self.limits.max_connections) && self.open.load(SeqCst) > 0 {
             stats.connections_reserved.fetch_sub(1, SeqCst);
-            stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
             return None;
         }
         Some(ConnectionSlot::new(stats.clone(), self.open.clone()))
@@ -327,6 +327,7 @@ impl EndpointPool {
                     }
                     None => {
                         if pending.is_none() {
+                            stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
                             pending = Some(Pending::enter(stats, &self.limits)?);
                             continue;
                         }
@@ -419,6 +420,7 @@ impl EndpointPool {
             }
             let Some(slot) = self.reserve(stats) else {
                 if pending.is_none() {
+                    stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
                     pending = Some(Pending::enter(stats, &self.limits)?);
                     continue;
                 }
