@@ -435,3 +435,101 @@ async fn route_timeout_answers_504_and_closes_the_upstream_connection() {
         "the cancelled request's upstream connection was closed"
     );
 }
+
+/// Sets its flag when dropped: the upstream handler was cancelled.
+struct DropFlag(Arc<AtomicUsize>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An HTTP/2 (prior knowledge) upstream whose handler never answers; counts handlers dropped
+/// because their stream was reset.
+fn hanging_h2_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let flag = cancelled.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((stream, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let guard = DropFlag(flag.clone());
+                        async move {
+                            std::future::pending::<()>().await;
+                            drop(guard);
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Empty::<bytes::Bytes>::new(),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    (addr, cancelled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_resets_the_upstream_http2_stream() {
+    let (addr, cancelled) = hanging_h2_upstream();
+    let port = free_port();
+    let pool = "      http: {h2UpgradePolicy: UPGRADE}\n";
+    let _proxy = Proxy::start(&istio(port, addr.port(), pool, "    timeout: 300ms\n"));
+    let r = get_app(port, "/hang").await;
+    assert_eq!(r.status, 504);
+    let start = Instant::now();
+    while cancelled.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("upstream HTTP/2 handler cancelled {:?} after the 504", start.elapsed());
+    assert_eq!(cancelled.load(Ordering::SeqCst), 1, "the stream was reset upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_client_protocol_follows_the_clients_http_version() {
+    let echo = Echo::start("app");
+    let port = free_port();
+    let pool = "      http: {useClientProtocol: true}\n";
+    let _proxy = Proxy::start(&istio(port, echo.port(), pool, ""));
+    let r = get_app(port, "/").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+
+    // HTTP/2 with `:authority: app.test` on a connection of our own.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("http://app.test/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["version"], "HTTP/2.0", "HTTP/2 upstream for an HTTP/2 client");
+}
