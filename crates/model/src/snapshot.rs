@@ -571,6 +571,66 @@ pub struct Cluster {
     pub load_balancer: LoadBalancer,
     pub discovery: Discovery,
     pub endpoints: Vec<Endpoint>,
+    /// Circuit breakers and connection-pool behaviour (Istio `connectionPool`).
+    pub pool: ConnectionPoolSettings,
+}
+
+/// Istio's `connectionPool` as the data plane uses it: Envoy's circuit-breaker thresholds
+/// (cluster-wide, across workers) and connection lifetimes. Istio's unset values are
+/// `u32::MAX` ("unlimited") for every threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConnectionPoolSettings {
+    /// `tcp.maxConnections`: connections to the cluster (Envoy `max_connections`).
+    pub max_connections: u32,
+    /// `tcp.connectTimeout` (Istio default 10 s).
+    pub connect_timeout: Duration,
+    /// `tcp.tcpKeepalive`: `SO_KEEPALIVE` with these settings; `None` leaves it off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `tcp.maxConnectionDuration`: a connection older than this takes no new requests.
+    pub max_connection_duration: Option<Duration>,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection
+    /// (Envoy `max_pending_requests`).
+    pub max_pending_requests: u32,
+    /// `http.http2MaxRequests`: upstream requests in flight (Envoy `max_requests`).
+    pub max_requests: u32,
+    /// `http.maxRequestsPerConnection`; 0 is unlimited.
+    pub max_requests_per_connection: u32,
+    /// `http.maxRetries`: retries in flight (Envoy `max_retries`).
+    pub max_retries: u32,
+    /// `http.idleTimeout`: idle pooled connections are closed after this (Istio default 1 h).
+    pub idle_timeout: Duration,
+    /// `http.useClientProtocol`: HTTP/2 upstream exactly when the client used HTTP/2.
+    pub use_client_protocol: bool,
+}
+
+/// `SO_KEEPALIVE` settings; `None` fields keep the operating system's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+impl ConnectionPoolSettings {
+    /// Istio's defaults: every threshold at 2^32-1, 10 s connect timeout, 1 h idle timeout.
+    pub const ISTIO_DEFAULT: ConnectionPoolSettings = ConnectionPoolSettings {
+        max_connections: u32::MAX,
+        connect_timeout: Duration::from_secs(10),
+        tcp_keepalive: None,
+        max_connection_duration: None,
+        max_pending_requests: u32::MAX,
+        max_requests: u32::MAX,
+        max_requests_per_connection: 0,
+        max_retries: u32::MAX,
+        idle_timeout: Duration::from_secs(3600),
+        use_client_protocol: false,
+    };
+}
+
+impl Default for ConnectionPoolSettings {
+    fn default() -> Self {
+        Self::ISTIO_DEFAULT
+    }
 }
 
 /// How endpoints are found.

@@ -816,3 +816,108 @@ fn two_mesh_virtual_services_for_one_host_conflict() {
     assert_eq!(conflicts[0].field, "spec.hosts[0]");
     assert!(conflicts[0].message.contains("VirtualService default/first"));
 }
+
+const POOLED: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: http-alt, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings}
+spec:
+  host: ratings
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 2s}
+      http: {http1MaxPendingRequests: 3, maxRetries: 4}
+    portLevelSettings:
+    - port: {number: 81}
+      connectionPool:
+        http: {http2MaxRequests: 20}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool:
+        http: {maxRequestsPerConnection: 1, idleTimeout: 5s}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{uri: {prefix: /a}}]
+    route: [{destination: {host: ratings, port: {number: 80}}}]
+  - match: [{uri: {prefix: /b}}]
+    route: [{destination: {host: ratings, port: {number: 81}}}]
+  - route: [{destination: {host: ratings, port: {number: 80}, subset: v1}}]
+"#;
+
+#[test]
+fn connection_pool_settings_follow_istio_precedence() {
+    use meshgate_model::snapshot::ConnectionPoolSettings;
+    let c = ok(POOLED);
+    let pool = |name: &str| {
+        c.snapshot
+            .clusters
+            .iter()
+            .find(|cl| cl.name == name)
+            .unwrap_or_else(|| panic!("cluster {name}"))
+            .pool
+    };
+    let rule = pool("outbound|80||ratings");
+    assert_eq!(rule.max_connections, 10);
+    assert_eq!(rule.connect_timeout, Duration::from_secs(2));
+    assert_eq!(rule.max_pending_requests, 3);
+    assert_eq!(rule.max_retries, 4);
+    assert_eq!(rule.max_requests, u32::MAX);
+    // Port-level and subset connectionPool objects replace the rule's whole connectionPool.
+    let port = pool("outbound|81||ratings");
+    assert_eq!(port.max_requests, 20);
+    assert_eq!(port.max_connections, u32::MAX);
+    let subset = pool("outbound|80|v1|ratings");
+    assert_eq!(subset.max_requests_per_connection, 1);
+    assert_eq!(subset.idle_timeout, Duration::from_secs(5));
+    assert_eq!(
+        subset.max_pending_requests,
+        ConnectionPoolSettings::ISTIO_DEFAULT.max_pending_requests
+    );
+    let warned: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
+    assert!(
+        !warned.iter().any(|f| f.contains("connectionPool")),
+        "supported fields are not warned about: {warned:?}"
+    );
+}
+
+#[test]
+fn error_bad_connection_pool_values_have_paths() {
+    let yaml = POOLED
+        .replace("maxConnections: 10", "maxConnections: -1")
+        .replace("idleTimeout: 5s", "idleTimeout: soon");
+    let e = errors(&yaml);
+    let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+    assert!(
+        fields.contains(&"spec.trafficPolicy.connectionPool.tcp.maxConnections"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"spec.subsets[0].trafficPolicy.connectionPool.http.idleTimeout"),
+        "{fields:?}"
+    );
+    let unsupported = ok(&POOLED.replace("connectTimeout: 2s", "connectTimeout: 2s, idleTimeout: 1h"));
+    assert!(
+        unsupported
+            .warnings
+            .iter()
+            .any(|w| w.field == "spec.trafficPolicy.connectionPool.tcp.idleTimeout"),
+        "tcp.idleTimeout is warned about"
+    );
+}

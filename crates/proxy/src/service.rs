@@ -28,7 +28,7 @@ use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody};
 use crate::cors;
 use crate::plugins;
 use crate::response_flags::ResponseFlags;
-use crate::stats::RouteStats;
+use crate::stats::{Breaker, RouteStats};
 use crate::upstream::cluster::ClusterRuntime;
 use crate::upstream::pool::{EndpointPool, PoolReturn, UpstreamError};
 
@@ -55,6 +55,8 @@ const CONNECT_FAILURE: &str =
 const CONNECTION_TERMINATION: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
+/// Envoy's reply when a circuit breaker refuses the request (response flag `UO`).
+const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
@@ -401,8 +403,13 @@ async fn forward_request(
     let upgrade = is_upgrade_request(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let use_http2 = !upgrade
-        && (cluster.config.protocol == UpstreamProtocol::Http2
-            || (req.version() == Version::HTTP_2 && is_grpc(req.headers())));
+        && if cluster.config.pool.use_client_protocol {
+            // Istio `useClientProtocol`: the client's protocol, whatever the port's is.
+            req.version() == Version::HTTP_2
+        } else {
+            cluster.config.protocol == UpstreamProtocol::Http2
+                || (req.version() == Version::HTTP_2 && is_grpc(req.headers()))
+        };
 
     let (mut parts, body) = req.into_parts();
     let body = match checked_chunked_body(&parts, body).await {
@@ -502,6 +509,7 @@ async fn forward_request(
         retries: 0,
         tried: Vec::new(),
         budget: None,
+        overflowed: false,
     };
     let mut target = target;
     loop {
@@ -517,7 +525,7 @@ async fn forward_request(
                 cluster.stats.per_try_timeouts.fetch_add(1, Relaxed);
                 policy.retries_failure(TryFailure::PerTryTimeout)
             }
-            Err(TryError::Upstream(e)) => policy.retries_failure(e.failure()),
+            Err(TryError::Upstream(e)) => e.failure().is_some_and(|f| policy.retries_failure(f)),
         };
         if !retriable || !retrying.admit_retry() {
             if retrying.retries > 0 && !retriable && outcome.is_ok() {
@@ -527,6 +535,9 @@ async fn forward_request(
             let resp = finish(outcome, cluster, stats, None);
             return if exhausted {
                 flagged(resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED)
+            } else if retrying.overflowed {
+                // As Envoy: the failed try's outcome, marked as a retry overflow.
+                flagged(resp, ResponseFlags::UPSTREAM_OVERFLOW)
             } else {
                 resp
             };
@@ -604,7 +615,7 @@ async fn send_try(
                 .pool
                 .send_http2(&target.address, &cluster.stats, req)
                 .await
-                .map(|r| (r, None))
+                .map(|(r, ret)| (r, Some(ret)))
         } else {
             target
                 .pool
@@ -638,6 +649,7 @@ fn finish(
         Err(TryError::Upstream(e)) => {
             stats.record(503);
             let (text, flag) = match e {
+                UpstreamError::Overflow(_) => (OVERFLOW, ResponseFlags::UPSTREAM_OVERFLOW),
                 UpstreamError::Connect(_) => (CONNECT_FAILURE, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
                 UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => {
                     (CONNECTION_TERMINATION, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION)
@@ -753,6 +765,8 @@ struct Retrying<'a> {
     tried: Vec<usize>,
     /// The admitted retry, counted against the budget until the next one or the end.
     budget: Option<RetryInFlight<'a>>,
+    /// A retry was refused by `max_retries` or the budget (the response gets `UO`).
+    overflowed: bool,
 }
 
 impl Retrying<'_> {
@@ -781,6 +795,8 @@ impl Retrying<'_> {
         self.budget = None;
         let Some(admitted) = RetryInFlight::admit(self.cluster, self.policy.budget) else {
             self.cluster.stats.retry_overflows.fetch_add(1, Relaxed);
+            self.cluster.stats.overflows[Breaker::Retries as usize].fetch_add(1, Relaxed);
+            self.overflowed = true;
             return false;
         };
         self.budget = Some(admitted);
@@ -845,15 +861,16 @@ fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
 struct RetryInFlight<'a>(&'a ClusterRuntime);
 
 impl<'a> RetryInFlight<'a> {
-    /// Counts a retry in flight; `None` when `budget` has no room for it.
+    /// Counts a retry in flight; `None` when the cluster's `max_retries` circuit breaker or
+    /// `budget` has no room for it (a retry must pass both).
     fn admit(cluster: &'a ClusterRuntime, budget: Option<RetryBudget>) -> Option<Self> {
         let before = cluster.stats.retries_active.fetch_add(1, Relaxed);
-        let Some(budget) = budget else {
-            return Some(RetryInFlight(cluster));
-        };
-        let active = cluster.stats.requests_active.load(Relaxed);
-        let limit = (active * u64::from(budget.percent) / 100).max(u64::from(budget.min_concurrency));
-        if before >= limit {
+        let over_breaker = before >= u64::from(cluster.config.pool.max_retries);
+        let over_budget = budget.is_some_and(|budget| {
+            let active = cluster.stats.requests_active.load(Relaxed);
+            before >= (active * u64::from(budget.percent) / 100).max(u64::from(budget.min_concurrency))
+        });
+        if over_breaker || over_budget {
             cluster.stats.retries_active.fetch_sub(1, Relaxed);
             return None;
         }
@@ -1350,6 +1367,7 @@ mod tests {
                     labels: Default::default(),
                 })
                 .collect(),
+            pool: Default::default(),
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
     }
@@ -1371,6 +1389,18 @@ mod tests {
     }
 
     #[test]
+    fn max_retries_caps_retries_in_flight_with_or_without_a_budget() {
+        let mut cluster = test_cluster(1);
+        cluster.config.pool.max_retries = 2;
+        cluster.stats.requests_active.store(1000, Relaxed);
+        for budget in [None, Some(RetryBudget::ENVOY_DEFAULT)] {
+            let admitted: Vec<_> = (0..5).filter_map(|_| RetryInFlight::admit(&cluster, budget)).collect();
+            assert_eq!(admitted.len(), 2, "budget {budget:?}");
+        }
+        assert_eq!(cluster.stats.retries_active.load(Relaxed), 0);
+    }
+
+    #[test]
     fn retries_pick_endpoints_not_tried_yet() {
         let cluster = test_cluster(3);
         let policy = RetryPolicy::istio_default();
@@ -1383,6 +1413,7 @@ mod tests {
             retries: 0,
             tried: vec![0, 1],
             budget: None,
+            overflowed: false,
         };
         for _ in 0..10 {
             assert_eq!(retrying.next_endpoint(None, true), Some(2));

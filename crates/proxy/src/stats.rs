@@ -60,8 +60,51 @@ pub struct UpstreamStats {
     pub retry_overflows: AtomicU64,
     /// Tries that hit their per-try timeout (`upstream_rq_per_try_timeout`).
     pub per_try_timeouts: AtomicU64,
-    /// Retries in flight now, for the retry budget.
+    /// Retries in flight now, for the retry budget and the `max_retries` circuit breaker.
     pub retries_active: AtomicU64,
+    /// Requests waiting for a connection now (Envoy's `upstream_rq_pending_active`).
+    pub requests_pending: AtomicU64,
+    /// Upstream requests from sending until their response ends, for `max_requests`; only
+    /// counted for clusters that set the limit.
+    pub requests_open: AtomicU64,
+    /// Connections open or being opened, for `max_connections`.
+    pub connections_reserved: AtomicU64,
+    /// Requests (or retries) refused by each circuit breaker, indexed by [`Breaker`].
+    pub overflows: [AtomicU64; 4],
+    /// Wakes pending requests when a connection goes idle or closes.
+    pub connection_freed: tokio::sync::Notify,
+}
+
+/// Envoy's circuit breakers, as the `breaker` label of `meshgate_upstream_overflows_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// A new connection was needed at `max_connections` (the request then waits as pending;
+    /// Envoy's `upstream_cx_overflow`).
+    Connections = 0,
+    /// `max_pending_requests` (`upstream_rq_pending_overflow`).
+    Pending = 1,
+    /// `max_requests` (Envoy counts these under `upstream_rq_pending_overflow` too).
+    Requests = 2,
+    /// `max_retries` or the retry budget (`upstream_rq_retry_overflow`).
+    Retries = 3,
+}
+
+impl Breaker {
+    pub const ALL: [Breaker; 4] = [
+        Breaker::Connections,
+        Breaker::Pending,
+        Breaker::Requests,
+        Breaker::Retries,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Breaker::Connections => "connections",
+            Breaker::Pending => "pending",
+            Breaker::Requests => "requests",
+            Breaker::Retries => "retries",
+        }
+    }
 }
 
 /// Downstream figures for one listener.
@@ -139,7 +182,7 @@ impl Stats {
         }
         let upstreams = locked(&self.upstreams);
         type Field = fn(&UpstreamStats) -> &AtomicU64;
-        let upstream_metrics: [(&str, &str, &str, Field); 10] = [
+        let upstream_metrics: [(&str, &str, &str, Field); 11] = [
             (
                 "meshgate_upstream_connections_total",
                 "counter",
@@ -200,6 +243,12 @@ impl Stats {
                 "Retries in flight now.",
                 |s| &s.retries_active,
             ),
+            (
+                "meshgate_upstream_requests_pending",
+                "gauge",
+                "Requests waiting for an upstream connection now.",
+                |s| &s.requests_pending,
+            ),
         ];
         for (name, kind, help, field) in upstream_metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -209,6 +258,22 @@ impl Stats {
                     "{name}{{cluster=\"{}\"}} {}",
                     escape(cluster),
                     field(stats).load(Relaxed)
+                );
+            }
+        }
+        let name = "meshgate_upstream_overflows_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests and retries refused by a circuit breaker (response flag UO), by breaker.\n# TYPE {name} counter"
+        );
+        for (cluster, stats) in upstreams.iter() {
+            for breaker in Breaker::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{cluster=\"{}\",breaker=\"{}\"}} {}",
+                    escape(cluster),
+                    breaker.name(),
+                    stats.overflows[breaker as usize].load(Relaxed)
                 );
             }
         }

@@ -323,6 +323,7 @@ impl Ctx<'_, '_, '_> {
             load_balancer: LoadBalancer::RoundRobin,
             discovery: Discovery::Static,
             endpoints: Vec::new(),
+            pool: Default::default(),
         });
         self.invalid_cluster = Some(id);
         id
@@ -422,6 +423,7 @@ impl Ctx<'_, '_, '_> {
             load_balancer: LoadBalancer::LeastRequest,
             discovery,
             endpoints,
+            pool: Default::default(),
         }))
     }
 

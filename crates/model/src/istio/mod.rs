@@ -13,6 +13,7 @@
 //! steps and merges the result with the other formats' into one snapshot.
 
 pub(crate) mod listeners;
+mod pool;
 pub(crate) mod registry;
 mod retries;
 pub(crate) mod routes;

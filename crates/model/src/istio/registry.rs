@@ -388,6 +388,8 @@ impl<'r> Registry<'r> {
             .and_then(|h| h.h2_upgrade_policy.as_deref())
             == Some("UPGRADE");
         let protocol = if upgrade { UpstreamProtocol::Http2 } else { protocol };
+        // Invalid fields were reported by the DestinationRule's validation; they keep defaults.
+        let pool = super::pool::settings(pool_chain.first().copied(), &mut |_, _| {});
         let endpoints = match subset_spec {
             Some(s) => {
                 let wanted = s.labels.clone().unwrap_or_default();
@@ -412,6 +414,7 @@ impl<'r> Registry<'r> {
                 discovery
             },
             endpoints,
+            pool,
         });
         self.cluster_ids.insert(name, id);
         Some(id)
@@ -568,6 +571,12 @@ fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Di
                 at(path, "connectionPool.http.h2UpgradePolicy"),
                 format!("unknown h2UpgradePolicy {policy:?} (DEFAULT, DO_NOT_UPGRADE, UPGRADE)"),
             );
+        }
+        if pool.is_some() {
+            let pool_path = at(path, "connectionPool");
+            super::pool::settings(pool, &mut |field, message| {
+                diag.error(doc, at(&pool_path, field), message)
+            });
         }
     };
     check(path, tp.load_balancer.as_ref(), tp.connection_pool.as_ref(), diag);

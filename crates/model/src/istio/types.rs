@@ -335,8 +335,28 @@ pub struct HttpCookie {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPool {
-    pub tcp: Option<Value>,
+    pub tcp: Option<TcpPool>,
     pub http: Option<HttpPool>,
+}
+
+/// `connectionPool.tcp`. Counts are `Value`s (protobuf JSON allows a number or a numeric
+/// string), checked with their paths when the policy is compiled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpPool {
+    pub max_connections: Option<Value>,
+    pub connect_timeout: Option<String>,
+    pub tcp_keepalive: Option<TcpKeepaliveSpec>,
+    pub max_connection_duration: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpKeepaliveSpec {
+    pub probes: Option<Value>,
+    pub time: Option<String>,
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,8 +367,9 @@ pub struct HttpPool {
     pub http2_max_requests: Option<Value>,
     pub max_requests_per_connection: Option<Value>,
     pub max_retries: Option<Value>,
-    pub idle_timeout: Option<Value>,
-    pub use_client_protocol: Option<Value>,
+    pub idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub use_client_protocol: Option<bool>,
     pub max_concurrent_streams: Option<Value>,
 }
 

@@ -57,13 +57,9 @@ const TRAFFIC_POLICY: &[&str] = &[
     "tunnel",
     "proxyProtocol",
     "retryBudget",
-    "connectionPool.tcp",
-    "connectionPool.http.http1MaxPendingRequests",
-    "connectionPool.http.http2MaxRequests",
-    "connectionPool.http.maxRequestsPerConnection",
-    "connectionPool.http.maxRetries",
-    "connectionPool.http.idleTimeout",
-    "connectionPool.http.useClientProtocol",
+    // Applies to TCP proxying, which meshgate does not do.
+    "connectionPool.tcp.idleTimeout",
+    // One HTTP/2 connection per endpoint and worker; the upstream's SETTINGS limit its streams.
     "connectionPool.http.maxConcurrentStreams",
     "loadBalancer.localityLbSetting",
     "loadBalancer.warmupDurationSecs",

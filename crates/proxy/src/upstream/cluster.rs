@@ -134,7 +134,11 @@ impl ClusterRuntime {
     fn worker_pools(&self) -> &WorkerPools {
         let slot = worker::current().min(self.pools.len() - 1);
         self.pools[slot].get_or_init(|| WorkerPools {
-            endpoints: self.endpoints.iter().map(|_| Arc::default()).collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|_| Arc::new(EndpointPool::new(self.config.pool)))
+                .collect(),
             by_address: Mutex::default(),
         })
     }
@@ -151,7 +155,10 @@ impl ClusterRuntime {
             // Bound the memory a client choosing arbitrary destinations can make us hold.
             pools.clear();
         }
-        pools.entry(address.to_string()).or_default().clone()
+        pools
+            .entry(address.to_string())
+            .or_insert_with(|| Arc::new(EndpointPool::new(self.config.pool)))
+            .clone()
     }
 }
 
@@ -208,6 +215,7 @@ mod tests {
             load_balancer: lb,
             discovery: Discovery::Static,
             endpoints,
+            pool: Default::default(),
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
     }

@@ -3,35 +3,55 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::stats::UpstreamStats;
 
-/// Envoy's and Istio's default upstream connect timeout.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection counted against the cluster's `max_connections` (reserved by the pool before
+/// connecting) and in its pool, until dropped: when the connect fails or the connection closes.
+pub struct ConnectionSlot {
+    stats: Arc<UpstreamStats>,
+    pool_open: Arc<AtomicU32>,
+}
+
+impl ConnectionSlot {
+    /// Takes over a reservation already counted in `stats.connections_reserved`.
+    pub fn new(stats: Arc<UpstreamStats>, pool_open: Arc<AtomicU32>) -> Self {
+        pool_open.fetch_add(1, SeqCst);
+        ConnectionSlot { stats, pool_open }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.pool_open.fetch_sub(1, SeqCst);
+        self.stats.connections_reserved.fetch_sub(1, SeqCst);
+        super::pool::connection_freed(&self.stats);
+    }
+}
 
 /// An upstream TCP stream that keeps its cluster's connection gauges right.
 pub struct CountedStream {
     io: TcpStream,
-    stats: Arc<UpstreamStats>,
+    slot: ConnectionSlot,
 }
 
 impl CountedStream {
-    pub fn new(io: TcpStream, stats: Arc<UpstreamStats>) -> Self {
-        stats.connections_opened.fetch_add(1, Relaxed);
-        stats.connections_active.fetch_add(1, Relaxed);
-        CountedStream { io, stats }
+    pub fn new(io: TcpStream, slot: ConnectionSlot) -> Self {
+        slot.stats.connections_opened.fetch_add(1, Relaxed);
+        slot.stats.connections_active.fetch_add(1, Relaxed);
+        CountedStream { io, slot }
     }
 }
 
 impl Drop for CountedStream {
     fn drop(&mut self) {
-        self.stats.connections_active.fetch_sub(1, Relaxed);
+        self.slot.stats.connections_active.fetch_sub(1, Relaxed);
     }
 }
 

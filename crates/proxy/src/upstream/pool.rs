@@ -6,21 +6,32 @@
 //! A connection goes back to its pool only when its response body has been read to the end;
 //! a response abandoned half-way closes its connection, so it can never answer the next
 //! request with the previous one's bytes.
+//!
+//! Circuit breakers follow Envoy and count across all workers (atomics in the cluster's
+//! [`UpstreamStats`]): a request with no idle connection opens one while the cluster is under
+//! `max_connections` (or this pool has none at all, as Envoy's pools do, so a worker is never
+//! starved by another's idle connections), and waits as *pending* meanwhile; when no
+//! connection may be opened it waits for one to be freed. Pending requests beyond
+//! `max_pending_requests`, and requests beyond `max_requests` in flight (from sending until the
+//! response body ends), fail at once with [`UpstreamError::Overflow`]. With Istio's defaults
+//! (2^32-1) the fast path costs a compare per limit.
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use meshgate_model::snapshot::TryFailure;
+use meshgate_model::snapshot::{ConnectionPoolSettings, TryFailure};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use super::connector::{CountedStream, DEFAULT_CONNECT_TIMEOUT};
+use super::connector::{ConnectionSlot, CountedStream};
 use crate::body::UpstreamBody;
-use crate::stats::UpstreamStats;
+use crate::stats::{Breaker, UpstreamStats};
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed when returned.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
@@ -35,15 +46,20 @@ pub enum UpstreamError {
     /// The HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process the
     /// request, so it is safe to send again.
     RefusedStream(String),
+    /// A circuit breaker refused the request (Envoy's `UO`); never retried, as in Envoy.
+    Overflow(Breaker),
 }
 
 impl UpstreamError {
     /// The failure as retry conditions distinguish it.
-    pub fn failure(&self) -> TryFailure {
+    /// The failure as retry conditions distinguish it; `None` for an overflow, which no
+    /// retry condition covers.
+    pub fn failure(&self) -> Option<TryFailure> {
         match self {
-            UpstreamError::Connect(_) => TryFailure::ConnectFailure,
-            UpstreamError::Reset(_) => TryFailure::Reset,
-            UpstreamError::RefusedStream(_) => TryFailure::RefusedStream,
+            UpstreamError::Connect(_) => Some(TryFailure::ConnectFailure),
+            UpstreamError::Reset(_) => Some(TryFailure::Reset),
+            UpstreamError::RefusedStream(_) => Some(TryFailure::RefusedStream),
+            UpstreamError::Overflow(_) => None,
         }
     }
 
@@ -60,33 +76,211 @@ impl UpstreamError {
     }
 }
 
-/// The connections of one worker to one endpoint.
+/// An HTTP/1.1 connection as the pool keeps it.
+struct Http1Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    opened: Instant,
+    /// Requests sent on it so far (for `maxRequestsPerConnection`).
+    requests: u32,
+    /// When it last went idle (for `idleTimeout`).
+    idle_since: Instant,
+}
+
+/// The pool's multiplexed HTTP/2 connection.
+struct Http2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    opened: Instant,
+    requests: u32,
+    last_used: Instant,
+}
+
 #[derive(Default)]
+struct Idle {
+    http1: Vec<Http1Conn>,
+    http2: Option<Http2Conn>,
+    /// Whether the idle-timeout sweeper task runs.
+    sweeping: bool,
+}
+
+/// The connections of one worker to one endpoint.
 pub struct EndpointPool {
-    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
-    http2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    idle: Mutex<Idle>,
+    /// Connections of this pool open or being opened.
+    open: Arc<AtomicU32>,
+    limits: ConnectionPoolSettings,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Hands an HTTP/1.1 connection back to its pool once the response body is fully read.
+/// Counts an upstream request against `max_requests` until dropped (with the response body
+/// when streamed downstream). Holds nothing when the cluster has no limit.
+pub struct RequestSlot(Option<Arc<UpstreamStats>>);
+
+impl RequestSlot {
+    fn acquire(stats: &Arc<UpstreamStats>, limits: &ConnectionPoolSettings) -> Result<Self, UpstreamError> {
+        if limits.max_requests == u32::MAX {
+            return Ok(RequestSlot(None));
+        }
+        let before = stats.requests_open.fetch_add(1, Relaxed);
+        if before >= u64::from(limits.max_requests) {
+            stats.requests_open.fetch_sub(1, Relaxed);
+            return Err(overflow(stats, Breaker::Requests));
+        }
+        Ok(RequestSlot(Some(stats.clone())))
+    }
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.0 {
+            stats.requests_open.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// A request counted as pending (waiting for a connection) while alive.
+struct Pending<'a>(&'a UpstreamStats);
+
+impl<'a> Pending<'a> {
+    fn enter(stats: &'a UpstreamStats, limits: &ConnectionPoolSettings) -> Result<Self, UpstreamError> {
+        let before = stats.requests_pending.fetch_add(1, SeqCst);
+        if before >= u64::from(limits.max_pending_requests) {
+            stats.requests_pending.fetch_sub(1, SeqCst);
+            return Err(overflow(stats, Breaker::Pending));
+        }
+        Ok(Pending(stats))
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.requests_pending.fetch_sub(1, SeqCst);
+    }
+}
+
+fn overflow(stats: &UpstreamStats, breaker: Breaker) -> UpstreamError {
+    stats.overflows[breaker as usize].fetch_add(1, Relaxed);
+    UpstreamError::Overflow(breaker)
+}
+
+/// Wakes requests waiting for a connection, if any.
+pub(crate) fn connection_freed(stats: &UpstreamStats) {
+    if stats.requests_pending.load(SeqCst) > 0 {
+        stats.connection_freed.notify_waiters();
+    }
+}
+
+/// Hands an HTTP/1.1 connection back to its pool once the response body is fully read, and
+/// ends the request's `max_requests` count (also when dropped instead).
 pub struct PoolReturn {
-    sender: http1::SendRequest<UpstreamBody>,
-    pool: Arc<EndpointPool>,
+    conn: Option<(Http1Conn, Arc<EndpointPool>, Arc<UpstreamStats>)>,
+    _slot: RequestSlot,
 }
 
 impl PoolReturn {
     pub fn release(self) {
-        let mut idle = locked(&self.pool.idle);
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(self.sender);
+        if let Some((conn, pool, stats)) = self.conn {
+            pool.put_back(conn, &stats);
         }
     }
 }
 
 impl EndpointPool {
+    pub fn new(limits: ConnectionPoolSettings) -> Self {
+        EndpointPool {
+            idle: Mutex::default(),
+            open: Arc::default(),
+            limits,
+        }
+    }
+
+    fn expired(&self, opened: Instant, requests: u32, now: Instant) -> bool {
+        let max = self.limits.max_requests_per_connection;
+        (max != 0 && requests >= max)
+            || self
+                .limits
+                .max_connection_duration
+                .is_some_and(|d| now.saturating_duration_since(opened) >= d)
+    }
+
+    /// Pools an HTTP/1.1 connection whose response was read whole, unless it has served its
+    /// `maxRequestsPerConnection` or outlived `maxConnectionDuration` (then it closes).
+    fn put_back(self: &Arc<Self>, mut conn: Http1Conn, stats: &UpstreamStats) {
+        let now = Instant::now();
+        if self.expired(conn.opened, conn.requests, now) || conn.sender.is_closed() {
+            return;
+        }
+        conn.idle_since = now;
+        let mut idle = locked(&self.idle);
+        if idle.http1.len() >= MAX_IDLE_PER_ENDPOINT {
+            return;
+        }
+        idle.http1.push(conn);
+        self.start_sweeper(&mut idle);
+        drop(idle);
+        connection_freed(stats);
+    }
+
+    /// Starts the task closing connections idle for `idleTimeout`, unless it runs already. It
+    /// ends when the pool has nothing idle left (or is dropped).
+    fn start_sweeper(self: &Arc<Self>, idle: &mut Idle) {
+        if idle.sweeping {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        idle.sweeping = true;
+        let pool: Weak<Self> = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                let Some(p) = pool.upgrade() else { return };
+                let timeout = p.limits.idle_timeout;
+                let next =
+                    {
+                        let mut idle = locked(&p.idle);
+                        let now = Instant::now();
+                        idle.http1
+                            .retain(|c| now.saturating_duration_since(c.idle_since) < timeout && !c.sender.is_closed());
+                        if idle.http2.as_ref().is_some_and(|c| {
+                            now.saturating_duration_since(c.last_used) >= timeout || c.sender.is_closed()
+                        }) {
+                            // Streams still open keep the connection until they end.
+                            idle.http2 = None;
+                        }
+                        let oldest = idle
+                            .http1
+                            .iter()
+                            .map(|c| c.idle_since)
+                            .chain(idle.http2.as_ref().map(|c| c.last_used))
+                            .min();
+                        match oldest {
+                            Some(t) => t + timeout,
+                            None => {
+                                idle.sweeping = false;
+                                return;
+                            }
+                        }
+                    };
+                drop(p);
+                tokio::time::sleep_until(next).await;
+            }
+        });
+    }
+
+    /// Reserves a new connection: under `max_connections`, or this pool has none at all.
+    /// The caller counts a refusal once per request (Envoy's `upstream_cx_overflow`).
+    fn reserve(&self, stats: &Arc<UpstreamStats>) -> Option<ConnectionSlot> {
+        let before = stats.connections_reserved.fetch_add(1, SeqCst);
+        if before >= u64::from(self.limits.max_connections) && self.open.load(SeqCst) > 0 {
+            stats.connections_reserved.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(ConnectionSlot::new(stats.clone(), self.open.clone()))
+    }
+
     /// Sends `req` over HTTP/1.1 on an idle connection, or a new one. A request that an idle
     /// connection could not even start sending (the upstream closed it meanwhile) is retried
     /// once on a fresh connection, as Envoy and hyper's pool do.
@@ -96,38 +290,77 @@ impl EndpointPool {
         stats: &Arc<UpstreamStats>,
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, PoolReturn), UpstreamError> {
+        let mut pending: Option<Pending<'_>> = None;
         loop {
-            let idle = locked(&self.idle).pop();
-            let Some(mut sender) = idle else { break };
-            if sender.is_closed() || sender.ready().await.is_err() {
-                continue;
+            let freed = stats.connection_freed.notified();
+            tokio::pin!(freed);
+            if pending.is_some() {
+                // Registered before looking, so a connection freed meanwhile is not missed.
+                freed.as_mut().enable();
             }
-            match sender.try_send_request(req).await {
+            let idle = locked(&self.idle).http1.pop();
+            let mut conn = match idle {
+                Some(mut c) => {
+                    if c.sender.is_closed() || c.sender.ready().await.is_err() {
+                        continue;
+                    }
+                    if self.expired(c.opened, c.requests, Instant::now()) {
+                        continue;
+                    }
+                    c
+                }
+                None => match self.reserve(stats) {
+                    Some(slot) => {
+                        // As in Envoy, a request waiting for its connection is pending.
+                        let _connecting = match pending {
+                            Some(_) => None,
+                            None => Some(Pending::enter(stats, &self.limits)?),
+                        };
+                        let sender = self.connect_http1(address, stats, slot).await?;
+                        let now = Instant::now();
+                        Http1Conn {
+                            sender,
+                            opened: now,
+                            requests: 0,
+                            idle_since: now,
+                        }
+                    }
+                    None => {
+                        if pending.is_none() {
+                            stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
+                            pending = Some(Pending::enter(stats, &self.limits)?);
+                            continue;
+                        }
+                        freed.await;
+                        continue;
+                    }
+                },
+            };
+            pending = None;
+            let slot = match RequestSlot::acquire(stats, &self.limits) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.put_back(conn, stats);
+                    return Err(e);
+                }
+            };
+            conn.requests += 1;
+            let fresh = conn.requests == 1;
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok((
                         resp,
                         PoolReturn {
-                            sender,
-                            pool: self.clone(),
+                            conn: Some((conn, self.clone(), stats.clone())),
+                            _slot: slot,
                         },
                     ));
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(UpstreamError::Reset(e.into_error().to_string())),
+                    Some(unsent) if !fresh => req = unsent,
+                    _ => return Err(UpstreamError::Reset(e.into_error().to_string())),
                 },
             }
-        }
-        let mut sender = self.connect_http1(address, stats).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok((
-                resp,
-                PoolReturn {
-                    sender,
-                    pool: self.clone(),
-                },
-            )),
-            Err(e) => Err(UpstreamError::Reset(e.to_string())),
         }
     }
 
@@ -135,8 +368,9 @@ impl EndpointPool {
         &self,
         address: &str,
         stats: &Arc<UpstreamStats>,
+        slot: ConnectionSlot,
     ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-        let io = connect(address, stats).await?;
+        let io = connect(address, stats, &self.limits, slot).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -147,42 +381,107 @@ impl EndpointPool {
         Ok(sender)
     }
 
+    /// The pooled HTTP/2 connection, if it may take another request; counts the request.
+    fn http2_sender(self: &Arc<Self>) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut idle = locked(&self.idle);
+        let now = Instant::now();
+        let conn = idle.http2.as_mut()?;
+        if conn.sender.is_closed() || self.expired(conn.opened, conn.requests, now) {
+            idle.http2 = None;
+            return None;
+        }
+        conn.requests += 1;
+        conn.last_used = now;
+        let sender = conn.sender.clone();
+        if self.expired(conn.opened, conn.requests, now) {
+            // Its last request: the next one opens a new connection; this one closes once
+            // its streams end.
+            idle.http2 = None;
+        }
+        Some(sender)
+    }
+
     /// Sends `req` over the endpoint's multiplexed HTTP/2 connection, opening it if needed.
     pub async fn send_http2(
-        &self,
+        self: &Arc<Self>,
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let existing = locked(&self.http2).as_ref().filter(|s| !s.is_closed()).cloned();
-        let mut sender = match existing {
-            Some(s) => s,
-            None => {
-                let io = connect(address, stats).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(io)
-                    .await
-                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                *locked(&self.http2) = Some(sender.clone());
-                sender
+    ) -> Result<(Response<Incoming>, PoolReturn), UpstreamError> {
+        let mut pending: Option<Pending<'_>> = None;
+        let mut sender = loop {
+            let freed = stats.connection_freed.notified();
+            tokio::pin!(freed);
+            if pending.is_some() {
+                freed.as_mut().enable();
             }
+            if let Some(s) = self.http2_sender() {
+                break s;
+            }
+            let Some(slot) = self.reserve(stats) else {
+                if pending.is_none() {
+                    stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
+                    pending = Some(Pending::enter(stats, &self.limits)?);
+                    continue;
+                }
+                freed.await;
+                continue;
+            };
+            if pending.is_none() {
+                pending = Some(Pending::enter(stats, &self.limits)?);
+            }
+            let io = connect(address, stats, &self.limits, slot).await?;
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let now = Instant::now();
+            let mut idle = locked(&self.idle);
+            let conn = Http2Conn {
+                sender: sender.clone(),
+                opened: now,
+                requests: 1,
+                last_used: now,
+            };
+            if !self.expired(conn.opened, conn.requests, now) {
+                idle.http2 = Some(conn);
+                self.start_sweeper(&mut idle);
+            }
+            break sender;
         };
+        drop(pending);
+        let slot = RequestSlot::acquire(stats, &self.limits)?;
         sender.ready().await.map_err(UpstreamError::from_http2)?;
-        sender.send_request(req).await.map_err(UpstreamError::from_http2)
+        let resp = sender.send_request(req).await.map_err(UpstreamError::from_http2)?;
+        Ok((
+            resp,
+            PoolReturn {
+                conn: None,
+                _slot: slot,
+            },
+        ))
     }
 }
 
-async fn connect(address: &str, stats: &Arc<UpstreamStats>) -> Result<TokioIo<CountedStream>, UpstreamError> {
-    let connecting = tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(address));
+async fn connect(
+    address: &str,
+    stats: &Arc<UpstreamStats>,
+    limits: &ConnectionPoolSettings,
+    slot: ConnectionSlot,
+) -> Result<TokioIo<CountedStream>, UpstreamError> {
+    let connecting = tokio::time::timeout(limits.connect_timeout, TcpStream::connect(address));
     match connecting.await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(CountedStream::new(stream, stats.clone())))
+            if let Some(k) = &limits.tcp_keepalive {
+                set_keepalive(&stream, k);
+            }
+            Ok(TokioIo::new(CountedStream::new(stream, slot)))
         }
         Ok(Err(e)) => {
             stats.connect_failures.fetch_add(1, Relaxed);
@@ -192,5 +491,29 @@ async fn connect(address: &str, stats: &Arc<UpstreamStats>) -> Result<TokioIo<Co
             stats.connect_failures.fetch_add(1, Relaxed);
             Err(UpstreamError::Connect("connect timeout".to_string()))
         }
+    }
+}
+
+/// `SO_KEEPALIVE` with Istio's `tcpKeepalive` (unset fields keep the system's defaults).
+fn set_keepalive(stream: &TcpStream, k: &meshgate_model::snapshot::TcpKeepalive) {
+    let mut keepalive = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        keepalive = keepalive.with_time(t.max(Duration::from_secs(1)));
+    }
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "freebsd",
+        target_os = "windows"
+    ))]
+    if let Some(i) = k.interval {
+        keepalive = keepalive.with_interval(i.max(Duration::from_secs(1)));
+    }
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    if let Some(p) = k.probes {
+        keepalive = keepalive.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
     }
 }
