@@ -29,9 +29,9 @@ use crate::diag::{Diag, at, decode_value};
 use crate::istio::registry::Registry;
 use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
 use crate::snapshot::{
-    Cluster, ClusterId, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps, Listener, ListenerFlavor,
-    LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route, RouteAction, RouteTable, Snapshot,
-    UpstreamProtocol, VirtualHost, WeightedDestination,
+    Cluster, ClusterId, ConnectionPoolSettings, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps,
+    Listener, ListenerFlavor, LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route,
+    RouteAction, RouteTable, Snapshot, UpstreamProtocol, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 use plugins::{Consumer, Consumers, PluginChain};
@@ -1154,7 +1154,16 @@ fn compile_service(
         Some((index, targets)) => {
             let upstream = &config.upstreams[*index];
             let upath = format!("upstreams[{index}]");
-            let cluster = upstream_cluster(doc, &upath, upstream, targets, upstream_protocol, registry, diag)?;
+            let cluster = upstream_cluster(
+                doc,
+                &upath,
+                upstream,
+                targets,
+                upstream_protocol,
+                kong_pool(service),
+                registry,
+                diag,
+            )?;
             (cluster, upstream.host_header.clone().unwrap_or_else(|| host.clone()))
         }
         None => {
@@ -1170,6 +1179,7 @@ fn compile_service(
                     weight: 1,
                     labels: Default::default(),
                 }],
+                kong_pool(service),
             ));
             let header = if port == 80 {
                 host.clone()
@@ -1202,6 +1212,7 @@ fn kong_cluster(
     protocol: UpstreamProtocol,
     load_balancer: LoadBalancer,
     endpoints: Vec<Endpoint>,
+    pool: ConnectionPoolSettings,
 ) -> Cluster {
     let discovery = if endpoints.iter().all(|e| e.address.parse::<IpAddr>().is_ok()) {
         Discovery::Static
@@ -1217,15 +1228,28 @@ fn kong_cluster(
         load_balancer,
         discovery,
         endpoints,
+        pool,
     }
 }
 
+/// A service's connection settings: its `connect_timeout`, and Kong's 60 s idle keepalive
+/// (`upstream_keepalive_idle_timeout`); no circuit-breaker limits, as Kong has none.
+fn kong_pool(service: &Service) -> ConnectionPoolSettings {
+    ConnectionPoolSettings {
+        connect_timeout: Duration::from_millis(service.connect_timeout.unwrap_or(DEFAULT_TIMEOUT_MS).max(1)),
+        idle_timeout: Duration::from_secs(60),
+        ..ConnectionPoolSettings::ISTIO_DEFAULT
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn upstream_cluster(
     doc: &Document,
     path: &str,
     upstream: &Upstream,
     targets: &[&types::Target],
     protocol: UpstreamProtocol,
+    pool: ConnectionPoolSettings,
     registry: &mut Registry<'_>,
     diag: &mut Diag,
 ) -> Option<ClusterId> {
@@ -1238,6 +1262,7 @@ fn upstream_cluster(
             protocol,
             LoadBalancer::RoundRobin,
             Vec::new(),
+            pool,
         )));
     }
     if upstream.healthchecks.is_some() {
@@ -1306,6 +1331,7 @@ fn upstream_cluster(
         protocol,
         load_balancer,
         endpoints,
+        pool,
     )))
 }
 
