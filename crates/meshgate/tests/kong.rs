@@ -766,3 +766,63 @@ services:
         (500, r#"{"message":"An unexpected error occurred"}"#)
     );
 }
+
+#[test]
+fn file_log_and_http_log_record_each_request_without_credentials() {
+    let app = Echo::start("logged-app");
+    let collector = Echo::start("log-collector");
+    let dir = scratch_dir("kong-logs");
+    let log_path = dir.join("requests.log");
+    let deck = format!(
+        r#"_format_version: "3.0"
+consumers:
+- username: carol
+  keyauth_credentials:
+  - key: carol-key
+services:
+- name: app
+  url: http://127.0.0.1:{app}
+  routes:
+  - name: logged
+    paths: [/logged]
+  plugins:
+  - name: key-auth
+  - name: file-log
+    config:
+      path: {log}
+  - name: http-log
+    config:
+      http_endpoint: http://127.0.0.1:{collector}/logs
+"#,
+        app = app.port(),
+        log = log_path.display(),
+        collector = collector.port(),
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&deck, &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+
+    assert_eq!(request(addr, "/logged/a", "apikey: carol-key\r\n").0, 200);
+    assert_eq!(request(addr, "/logged/b", "").0, 401, "rejected requests are logged too");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if (lines.len() >= 2 && collector.count() >= 2) || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["request"]["uri"], "/logged/a");
+    assert_eq!(lines[0]["response"]["status"], 200);
+    assert_eq!(lines[0]["consumer"]["username"], "carol");
+    assert_eq!(lines[0]["route"]["name"], "kong/app/logged");
+    assert_eq!(lines[0]["request"]["headers"]["apikey"], "REDACTED", "credentials never reach logs");
+    assert_eq!(lines[1]["response"]["status"], 401);
+    assert_eq!(collector.count(), 2, "http-log posted both entries");
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!text.contains("carol-key"));
+}

@@ -112,6 +112,11 @@ impl AccessLog {
         })
     }
 
+    /// Queues a line already formatted (ending in a newline); `false` when it was dropped.
+    pub fn record_line(&self, line: String) -> bool {
+        self.lines.try_send(line).is_ok()
+    }
+
     /// Queues the line for `entry`; `false` when it was dropped because the writer is behind.
     pub fn record(&self, entry: &Entry<'_>) -> bool {
         let line = match self.format {

@@ -32,6 +32,19 @@ pub struct PluginState {
     shards: [Mutex<HashMap<String, (u64, u64)>>; 16],
     correlation_counter: AtomicU64,
     redis: crate::redis::RedisPool,
+    /// file-log writers by path, opened on first use and kept across reloads.
+    file_logs: Mutex<HashMap<std::path::PathBuf, std::sync::Arc<crate::access_log::AccessLog>>>,
+}
+
+/// What the log plugins (file-log, http-log) report about a request, taken in the access
+/// phase; credentials are masked.
+struct LogContext {
+    started: std::time::Instant,
+    started_at_ms: u64,
+    request: serde_json::Value,
+    client_ip: String,
+    route: String,
+    consumer: Option<serde_json::Value>,
 }
 
 /// Who the request runs as after authentication.
@@ -52,6 +65,7 @@ pub struct PluginEffects {
     request_uri: Option<http::Uri>,
     request_method: Option<Method>,
     response_headers: Vec<(HeaderName, HeaderValue)>,
+    log: Option<LogContext>,
 }
 
 impl PluginEffects {
@@ -81,8 +95,10 @@ impl PluginEffects {
         }
     }
 
-    /// Adds the headers plugins asked for, then runs response-transformer.
-    pub fn apply_to_response(self, chain: &PluginChain, headers: &mut HeaderMap) {
+    /// Adds the headers plugins asked for, runs response-transformer, and hands the request's
+    /// log entry to the log plugins.
+    pub fn apply_to_response(self, chain: &PluginChain, response: &mut Response<ResponseBody>, state: &PluginState) {
+        let headers = response.headers_mut();
         for (name, value) in self.response_headers {
             headers.insert(name, value);
         }
@@ -90,6 +106,9 @@ impl PluginEffects {
             if let Plugin::ResponseTransformer(t) = plugin {
                 transform_headers(&t.headers, headers);
             }
+        }
+        if let Some(log) = self.log {
+            emit_logs(chain, log, response, state);
         }
     }
 }
@@ -159,25 +178,221 @@ pub async fn access<B>(
 ) -> Result<PluginEffects, Rejection> {
     let mut effects = PluginEffects::default();
     let mut authenticated: Option<Authenticated<'_>> = None;
-    for plugin in &chain.plugins {
-        match plugin {
-            Plugin::CorrelationId(c) => correlation_id(c, req, state, &mut effects),
-            Plugin::KeyAuth(k) => key_auth(k, req, &mut authenticated, &mut effects)?,
-            Plugin::IpRestriction(r) => ip_restriction(r, client)?,
-            Plugin::Acl(a) => acl(a, authenticated.as_ref(), &mut effects)?,
-            Plugin::RateLimiting(r) => {
-                rate_limit(r, req, client, route, authenticated.as_ref(), state, &mut effects).await?
+    let logging = chain
+        .plugins
+        .iter()
+        .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
+    let result = run_access(chain, req, client, route, state, &mut effects, &mut authenticated).await;
+    let log = logging.then(|| log_context(req, client, route, authenticated.as_ref()));
+    match result {
+        Ok(()) => {
+            effects.log = log;
+            Ok(effects)
+        }
+        Err(mut rejection) => {
+            // Kong logs requests its plugins answered, too.
+            if let Some(log) = log {
+                emit_logs(chain, log, &mut rejection, state);
             }
-            Plugin::RequestTermination(t) => return Err(terminate(t)),
-            Plugin::BasicAuth(b) => basic_auth(b, req, &mut authenticated, &mut effects)?,
-            Plugin::Jwt(j) => jwt(j, req, &mut authenticated, &mut effects)?,
-            Plugin::RequestSizeLimiting(l) => request_size(l, req)?,
-            Plugin::RequestTransformer(t) => transform_request(t, req, &mut effects),
-            // Applied to the response (`apply_to_response`) and by the route's CORS handling.
-            Plugin::ResponseTransformer(_) | Plugin::Cors(_) => {}
+            Err(rejection)
         }
     }
-    Ok(effects)
+}
+
+/// Headers whose values are credentials: masked in log entries.
+const SECRET_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie", "apikey", "x-api-key"];
+
+fn log_context<B>(req: &Request<B>, client: IpAddr, route: &str, who: Option<&Authenticated<'_>>) -> LogContext {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        let shown = if SECRET_HEADERS.contains(&name.as_str()) {
+            "REDACTED".to_string()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        headers.insert(name.as_str().to_string(), shown.into());
+    }
+    let mut querystring = serde_json::Map::new();
+    for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let lower = k.to_ascii_lowercase();
+        let shown = if lower.contains("key") || lower == "jwt" || lower.contains("token") {
+            "REDACTED"
+        } else {
+            v
+        };
+        querystring.insert(k.to_string(), shown.into());
+    }
+    let uri = req.uri().path().to_string();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let consumer = who
+        .and_then(|w| w.consumers.list.get(w.consumer))
+        .map(|c| serde_json::json!({"id": c.id, "username": c.username, "custom_id": c.custom_id}));
+    LogContext {
+        started: std::time::Instant::now(),
+        started_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        request: serde_json::json!({
+            "method": req.method().as_str(),
+            "uri": uri,
+            "url": format!("http://{host}{uri}"),
+            "querystring": querystring,
+            "headers": headers,
+            "size": req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0),
+        }),
+        client_ip: client.to_string(),
+        route: route.to_string(),
+        consumer,
+    }
+}
+
+/// Kong's basic log serializer, written by file-log and sent by http-log.
+fn emit_logs(chain: &PluginChain, log: LogContext, response: &mut Response<ResponseBody>, state: &PluginState) {
+    let mut response_headers = serde_json::Map::new();
+    for (name, value) in response.headers() {
+        response_headers.insert(
+            name.as_str().to_string(),
+            String::from_utf8_lossy(value.as_bytes()).into_owned().into(),
+        );
+    }
+    let elapsed = log.started.elapsed().as_millis() as u64;
+    let mut entry = serde_json::json!({
+        "request": log.request,
+        "response": {
+            "status": response.status().as_u16(),
+            "headers": response_headers,
+            "size": response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()),
+        },
+        "route": {"name": log.route},
+        "latencies": {"request": elapsed, "kong": elapsed, "proxy": -1},
+        "client_ip": log.client_ip,
+        "started_at": log.started_at_ms,
+    });
+    if let Some(consumer) = log.consumer {
+        entry["consumer"] = consumer;
+    }
+    let line = entry.to_string();
+    for plugin in &chain.plugins {
+        match plugin {
+            Plugin::FileLog(f) => {
+                let writer = {
+                    let mut logs = state.file_logs.lock().unwrap_or_else(|p| p.into_inner());
+                    match logs.get(&f.path) {
+                        Some(w) => Some(w.clone()),
+                        None => match crate::access_log::AccessLog::open(&crate::access_log::AccessLogOptions {
+                            path: f.path.clone(),
+                            format: crate::access_log::AccessLogFormat::Json,
+                        }) {
+                            Ok(w) => {
+                                let w = std::sync::Arc::new(w);
+                                logs.insert(f.path.clone(), w.clone());
+                                Some(w)
+                            }
+                            Err(e) => {
+                                tracing::warn!(path = %f.path.display(), error = %e, "file-log: cannot open the log file");
+                                None
+                            }
+                        },
+                    }
+                };
+                if let Some(w) = writer {
+                    w.record_line(format!("{line}\n"));
+                }
+            }
+            Plugin::HttpLog(h) => send_http_log(h, line.clone()),
+            _ => {}
+        }
+    }
+}
+
+/// http-log: posts the entry to the log server without delaying the response; failures are
+/// logged, never retried.
+fn send_http_log(h: &meshgate_model::kong::plugins::HttpLog, body: String) {
+    let Some((authority, path)) = h
+        .endpoint
+        .strip_prefix("http://")
+        .map(|rest| rest.split_at(rest.find('/').unwrap_or(rest.len())))
+    else {
+        return;
+    };
+    let authority = authority.to_string();
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else {
+        path.to_string()
+    };
+    let method = h.method.clone();
+    let content_type = h.content_type.clone();
+    let extra = h.headers.clone();
+    let timeout = std::time::Duration::from_millis(h.timeout_ms);
+    tokio::spawn(async move {
+        let sent = async {
+            let stream = tokio::net::TcpStream::connect(&authority)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let mut builder = Request::builder()
+                .method(method.as_str())
+                .uri(path.as_str())
+                .header(header::HOST, authority.as_str())
+                .header(header::CONTENT_TYPE, content_type.as_str());
+            for (name, value) in &extra {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+            let request = builder
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())
+                .map(|_| ())
+        };
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(endpoint = %authority, error = %e, "http-log: sending the log entry failed"),
+            Err(_) => tracing::warn!(endpoint = %authority, "http-log: log server did not answer in time"),
+        }
+    });
+}
+
+async fn run_access<'c, B>(
+    chain: &'c PluginChain,
+    req: &Request<B>,
+    client: IpAddr,
+    route: &str,
+    state: &PluginState,
+    effects: &mut PluginEffects,
+    authenticated: &mut Option<Authenticated<'c>>,
+) -> Result<(), Rejection> {
+    for plugin in &chain.plugins {
+        match plugin {
+            Plugin::CorrelationId(c) => correlation_id(c, req, state, effects),
+            Plugin::KeyAuth(k) => key_auth(k, req, authenticated, effects)?,
+            Plugin::IpRestriction(r) => ip_restriction(r, client)?,
+            Plugin::Acl(a) => acl(a, authenticated.as_ref(), effects)?,
+            Plugin::RateLimiting(r) => {
+                rate_limit(r, req, client, route, authenticated.as_ref(), state, effects).await?
+            }
+            Plugin::RequestTermination(t) => return Err(terminate(t)),
+            Plugin::BasicAuth(b) => basic_auth(b, req, authenticated, effects)?,
+            Plugin::Jwt(j) => jwt(j, req, authenticated, effects)?,
+            Plugin::RequestSizeLimiting(l) => request_size(l, req)?,
+            Plugin::RequestTransformer(t) => transform_request(t, req, effects),
+            // Applied to the response (`apply_to_response`) and by the route's CORS handling.
+            Plugin::ResponseTransformer(_) | Plugin::Cors(_) | Plugin::FileLog(_) | Plugin::HttpLog(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn basic_auth<'c, B>(

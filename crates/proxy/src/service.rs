@@ -307,7 +307,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
         cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
     }
     if let (Some(effects), Some(chain)) = (plugin_effects, &route.plugins) {
-        effects.apply_to_response(chain, response.headers_mut());
+        effects.apply_to_response(chain, &mut response, &conn.shared.plugin_state);
     }
     Ok(response)
 }

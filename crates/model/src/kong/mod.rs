@@ -824,6 +824,53 @@ fn compile_plugin(
                 plugins::Plugin::ResponseTransformer(transformer)
             })
         }
+        "file-log" => {
+            let c: plugins::FileLogConfig = decode_value(doc, config, &config_path, diag)?;
+            if c.path.is_empty() {
+                diag.error(doc, at(&config_path, "path"), "required");
+                return None;
+            }
+            if c.custom_fields_by_lua.is_some() {
+                diag.warn(
+                    doc,
+                    at(&config_path, "custom_fields_by_lua"),
+                    "Lua is not supported; ignored",
+                );
+            }
+            // Relative paths are relative to the decK file, as meshgate reads other paths.
+            let path = std::path::Path::new(&c.path);
+            let path = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                doc.file.parent().unwrap_or(std::path::Path::new(".")).join(path)
+            };
+            Some(plugins::Plugin::FileLog(plugins::FileLog { path }))
+        }
+        "http-log" => {
+            let c: plugins::HttpLogConfig = decode_value(doc, config, &config_path, diag)?;
+            if !c.http_endpoint.starts_with("http://") {
+                diag.error(
+                    doc,
+                    at(&config_path, "http_endpoint"),
+                    "only http:// endpoints are supported (no TLS to log servers yet)",
+                );
+                return None;
+            }
+            if c.custom_fields_by_lua.is_some() {
+                diag.warn(
+                    doc,
+                    at(&config_path, "custom_fields_by_lua"),
+                    "Lua is not supported; ignored",
+                );
+            }
+            Some(plugins::Plugin::HttpLog(plugins::HttpLog {
+                endpoint: c.http_endpoint,
+                method: c.method.to_ascii_uppercase(),
+                content_type: c.content_type,
+                timeout_ms: c.timeout.max(1),
+                headers: c.headers.into_iter().collect(),
+            }))
+        }
         "cors" => {
             let c: plugins::CorsConfig = decode_value(doc, config, &config_path, diag)?;
             if c.preflight_continue {

@@ -32,6 +32,26 @@ pub enum Plugin {
     RequestTermination(RequestTermination),
     /// Answered by the route's CORS handling, not the chain (see `super::ChainContext`).
     Cors(crate::snapshot::CorsPolicy),
+    FileLog(FileLog),
+    HttpLog(HttpLog),
+}
+
+/// file-log: one JSON object per request (Kong's basic log serializer) appended to `path`.
+#[derive(Debug)]
+pub struct FileLog {
+    pub path: std::path::PathBuf,
+}
+
+/// http-log: the same JSON object sent to `endpoint` after each request.
+#[derive(Debug)]
+pub struct HttpLog {
+    /// `http://host:port/path` (HTTPS endpoints are refused when the config loads).
+    pub endpoint: String,
+    pub method: String,
+    pub content_type: String,
+    pub timeout_ms: u64,
+    /// Extra headers sent with each log request.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Plugin {
@@ -50,6 +70,8 @@ impl Plugin {
             Plugin::RateLimiting(_) => 910,
             Plugin::RequestTermination(_) => 2,
             Plugin::Cors(_) => 2000,
+            Plugin::HttpLog(_) => 12,
+            Plugin::FileLog(_) => 9,
         }
     }
 }
@@ -580,6 +602,47 @@ pub(crate) struct RedisConfig {
     pub connection_is_proxied: Option<Value>,
     pub keepalive_pool_size: Option<Value>,
     pub keepalive_backlog: Option<Value>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileLogConfig {
+    pub path: String,
+    #[serde(default)]
+    pub reopen: bool,
+    pub custom_fields_by_lua: Option<Value>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpLogConfig {
+    pub http_endpoint: String,
+    #[serde(default = "default_post")]
+    pub method: String,
+    #[serde(default = "default_json")]
+    pub content_type: String,
+    #[serde(default = "default_log_timeout")]
+    pub timeout: u64,
+    pub keepalive: Option<u64>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub queue: Option<Value>,
+    pub queue_size: Option<Value>,
+    pub flush_timeout: Option<Value>,
+    pub retry_count: Option<Value>,
+    pub custom_fields_by_lua: Option<Value>,
+}
+
+fn default_post() -> String {
+    "POST".to_string()
+}
+fn default_json() -> String {
+    "application/json".to_string()
+}
+fn default_log_timeout() -> u64 {
+    10_000
 }
 
 #[derive(Deserialize)]
