@@ -804,7 +804,11 @@ services:
     let addr: SocketAddr = listen.parse().expect("addr");
 
     assert_eq!(request(addr, "/logged/a", "apikey: carol-key\r\n").0, 200);
-    assert_eq!(request(addr, "/logged/b", "").0, 401, "rejected requests are logged too");
+    assert_eq!(
+        request(addr, "/logged/b", "").0,
+        401,
+        "rejected requests are logged too"
+    );
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let lines = loop {
@@ -820,7 +824,10 @@ services:
     assert_eq!(lines[0]["response"]["status"], 200);
     assert_eq!(lines[0]["consumer"]["username"], "carol");
     assert_eq!(lines[0]["route"]["name"], "kong/app/logged");
-    assert_eq!(lines[0]["request"]["headers"]["apikey"], "REDACTED", "credentials never reach logs");
+    assert_eq!(
+        lines[0]["request"]["headers"]["apikey"], "REDACTED",
+        "credentials never reach logs"
+    );
     assert_eq!(lines[1]["response"]["status"], 401);
     assert_eq!(collector.count(), 2, "http-log posted both entries");
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();

@@ -29,7 +29,11 @@ const CONSUMER_GROUPS: &str = "x-consumer-groups";
 /// Counters that outlive a request and a reload: rate-limit windows, shared by all workers.
 #[derive(Default)]
 pub struct PluginState {
-    shards: [Mutex<HashMap<String, (u64, u64)>>; 16],
+    /// Local rate-limit counters: (window start, count) by a keyed 64-bit hash of instance,
+    /// route, window and identifier (the process's random SipHash key, so clients cannot
+    /// aim at collisions), sharded to keep lock contention between workers low.
+    shards: [Mutex<HashMap<u64, (u64, u64)>>; 16],
+    counter_keys: std::collections::hash_map::RandomState,
     correlation_counter: AtomicU64,
     redis: crate::redis::RedisPool,
     /// file-log writers by path, opened on first use and kept across reloads.
@@ -1066,14 +1070,9 @@ async fn rate_limit<B>(
     let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
     if !r.hide_client_headers {
         for &(window, limit, remaining, _) in &usage {
-            let suffix = window.header_suffix();
-            if let (Ok(n1), Ok(n2)) = (
-                HeaderName::from_bytes(format!("x-ratelimit-limit-{suffix}").as_bytes()),
-                HeaderName::from_bytes(format!("x-ratelimit-remaining-{suffix}").as_bytes()),
-            ) {
-                headers.push((n1, HeaderValue::from(limit)));
-                headers.push((n2, HeaderValue::from(remaining)));
-            }
+            let (limit_name, remaining_name) = window_header_names(window);
+            headers.push((HeaderName::from_static(limit_name), HeaderValue::from(limit)));
+            headers.push((HeaderName::from_static(remaining_name), HeaderValue::from(remaining)));
         }
         // RateLimit-*: the most constraining window (fewest requests left).
         if let Some(&(_, limit, remaining, reset)) = usage.iter().min_by_key(|(_, _, remaining, _)| *remaining) {
@@ -1096,6 +1095,18 @@ async fn rate_limit<B>(
     }
     effects.response_headers.extend(headers);
     Ok(())
+}
+
+/// Kong's `X-RateLimit-Limit-<Window>` / `X-RateLimit-Remaining-<Window>` (lower-cased).
+fn window_header_names(window: Window) -> (&'static str, &'static str) {
+    match window {
+        Window::Second => ("x-ratelimit-limit-second", "x-ratelimit-remaining-second"),
+        Window::Minute => ("x-ratelimit-limit-minute", "x-ratelimit-remaining-minute"),
+        Window::Hour => ("x-ratelimit-limit-hour", "x-ratelimit-remaining-hour"),
+        Window::Day => ("x-ratelimit-limit-day", "x-ratelimit-remaining-day"),
+        Window::Month => ("x-ratelimit-limit-month", "x-ratelimit-remaining-month"),
+        Window::Year => ("x-ratelimit-limit-year", "x-ratelimit-remaining-year"),
+    }
 }
 
 /// One window's state for a request.
@@ -1123,23 +1134,52 @@ fn window_usage(window: Window, limit: u64, used: u64, now: u64) -> WindowUsage 
 
 /// Kong's `local` policy: counters in this process, shared by the workers.
 fn local_usage(r: &RateLimiting, route: &str, identifier: &str, now: u64, state: &PluginState) -> Vec<WindowUsage> {
-    let key_of = |window: Window| format!("{}|{}|{}|{}", r.instance, route, window.seconds(), identifier);
-    let mut usage = Vec::with_capacity(r.limits.len());
-    for &(window, limit) in &r.limits {
-        let start = now - now % window.seconds();
-        let key = key_of(window);
-        let mut counters = state.shards[shard_of(&key)].lock().unwrap_or_else(|p| p.into_inner());
+    use std::hash::BuildHasher;
+    let key_of = |window: Window| {
+        state
+            .counter_keys
+            .hash_one((&r.instance, route, window.seconds(), identifier))
+    };
+    // Advances a window's counter to `start` and returns it.
+    let current = |counters: &mut HashMap<u64, (u64, u64)>, key: u64, start: u64| -> u64 {
         // A counter of an older window restarts as it is met, keeping the map bounded by clients.
         let entry = counters.entry(key).or_insert((start, 0));
         if entry.0 != start {
             *entry = (start, 0);
         }
-        usage.push(window_usage(window, limit, entry.1, now));
+        entry.1
+    };
+    if let [(window, limit)] = r.limits[..] {
+        // One window (the common case): check and count under one lock.
+        let start = now - now % window.seconds();
+        let key = key_of(window);
+        let mut counters = state.shards[(key % 16) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let used = current(&mut counters, key, start);
+        let usage = window_usage(window, limit, used, now);
+        if !usage.exceeded
+            && let Some(entry) = counters.get_mut(&key)
+        {
+            entry.1 += 1;
+        }
+        return vec![usage];
+    }
+    let mut usage = Vec::with_capacity(r.limits.len());
+    for &(window, limit) in &r.limits {
+        let start = now - now % window.seconds();
+        let key = key_of(window);
+        let mut counters = state.shards[(key % 16) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        usage.push(window_usage(window, limit, current(&mut counters, key, start), now));
     }
     if !usage.iter().any(|u| u.exceeded) {
         for &(window, _) in &r.limits {
             let key = key_of(window);
-            let mut counters = state.shards[shard_of(&key)].lock().unwrap_or_else(|p| p.into_inner());
+            let mut counters = state.shards[(key % 16) as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(entry) = counters.get_mut(&key) {
                 entry.1 += 1;
             }
@@ -1183,13 +1223,6 @@ async fn redis_usage(
         state.redis.pipeline(target, &writes).await?;
     }
     Ok(usage)
-}
-
-fn shard_of(key: &str) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut hasher);
-    (hasher.finish() % 16) as usize
 }
 
 /// Whom a request counts against; Kong falls back to the client IP when the value is absent.
