@@ -212,9 +212,36 @@ pub enum RouteAction {
     DirectResponse(DirectResponse),
 }
 
+/// Envoy's fault filter as Istio configures it: a delay, then an abort, each for a share of
+/// requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultPolicy {
+    pub delay: Option<FaultDelay>,
+    /// The abort and the requests per million it applies to.
+    pub abort: Option<(FaultAbort, u32)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultDelay {
+    pub duration: Duration,
+    /// Requests per million that are delayed.
+    pub per_million: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FaultAbort {
+    /// Answer with this HTTP status.
+    Http(u16),
+    /// Answer HTTP 200 with this `grpc-status`.
+    Grpc(u32),
+}
+
 /// Proxy to one of several weighted destinations.
 #[derive(Debug, Clone, Serialize)]
 pub struct Forward {
+    /// Injected delays and aborts (Istio `fault`), applied before the request is routed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultPolicy>,
     pub destinations: Vec<WeightedDestination>,
     /// Sum of `destinations[].weight`; a random number below it picks the destination.
     pub total_weight: u32,

@@ -560,14 +560,14 @@ fn error_query_prefix_and_duplicate_subset() {
 #[test]
 fn unsupported_fields_are_warnings_with_paths() {
     let c = ok(&vs_with(
-        "  - retries: {attempts: 3}\n    fault: {abort: {httpStatus: 500}}\n    route: [{destination: {host: reviews}}]\n",
+        "  - retries: {attempts: 3}\n    mirror: {host: reviews}\n    route: [{destination: {host: reviews}}]\n",
     ));
     let fields: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
     assert!(
         !fields.contains(&"spec.http[0].retries"),
         "retries are implemented: {fields:?}"
     );
-    assert!(fields.contains(&"spec.http[0].fault"), "{fields:?}");
+    assert!(fields.contains(&"spec.http[0].mirror"), "{fields:?}");
 }
 
 /// The retry policy of the only route of a VirtualService bound to the gateway.
@@ -920,4 +920,39 @@ fn error_bad_connection_pool_values_have_paths() {
             .any(|w| w.field == "spec.trafficPolicy.connectionPool.tcp.idleTimeout"),
         "tcp.idleTimeout is warned about"
     );
+}
+
+#[test]
+fn fault_injection_is_compiled_and_bad_values_are_errors() {
+    let vs = |fault: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: f}}\nspec:\n  hosts: [a.example.com]\n  http:\n  - fault: {fault}\n    route: [{{destination: {{host: a.example.com}}}}]\n"
+        )
+    };
+    let c = ok(&vs(
+        "{delay: {fixedDelay: 2s, percentage: {value: 12.5}}, abort: {httpStatus: 503, percentage: {value: 10}}}",
+    ));
+    assert!(
+        !c.warnings.iter().any(|w| w.field.contains("fault")),
+        "fault is supported: {:?}",
+        c.warnings
+    );
+    let cases = [
+        ("{abort: {httpStatus: 99}}", "spec.http[0].fault.abort.httpStatus"),
+        (
+            "{abort: {httpStatus: 503, percentage: {value: 150}}}",
+            "spec.http[0].fault.abort.percentage.value",
+        ),
+        (
+            "{abort: {httpStatus: 503, grpcStatus: UNAVAILABLE}}",
+            "spec.http[0].fault.abort",
+        ),
+        ("{abort: {grpcStatus: NOPE}}", "spec.http[0].fault.abort.grpcStatus"),
+        ("{delay: {fixedDelay: soon}}", "spec.http[0].fault.delay.fixedDelay"),
+        ("{delay: {percent: 50}}", "spec.http[0].fault.delay.fixedDelay"),
+    ];
+    for (fault, field) in cases {
+        let e = errors(&vs(fault));
+        assert!(e.iter().any(|f| f.field == field), "{fault}: {e:?}");
+    }
 }

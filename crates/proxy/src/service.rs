@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Forward, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort,
+    FaultAbort, Forward, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort,
     RequestMatch, RetryBudget, RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
 };
 use tokio::time::Instant;
@@ -253,6 +253,25 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             redirect_reply(status, &location)
         }
         RouteAction::Forward(forward) => {
+            // Envoy's fault filter runs before the router: the delay, then the abort.
+            let mut injected = ResponseFlags::NONE;
+            if let Some(fault) = &forward.fault {
+                if let Some(delay) = &fault.delay
+                    && chance(delay.per_million)
+                {
+                    tokio::time::sleep(delay.duration).await;
+                    injected = ResponseFlags::DELAY_INJECTED;
+                }
+                if let Some((abort, per_million)) = fault.abort
+                    && chance(per_million)
+                {
+                    let mut resp = fault_abort(abort);
+                    stats[0].record(resp.status().as_u16());
+                    ResponseFlags::mark(&mut resp, injected | ResponseFlags::FAULT_INJECTED);
+                    apply_header_ops(resp.headers_mut(), &route.response_headers);
+                    return Ok(resp);
+                }
+            }
             let pick = pick_destination(forward);
             let destination = &forward.destinations[pick];
             if destination.invalid {
@@ -283,6 +302,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             )
             .await;
             apply_header_ops(resp.headers_mut(), &destination.response_headers);
+            if !injected.is_empty() {
+                ResponseFlags::mark(&mut resp, injected);
+            }
             if conn.shared.access_log.is_some() {
                 let host = resp.extensions_mut().remove::<UpstreamHost>();
                 resp.extensions_mut().insert(UpstreamInfo {
@@ -686,6 +708,31 @@ fn route_timeout(stats: &RouteStats) -> Response<ResponseBody> {
         local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
         ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
     )
+}
+
+/// True for `per_million` of a million calls.
+fn chance(per_million: u32) -> bool {
+    per_million >= 1_000_000 || fastrand::u32(..1_000_000) < per_million
+}
+
+/// The reply of an injected abort, as Envoy's fault filter makes it: the status with body
+/// `fault filter abort`, or for gRPC an HTTP 200 trailers-only response with `grpc-status`.
+fn fault_abort(abort: FaultAbort) -> Response<ResponseBody> {
+    const BODY: &str = "fault filter abort";
+    match abort {
+        FaultAbort::Http(status) => local_reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            BODY,
+        ),
+        FaultAbort::Grpc(code) => {
+            let mut resp = Response::new(body::empty());
+            let headers = resp.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert("grpc-message", HeaderValue::from_static(BODY));
+            resp
+        }
+    }
 }
 
 /// The 404 for a request no route matches: Envoy's empty one, or Kong's JSON message.

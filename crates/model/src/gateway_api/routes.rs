@@ -863,6 +863,7 @@ fn forward(
         return Some(status_500());
     }
     Some(RouteAction::Forward(Forward {
+        fault: None,
         destinations,
         total_weight,
         rewrite,

@@ -382,6 +382,7 @@ fn mesh_routes(vss: &[CompiledVs<'_>], registry: &mut Registry<'_>, port: u16, d
                 name: format!("default/{host}"),
                 matches: Vec::new(),
                 action: RouteAction::Forward(Forward {
+                    fault: None,
                     destinations: vec![WeightedDestination {
                         cluster,
                         weight: 100,

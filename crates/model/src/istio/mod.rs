@@ -12,6 +12,7 @@
 //! This module classifies the documents and decodes their specs; [`crate::compile`] runs the
 //! steps and merges the result with the other formats' into one snapshot.
 
+mod fault;
 pub(crate) mod listeners;
 mod pool;
 pub(crate) mod registry;

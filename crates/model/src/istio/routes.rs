@@ -474,6 +474,8 @@ fn forward(
     };
     let retry = super::retries::policy(doc, path, http.retries.as_ref(), diag);
     ok &= retry.is_ok();
+    let fault = super::fault::policy(doc, path, http.fault.as_ref(), diag);
+    ok &= fault.is_ok();
     let rewrite = match &http.rewrite {
         None => None,
         Some(rw) => {
@@ -514,6 +516,7 @@ fn forward(
     };
     ok.then(|| {
         RouteAction::Forward(Forward {
+            fault: fault.ok().flatten(),
             total_weight: destinations.iter().map(|d| d.weight).sum(),
             destinations,
             rewrite,

@@ -14,7 +14,6 @@ const VIRTUAL_SERVICE: &[&str] = &[
     "exportTo",
     "tcp",
     "tls",
-    "http[].fault",
     "http[].mirror",
     "http[].mirrors",
     "http[].mirrorPercentage",

@@ -1692,6 +1692,7 @@ fn forward(
         budget: None,
     });
     Forward {
+        fault: None,
         destinations: vec![WeightedDestination {
             cluster: service.cluster,
             weight: 100,
