@@ -103,3 +103,52 @@ fn aborts_and_delays_apply_to_their_share_of_requests() {
     assert_eq!(count("FI"), 20 + aborted as u64 + 1);
     assert_eq!(count("DI"), 1 + delayed as u64);
 }
+
+#[test]
+fn istio_mirrors_copy_requests_to_the_shadow_cluster() {
+    let primary = Echo::start("primary");
+    let shadow = Echo::start("shadow");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}{p}{s}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: mirrored}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{{uri: {{prefix: /all}}}}]
+    route: [{{destination: {{host: primary.test}}}}]
+    mirror: {{host: shadow.test}}
+  - match: [{{uri: {{prefix: /some}}}}]
+    route: [{{destination: {{host: primary.test}}}}]
+    mirrors:
+    - destination: {{host: shadow.test}}
+      percentage: {{value: 30}}
+"#,
+        gw = gateway("gw", port),
+        p = service_entry("primary", "primary.test", &[(primary.port(), "v1")]),
+        s = service_entry("shadow", "shadow.test", &[(shadow.port(), "v1")]),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    for _ in 0..10 {
+        assert_eq!(raw_get(addr, "/all", "shop.test").expect("request").0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shadow.count() < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(shadow.count(), 10, "every request mirrored");
+    let before = shadow.count();
+    for _ in 0..400 {
+        assert_eq!(raw_get(addr, "/some", "shop.test").expect("request").0, 200);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mirrored = shadow.count() - before;
+    // sqrt(400 * 0.3 * 0.7) = 9.2; 3 standard deviations either side of 120.
+    assert!(
+        (92..=148).contains(&mirrored),
+        "{mirrored} of 400 mirrored, want about 120"
+    );
+}

@@ -4,6 +4,7 @@
 //! [`super::listeners`] then copies the routes onto every listener it is bound to, keeping
 //! only the match alternatives that apply to that gateway.
 
+use crate::diag::decode_value;
 use base64::Engine;
 use bytes::Bytes;
 
@@ -180,6 +181,88 @@ fn report_shadowed_rules(doc: &Document, routes: &[(usize, CompiledRoute)], diag
     }
 }
 
+/// A mirror share: `percentage.value` (0–100, default 100) as a fraction of a million.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorPercent {
+    value: Option<f64>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorPolicy {
+    destination: super::types::Destination,
+    percentage: Option<MirrorPercent>,
+}
+
+/// Istio's `mirror` + `mirrorPercentage` (or the deprecated `mirrorPercent`) and the newer
+/// `mirrors` list; `None` after reporting an error.
+fn mirrors(
+    doc: &Document,
+    path: &str,
+    http: &HttpRoute,
+    registry: &mut Registry<'_>,
+    diag: &mut Diag,
+) -> Option<Vec<crate::snapshot::Mirror>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    let mut add = |field: String, destination: &super::types::Destination, percent: Option<f64>, diag: &mut Diag| {
+        let value = percent.unwrap_or(100.0);
+        if !(0.0..=100.0).contains(&value) || value.is_nan() {
+            diag.error(
+                doc,
+                format!("{field}.percentage"),
+                format!("must be 0..100, got {value}"),
+            );
+            return false;
+        }
+        if destination.host.is_empty() {
+            diag.error(doc, format!("{field}.host"), "host is required");
+            return false;
+        }
+        let port = destination.port.as_ref().and_then(|p| p.number);
+        let subset = destination.subset.as_deref().filter(|s| !s.is_empty());
+        match registry.cluster(doc, &field, &destination.host, port, subset, diag) {
+            Some(cluster) => {
+                out.push(crate::snapshot::Mirror {
+                    cluster,
+                    fraction: ((value * 10_000.0).round() as u32, 1_000_000),
+                });
+                true
+            }
+            None => false,
+        }
+    };
+    if let Some(value) = &http.mirror {
+        let field = at(path, "mirror");
+        let percent = match (&http.mirror_percentage, &http.mirror_percent) {
+            (Some(p), _) => decode_value::<MirrorPercent>(doc, p, &at(path, "mirrorPercentage"), diag)
+                .map(|p| p.value)
+                .unwrap_or(Some(f64::NAN)),
+            (None, Some(p)) => p.as_f64(),
+            (None, None) => None,
+        };
+        if let Some(destination) = decode_value::<super::types::Destination>(doc, value, &field, diag) {
+            ok &= add(field, &destination, percent, diag);
+        } else {
+            ok = false;
+        }
+    }
+    if let Some(list) = &http.mirrors {
+        let field = at(path, "mirrors");
+        match decode_value::<Vec<MirrorPolicy>>(doc, list, &field, diag) {
+            Some(policies) => {
+                for (i, policy) in policies.iter().enumerate() {
+                    let percent = policy.percentage.as_ref().and_then(|p| p.value);
+                    ok &= add(format!("{field}[{i}].destination"), &policy.destination, percent, diag);
+                }
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
 fn compile_http_route(
     doc: &Document,
     i: usize,
@@ -330,6 +413,8 @@ fn compile_http_route(
         None
     };
     let (request_headers, response_headers) = header_ops(http.headers.as_ref());
+    let mirrors = mirrors(doc, &path, http, registry, diag);
+    ok &= mirrors.is_some();
     match (action, ok) {
         (Some(action), true) => Some(CompiledRoute {
             route: Route {
@@ -338,7 +423,7 @@ fn compile_http_route(
                 action,
                 request_headers,
                 response_headers,
-                mirrors: Vec::new(),
+                mirrors: mirrors.unwrap_or_default(),
                 cors: None,
                 plugins: None,
             },
