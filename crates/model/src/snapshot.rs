@@ -600,6 +600,29 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     /// Circuit breakers and connection-pool behaviour (Istio `connectionPool`).
     pub pool: ConnectionPoolSettings,
+    /// Passive health: endpoints that keep failing are ejected for a while.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// Istio's `outlierDetection` as Envoy applies it: consecutive failures eject an endpoint
+/// for `base_ejection_time` × the number of times it was ejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (and, unless split, connection failures) that eject; 0: off.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 (and connection failures) that eject; 0: off.
+    pub consecutive_gateway: u32,
+    /// `splitExternalLocalOriginErrors`: connection failures count only toward
+    /// `consecutive_local_origin`.
+    pub split_local_origin: bool,
+    pub consecutive_local_origin: u32,
+    /// How often the ejection multiplier of a healthy endpoint decreases.
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    /// Below this share of available endpoints, ejections are ignored (panic mode).
+    pub min_health_percent: u32,
 }
 
 /// Istio's `connectionPool` as the data plane uses it: Envoy's circuit-breaker thresholds

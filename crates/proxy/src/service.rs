@@ -30,6 +30,7 @@ use crate::plugins;
 use crate::response_flags::ResponseFlags;
 use crate::stats::{Breaker, RouteStats};
 use crate::upstream::cluster::ClusterRuntime;
+use crate::upstream::outlier::TryOutcome;
 use crate::upstream::pool::{EndpointPool, PoolReturn, UpstreamError};
 
 /// What the request path knows about the connection a request arrived on.
@@ -646,11 +647,27 @@ async fn send_try(
                 .map(|(r, ret)| (r, Some(ret)))
         }
     };
+    // `None`: the try's time ran out.
     let result = match timeout {
-        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TryError::Timeout)?,
-        None => sent.await,
+        Some(t) => tokio::time::timeout(t, sent).await.ok(),
+        None => Some(sent.await),
     };
-    let (mut resp, pool_return) = result.map_err(TryError::Upstream)?;
+    if let (Some(outlier), Some(endpoint)) = (&cluster.outlier, target.endpoint) {
+        let outcome = match &result {
+            Some(Ok((resp, _))) => Some(TryOutcome::Status(resp.status().as_u16())),
+            // A breaker's refusal says nothing about the endpoint.
+            Some(Err(UpstreamError::Overflow(_))) => None,
+            Some(Err(_)) | None => Some(TryOutcome::LocalFailure),
+        };
+        if let Some(outcome) = outcome {
+            outlier.record(endpoint, outcome, &cluster.stats);
+        }
+    }
+    let (mut resp, pool_return) = match result {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return Err(TryError::Upstream(e)),
+        None => return Err(TryError::Timeout),
+    };
     if let Some(host) = logged {
         resp.extensions_mut().insert(host);
     }
@@ -1415,6 +1432,7 @@ mod tests {
                 })
                 .collect(),
             pool: Default::default(),
+            outlier: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
     }

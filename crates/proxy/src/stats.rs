@@ -64,6 +64,8 @@ pub struct UpstreamStats {
     pub retries_active: AtomicU64,
     /// Requests waiting for a connection now (Envoy's `upstream_rq_pending_active`).
     pub requests_pending: AtomicU64,
+    /// Endpoints ejected by outlier detection (Envoy's `outlier_detection.ejections_enforced_total`).
+    pub outlier_ejections: AtomicU64,
     /// Upstream requests from sending until their response ends, for `max_requests`; only
     /// counted for clusters that set the limit.
     pub requests_open: AtomicU64,
@@ -182,7 +184,13 @@ impl Stats {
         }
         let upstreams = locked(&self.upstreams);
         type Field = fn(&UpstreamStats) -> &AtomicU64;
-        let upstream_metrics: [(&str, &str, &str, Field); 11] = [
+        let upstream_metrics: [(&str, &str, &str, Field); 12] = [
+            (
+                "meshgate_upstream_outlier_ejections_total",
+                "counter",
+                "Endpoints ejected by outlier detection.",
+                |s| &s.outlier_ejections,
+            ),
             (
                 "meshgate_upstream_connections_total",
                 "counter",

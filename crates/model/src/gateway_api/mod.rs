@@ -324,6 +324,7 @@ impl Ctx<'_, '_, '_> {
             discovery: Discovery::Static,
             endpoints: Vec::new(),
             pool: Default::default(),
+            outlier: None,
         });
         self.invalid_cluster = Some(id);
         id
@@ -424,6 +425,7 @@ impl Ctx<'_, '_, '_> {
             discovery,
             endpoints,
             pool: Default::default(),
+            outlier: None,
         }))
     }
 

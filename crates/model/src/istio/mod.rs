@@ -14,6 +14,7 @@
 
 mod fault;
 pub(crate) mod listeners;
+mod outlier;
 mod pool;
 pub(crate) mod registry;
 mod retries;

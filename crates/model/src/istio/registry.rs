@@ -366,6 +366,7 @@ impl<'r> Registry<'r> {
         }
         let mut lb_chain: Vec<&LoadBalancerSettings> = Vec::new();
         let mut pool_chain: Vec<&ConnectionPool> = Vec::new();
+        let mut outlier_chain: Vec<&serde_json::Value> = Vec::new();
         for tp in chain {
             if let Some(pl) = tp
                 .port_level_settings
@@ -375,10 +376,13 @@ impl<'r> Registry<'r> {
             {
                 lb_chain.extend(pl.load_balancer.as_ref());
                 pool_chain.extend(pl.connection_pool.as_ref());
+                outlier_chain.extend(pl.outlier_detection.as_ref());
             }
             lb_chain.extend(tp.load_balancer.as_ref());
             pool_chain.extend(tp.connection_pool.as_ref());
+            outlier_chain.extend(tp.outlier_detection.as_ref());
         }
+        let outlier = super::outlier::settings(outlier_chain.first().copied(), &mut |_, _| {});
         let (load_balancer, passthrough) = lb_chain
             .first()
             .map_or((LoadBalancer::LeastRequest, false), |lb| load_balancer(lb));
@@ -415,6 +419,7 @@ impl<'r> Registry<'r> {
             },
             endpoints,
             pool,
+            outlier,
         });
         self.cluster_ids.insert(name, id);
         Some(id)
@@ -580,7 +585,19 @@ fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Di
         }
     };
     check(path, tp.load_balancer.as_ref(), tp.connection_pool.as_ref(), diag);
+    let check_outlier = |path: &str, value: Option<&serde_json::Value>, diag: &mut Diag| {
+        let outlier_path = at(path, "outlierDetection");
+        super::outlier::settings(value, &mut |field, message| {
+            diag.error(doc, at(&outlier_path, field), message)
+        });
+    };
+    check_outlier(path, tp.outlier_detection.as_ref(), diag);
     for (i, pl) in tp.port_level_settings.iter().flatten().enumerate() {
+        check_outlier(
+            &format!("{path}.portLevelSettings[{i}]"),
+            pl.outlier_detection.as_ref(),
+            diag,
+        );
         let pl_path = format!("{path}.portLevelSettings[{i}]");
         if pl.port.as_ref().and_then(|p| p.number).is_none() {
             diag.error(doc, at(&pl_path, "port.number"), "port number is required");

@@ -1276,6 +1276,7 @@ fn kong_cluster(
         discovery,
         endpoints,
         pool,
+        outlier: None,
     }
 }
 

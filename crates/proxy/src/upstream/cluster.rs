@@ -43,6 +43,8 @@ pub struct ClusterRuntime {
     next: AtomicUsize,
     /// One pool set per worker thread (plus one for other threads), created on first use.
     pools: Box<[OnceLock<WorkerPools>]>,
+    /// Outlier detection, when the cluster's DestinationRule asks for it.
+    pub outlier: Option<super::outlier::OutlierDetector>,
 }
 
 impl ClusterRuntime {
@@ -63,7 +65,12 @@ impl ClusterRuntime {
             });
         }
         let schedule = weighted_schedule(&endpoints);
+        let outlier = config
+            .outlier
+            .clone()
+            .map(|o| super::outlier::OutlierDetector::new(o, endpoints.len()));
         Ok(ClusterRuntime {
+            outlier,
             config,
             endpoints,
             stats,
@@ -77,9 +84,23 @@ impl ClusterRuntime {
         self.config.discovery == Discovery::OriginalDestination
     }
 
-    /// Picks an endpoint index. `hash` is the request's consistent-hash key, when the cluster
-    /// balances by one and the request carries it.
+    /// Picks an endpoint index, skipping endpoints outlier detection has ejected (unless the
+    /// cluster is in panic mode); `None` when no endpoint is available. `hash` is the request's
+    /// consistent-hash key, when the cluster balances by one and the request carries it.
     pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
+        let chosen = self.pick_any(hash)?;
+        let Some(outlier) = &self.outlier else {
+            return Some(chosen);
+        };
+        if !outlier.is_ejected(chosen) || outlier.panic() {
+            return Some(chosen);
+        }
+        // The next available endpoint after the balancer's choice.
+        let n = self.endpoints.len();
+        (1..n).map(|k| (chosen + k) % n).find(|&i| !outlier.is_ejected(i))
+    }
+
+    fn pick_any(&self, hash: Option<u64>) -> Option<usize> {
         let n = self.endpoints.len();
         if n <= 1 {
             return (n == 1).then_some(0);
@@ -216,6 +237,7 @@ mod tests {
             discovery: Discovery::Static,
             endpoints,
             pool: Default::default(),
+            outlier: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
     }

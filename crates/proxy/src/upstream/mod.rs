@@ -2,4 +2,5 @@
 
 pub mod cluster;
 pub mod connector;
+pub mod outlier;
 pub mod pool;

@@ -1,0 +1,135 @@
+//! Chaos: one of three endpoints starts failing; outlier detection ejects it and retries hide
+//! the failures from clients; after its ejection time it is probed by real traffic again.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::{Echo, Proxy, free_port, gateway, raw_get};
+
+/// An upstream that answers every request 500, counting them.
+struct Failing {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Failing {
+    fn start() -> Failing {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = [0u8; 4096];
+                    let mut pending = Vec::new();
+                    loop {
+                        let Ok(n) = stream.read(&mut buf) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            let reply = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
+                            if stream.write_all(reply).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Failing { port, requests }
+    }
+
+    fn count(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn a_failing_endpoint_is_ejected_and_clients_do_not_notice() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let bad = Failing::start();
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop}}
+spec:
+  hosts: [shop.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {a}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {b}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {bad}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: shop}}
+spec:
+  host: shop.test
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection:
+      consecutive5xxErrors: 3
+      interval: 1s
+      baseEjectionTime: 2s
+      maxEjectionPercent: 50
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: shop.test}}}}]
+    retries: {{attempts: 3, retryOn: 5xx}}
+"#,
+        gw = gateway("gw", port),
+        a = a.port(),
+        b = b.port(),
+        bad = bad.port,
+    );
+    let proxy = Proxy::start(&yaml);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+
+    let ok = (0..1000)
+        .filter(|_| raw_get(addr, "/", "shop.test").expect("request").0 == 200)
+        .count();
+    assert!(ok >= 999, "{ok} of 1000 succeeded, want at least 99.9%");
+    // Three consecutive 500s eject the endpoint for 2 s: it sees a handful of requests, not a
+    // third of a thousand.
+    let seen = bad.count();
+    assert!((3..=12).contains(&seen), "the failing endpoint saw {seen} requests");
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("meshgate_upstream_outlier_ejections_total{cluster=\"outbound|80||shop.test\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // After the ejection time, real traffic probes it again (half-open); it fails again, so
+    // it is ejected again, for longer.
+    std::thread::sleep(Duration::from_millis(2200));
+    let before = bad.count();
+    let ok = (0..60)
+        .filter(|_| raw_get(addr, "/", "shop.test").expect("request").0 == 200)
+        .count();
+    assert_eq!(ok, 60);
+    let probes = bad.count() - before;
+    assert!((1..=6).contains(&probes), "the returned endpoint got {probes} requests");
+}
