@@ -133,3 +133,124 @@ spec:
     let probes = bad.count() - before;
     assert!((1..=6).contains(&probes), "the returned endpoint got {probes} requests");
 }
+
+#[test]
+fn killing_an_endpoint_mid_load_hangs_nothing_and_failures_are_retried() {
+    let steady = Echo::start("steady");
+    let doomed_port = free_port();
+    let dir = support::scratch_dir("doomed");
+    let mut doomed = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &doomed_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", doomed_port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop}}
+spec:
+  hosts: [shop.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {doomed}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: shop}}
+spec:
+  host: shop.test
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: shop.test}}}}]
+    timeout: 2s
+    retries: {{attempts: 3, retryOn: "connect-failure,reset,5xx"}}
+"#,
+        gw = gateway("gw", port),
+        steady = steady.port(),
+        doomed = doomed_port,
+    );
+    let proxy = Proxy::start(&yaml);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut slowest) = (0usize, 0usize, Duration::ZERO);
+                while !stop.load(Ordering::Relaxed) {
+                    let started = std::time::Instant::now();
+                    match raw_get(addr, "/", "shop.test") {
+                        Ok((200, _, _)) => ok += 1,
+                        _ => failed += 1,
+                    }
+                    slowest = slowest.max(started.elapsed());
+                }
+                (ok, failed, slowest)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = doomed.kill();
+    let _ = doomed.wait();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+    for client in clients {
+        let (o, f, s) = client.join().expect("client");
+        ok += o;
+        failed += f;
+        slowest = slowest.max(s);
+    }
+    assert!(ok > 100, "only {ok} requests completed");
+    // The requests caught by the kill are retried on the other endpoint, within the retry
+    // budget; the dead endpoint is ejected after two failures, so at most a handful fail.
+    assert!(
+        failed * 200 <= ok + failed,
+        "{failed} of {} requests failed",
+        ok + failed
+    );
+    assert!(
+        slowest < Duration::from_millis(2500),
+        "a request took {slowest:?}, past its 2 s timeout"
+    );
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{cluster=\"outbound|80||shop.test\"}} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(value("meshgate_upstream_retries_total") > 0, "failures were retried");
+    assert_eq!(
+        value("meshgate_upstream_outlier_ejections_total"),
+        1,
+        "the dead endpoint was ejected"
+    );
+}
