@@ -254,3 +254,103 @@ spec:
         "the dead endpoint was ejected"
     );
 }
+
+fn python_server(port: u16, dir: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn active_health_checks_take_a_dead_endpoint_out_and_bring_it_back() {
+    let steady = Echo::start("steady-hc");
+    let flaky_port = free_port();
+    let dir = support::scratch_dir("flaky-hc");
+    std::fs::write(dir.join("healthz"), "ok").expect("healthz file");
+    let mut flaky = python_server(flaky_port, &dir);
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop}}
+spec:
+  hosts: [shop.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {flaky}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: shop
+  annotations:
+    meshgate.io/health-check: '{{"path": "/healthz", "interval": "200ms", "timeout": "200ms", "healthyThreshold": 1, "unhealthyThreshold": 1}}'
+spec:
+  host: shop.test
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: shop.test}}}}]
+    retries: {{attempts: 0}}
+"#,
+        gw = gateway("gw", port),
+        steady = steady.port(),
+        flaky = flaky_port,
+    );
+    let proxy = Proxy::start(&yaml);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let served_by_flaky = |n: usize| {
+        (0..n)
+            .filter(|_| {
+                let (status, _, body) = raw_get(addr, "/", "shop.test").expect("request");
+                assert_eq!(status, 200, "{body}");
+                !body.starts_with('{')
+            })
+            .count()
+    };
+    assert!(served_by_flaky(20) > 0, "both endpoints serve while healthy");
+
+    let _ = flaky.kill();
+    let _ = flaky.wait();
+    std::thread::sleep(Duration::from_millis(800));
+    // No retries are configured: only the health check keeps requests off the dead endpoint.
+    assert_eq!(served_by_flaky(40), 0);
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("meshgate_upstream_health_check_failures_total{cluster=\"outbound|80||shop.test\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    let mut flaky = python_server(flaky_port, &dir);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(served_by_flaky(20) > 0, "the endpoint is back once its probe passes");
+    let _ = flaky.kill();
+    let _ = flaky.wait();
+}

@@ -141,3 +141,19 @@ mod tests {
         assert!(parse("99999999999999999999999999999999999999999h").is_err());
     }
 }
+
+/// Serde for durations written as text (`"5s"`), rendered back as milliseconds (`"5000ms"`).
+pub mod serde_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse(&text).map_err(serde::de::Error::custom)
+    }
+}

@@ -603,6 +603,50 @@ pub struct Cluster {
     /// Passive health: endpoints that keep failing are ejected for a while.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierDetection>,
+    /// Active health: endpoints are probed, and those failing the probe are not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active HTTP health checks (Kong's `healthchecks.active`; for Istio clusters the
+/// `meshgate.io/health-check` annotation of the DestinationRule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// The path probed with `GET`.
+    #[serde(default = "HealthCheck::default_path")]
+    pub path: String,
+    #[serde(default = "HealthCheck::default_interval", with = "crate::duration::serde_text")]
+    pub interval: Duration,
+    #[serde(default = "HealthCheck::default_timeout", with = "crate::duration::serde_text")]
+    pub timeout: Duration,
+    /// Successes in a row that bring an unhealthy endpoint back.
+    #[serde(default = "HealthCheck::default_threshold")]
+    pub healthy_threshold: u32,
+    /// Failures (bad status, connection failure, timeout) in a row that take it out.
+    #[serde(default = "HealthCheck::default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Statuses that count as healthy.
+    #[serde(default = "HealthCheck::default_statuses")]
+    pub healthy_statuses: Vec<u16>,
+}
+
+impl HealthCheck {
+    fn default_path() -> String {
+        "/".to_string()
+    }
+    fn default_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_threshold() -> u32 {
+        2
+    }
+    fn default_statuses() -> Vec<u16> {
+        vec![200, 302]
+    }
 }
 
 /// Istio's `outlierDetection` as Envoy applies it: consecutive failures eject an endpoint

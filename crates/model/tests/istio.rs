@@ -956,3 +956,25 @@ fn fault_injection_is_compiled_and_bad_values_are_errors() {
         assert!(e.iter().any(|f| f.field == field), "{fault}: {e:?}");
     }
 }
+
+#[test]
+fn health_check_annotation_is_read_and_checked() {
+    let dr = |annotation: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: r\n  annotations:\n    meshgate.io/health-check: '{annotation}'\nspec:\n  host: reviews.example.com\n"
+        )
+    };
+    ok(&dr(r#"{"path": "/healthz", "interval": "2s"}"#));
+    for bad in [
+        r#"{"path": "/x", "interval": "soon"}"#,
+        r#"{"unhealthyThreshold": 0}"#,
+        r#"{"pathz": "/"}"#,
+    ] {
+        let e = errors(&dr(bad));
+        assert!(
+            e.iter()
+                .any(|f| f.field == "metadata.annotations.meshgate.io/health-check"),
+            "{bad}: {e:?}"
+        );
+    }
+}

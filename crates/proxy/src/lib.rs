@@ -130,6 +130,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         listener::spawn_workers(&shared).map_err(|e| format!("cannot start workers: {e}"))?;
         tokio::spawn(admin::serve(admin, shared.clone()));
         tokio::spawn(reload::watch(shared.clone()));
+        tokio::spawn(upstream::health::run(shared.clone()));
         wait_for_shutdown().await;
         drain(&shared).await;
         Ok(())

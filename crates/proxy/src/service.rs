@@ -1433,6 +1433,7 @@ mod tests {
                 .collect(),
             pool: Default::default(),
             outlier: None,
+            health_check: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
     }

@@ -66,6 +66,8 @@ pub struct UpstreamStats {
     pub requests_pending: AtomicU64,
     /// Endpoints ejected by outlier detection (Envoy's `outlier_detection.ejections_enforced_total`).
     pub outlier_ejections: AtomicU64,
+    /// Active health-check probes that failed.
+    pub health_check_failures: AtomicU64,
     /// Upstream requests from sending until their response ends, for `max_requests`; only
     /// counted for clusters that set the limit.
     pub requests_open: AtomicU64,
@@ -184,7 +186,13 @@ impl Stats {
         }
         let upstreams = locked(&self.upstreams);
         type Field = fn(&UpstreamStats) -> &AtomicU64;
-        let upstream_metrics: [(&str, &str, &str, Field); 12] = [
+        let upstream_metrics: [(&str, &str, &str, Field); 13] = [
+            (
+                "meshgate_upstream_health_check_failures_total",
+                "counter",
+                "Active health-check probes that failed.",
+                |s| &s.health_check_failures,
+            ),
             (
                 "meshgate_upstream_outlier_ejections_total",
                 "counter",

@@ -325,6 +325,7 @@ impl Ctx<'_, '_, '_> {
             endpoints: Vec::new(),
             pool: Default::default(),
             outlier: None,
+            health_check: None,
         });
         self.invalid_cluster = Some(id);
         id
@@ -426,6 +427,7 @@ impl Ctx<'_, '_, '_> {
             endpoints,
             pool: Default::default(),
             outlier: None,
+            health_check: None,
         }))
     }
 

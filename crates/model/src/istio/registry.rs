@@ -420,6 +420,7 @@ impl<'r> Registry<'r> {
             endpoints,
             pool,
             outlier,
+            health_check: rule.and_then(|r| health_check_annotation(r.doc)),
         });
         self.cluster_ids.insert(name, id);
         Some(id)
@@ -501,6 +502,7 @@ fn load_balancer(lb: &LoadBalancerSettings) -> (LoadBalancer, bool) {
 }
 
 fn validate_destination_rule(dr: &Res<'_, DestinationRuleSpec>, diag: &mut Diag) {
+    validate_health_check_annotation(dr.doc, diag);
     if let Some(tp) = &dr.spec.traffic_policy {
         validate_policy(dr.doc, "spec.trafficPolicy", tp, diag);
     }
@@ -520,6 +522,45 @@ fn validate_destination_rule(dr: &Res<'_, DestinationRuleSpec>, diag: &mut Diag)
         if let Some(tp) = &subset.traffic_policy {
             validate_policy(dr.doc, &at(&path, "trafficPolicy"), tp, diag);
         }
+    }
+}
+
+/// The DestinationRule annotation configuring active health checks (a meshgate extension:
+/// Istio has no such field, and unknown `spec` fields would be rejected by Istio's schema).
+pub(crate) const HEALTH_CHECK_ANNOTATION: &str = "meshgate.io/health-check";
+
+fn health_check_annotation(doc: &Document) -> Option<crate::snapshot::HealthCheck> {
+    let text = doc
+        .body
+        .pointer("/metadata/annotations")?
+        .get(HEALTH_CHECK_ANNOTATION)?
+        .as_str()?;
+    serde_json::from_str(text).ok()
+}
+
+/// Reports a malformed health-check annotation (the registry then leaves health checks off).
+pub(crate) fn validate_health_check_annotation(doc: &Document, diag: &mut Diag) {
+    let Some(value) = doc
+        .body
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(HEALTH_CHECK_ANNOTATION))
+    else {
+        return;
+    };
+    let field = format!("metadata.annotations.{HEALTH_CHECK_ANNOTATION}");
+    let Some(text) = value.as_str() else {
+        diag.error(doc, field, "must be a JSON string");
+        return;
+    };
+    match serde_json::from_str::<crate::snapshot::HealthCheck>(text) {
+        Ok(h) if h.interval.is_zero() || h.timeout.is_zero() => {
+            diag.error(doc, field, "interval and timeout must be above 0")
+        }
+        Ok(h) if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 => {
+            diag.error(doc, field, "healthyThreshold and unhealthyThreshold must be at least 1")
+        }
+        Ok(_) => {}
+        Err(e) => diag.error(doc, field, format!("invalid health check: {e}")),
     }
 }
 

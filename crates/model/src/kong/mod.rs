@@ -1277,6 +1277,7 @@ fn kong_cluster(
         endpoints,
         pool,
         outlier: None,
+        health_check: None,
     }
 }
 
@@ -1313,9 +1314,10 @@ fn upstream_cluster(
             pool,
         )));
     }
-    if upstream.healthchecks.is_some() {
-        diag.warn(doc, at(path, "healthchecks"), "not supported yet; ignored");
-    }
+    let health_check = upstream
+        .healthchecks
+        .as_ref()
+        .and_then(|h| kong_active_health_check(doc, &at(path, "healthchecks"), h, diag));
     let load_balancer = match upstream.algorithm.as_deref().unwrap_or("round-robin") {
         "round-robin" => LoadBalancer::RoundRobin,
         "least-connections" => LoadBalancer::LeastRequest,
@@ -1372,7 +1374,7 @@ fn upstream_cluster(
             "no target with a weight above 0: requests answer 503 no healthy upstream",
         );
     }
-    Some(registry.add_cluster(kong_cluster(
+    let id = registry.add_cluster(kong_cluster(
         name,
         upstream.name.clone(),
         0,
@@ -1380,7 +1382,89 @@ fn upstream_cluster(
         load_balancer,
         endpoints,
         pool,
-    )))
+    ));
+    if let Some(cluster) = registry.cluster_mut(id) {
+        cluster.health_check = health_check;
+    }
+    Some(id)
+}
+
+/// Kong's `healthchecks.active` (HTTP probes): on when `healthy.interval` or
+/// `unhealthy.interval` is above 0, as in Kong. Passive checks are warned about; outlier
+/// detection is meshgate's passive mechanism (Istio clusters).
+fn kong_active_health_check(
+    doc: &Document,
+    path: &str,
+    value: &Value,
+    diag: &mut Diag,
+) -> Option<crate::snapshot::HealthCheck> {
+    let number = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(0.0);
+    if value.pointer("/passive").is_some_and(|p| {
+        number(p.pointer("/unhealthy/http_failures")) > 0.0
+            || number(p.pointer("/unhealthy/tcp_failures")) > 0.0
+            || number(p.pointer("/unhealthy/timeouts")) > 0.0
+    }) {
+        diag.warn(
+            doc,
+            at(path, "passive"),
+            "passive health checks are not supported yet; ignored",
+        );
+    }
+    let active = value.get("active")?;
+    let kind = active.get("type").and_then(Value::as_str).unwrap_or("http");
+    if kind != "http" {
+        diag.warn(
+            doc,
+            at(path, "active.type"),
+            format!("{kind} probes are not supported yet (http); ignored"),
+        );
+        return None;
+    }
+    let healthy_interval = number(active.pointer("/healthy/interval"));
+    let unhealthy_interval = number(active.pointer("/unhealthy/interval"));
+    let interval = if healthy_interval > 0.0 {
+        healthy_interval
+    } else {
+        unhealthy_interval
+    };
+    if interval <= 0.0 {
+        return None;
+    }
+    let statuses: Vec<u16> = active
+        .pointer("/healthy/http_statuses")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64().and_then(|n| u16::try_from(n).ok()))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![200, 302]);
+    let failures = [
+        number(active.pointer("/unhealthy/http_failures")),
+        number(active.pointer("/unhealthy/tcp_failures")),
+        number(active.pointer("/unhealthy/timeouts")),
+    ]
+    .into_iter()
+    .fold(0.0f64, f64::max);
+    Some(crate::snapshot::HealthCheck {
+        path: active
+            .get("http_path")
+            .and_then(Value::as_str)
+            .unwrap_or("/")
+            .to_string(),
+        interval: Duration::from_secs_f64(interval),
+        // Kong's default probe timeout: 1 s.
+        timeout: Duration::from_secs_f64(
+            active
+                .get("timeout")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0)
+                .clamp(0.001, 3600.0),
+        ),
+        healthy_threshold: (number(active.pointer("/healthy/successes")) as u32).max(1),
+        unhealthy_threshold: (failures as u32).max(1),
+        healthy_statuses: statuses,
+    })
 }
 
 fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) -> Option<HashKey> {

@@ -45,6 +45,8 @@ pub struct ClusterRuntime {
     pools: Box<[OnceLock<WorkerPools>]>,
     /// Outlier detection, when the cluster's DestinationRule asks for it.
     pub outlier: Option<super::outlier::OutlierDetector>,
+    /// Active health checks, when configured.
+    pub health: Option<super::health::HealthState>,
 }
 
 impl ClusterRuntime {
@@ -69,8 +71,13 @@ impl ClusterRuntime {
             .outlier
             .clone()
             .map(|o| super::outlier::OutlierDetector::new(o, endpoints.len()));
+        let health = config
+            .health_check
+            .clone()
+            .map(|h| super::health::HealthState::new(h, endpoints.len()));
         Ok(ClusterRuntime {
             outlier,
+            health,
             config,
             endpoints,
             stats,
@@ -89,15 +96,20 @@ impl ClusterRuntime {
     /// consistent-hash key, when the cluster balances by one and the request carries it.
     pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
         let chosen = self.pick_any(hash)?;
-        let Some(outlier) = &self.outlier else {
+        if self.outlier.is_none() && self.health.is_none() {
             return Some(chosen);
+        }
+        let panic = self.outlier.as_ref().is_some_and(|o| o.panic());
+        let available = |i: usize| {
+            self.health.as_ref().is_none_or(|h| h.is_healthy(i))
+                && (panic || self.outlier.as_ref().is_none_or(|o| !o.is_ejected(i)))
         };
-        if !outlier.is_ejected(chosen) || outlier.panic() {
+        if available(chosen) {
             return Some(chosen);
         }
         // The next available endpoint after the balancer's choice.
         let n = self.endpoints.len();
-        (1..n).map(|k| (chosen + k) % n).find(|&i| !outlier.is_ejected(i))
+        (1..n).map(|k| (chosen + k) % n).find(|&i| available(i))
     }
 
     fn pick_any(&self, hash: Option<u64>) -> Option<usize> {
@@ -238,6 +250,7 @@ mod tests {
             endpoints,
             pool: Default::default(),
             outlier: None,
+            health_check: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
     }

@@ -2,5 +2,6 @@
 
 pub mod cluster;
 pub mod connector;
+pub mod health;
 pub mod outlier;
 pub mod pool;

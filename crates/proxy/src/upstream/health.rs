@@ -1,0 +1,129 @@
+//! Active health checks: every endpoint of a cluster with a [`HealthCheck`] is probed with an
+//! HTTP `GET` at its interval; `unhealthy_threshold` failures in a row take it out of load
+//! balancing, `healthy_threshold` successes bring it back. One task drives all probes and
+//! follows reloads: clusters that leave the configuration stop being probed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::time::{Duration, Instant};
+
+use meshgate_model::snapshot::HealthCheck;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::cluster::ClusterRuntime;
+use crate::Shared;
+
+/// How often the prober looks for probes that are due.
+const TICK: Duration = Duration::from_millis(100);
+
+struct EndpointHealth {
+    healthy: AtomicBool,
+    successes: AtomicU32,
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` when the next probe is due.
+    next_probe: AtomicU64,
+    probing: AtomicBool,
+}
+
+pub struct HealthState {
+    config: HealthCheck,
+    endpoints: Box<[EndpointHealth]>,
+    epoch: Instant,
+}
+
+impl HealthState {
+    pub fn new(config: HealthCheck, endpoints: usize) -> HealthState {
+        HealthState {
+            config,
+            endpoints: (0..endpoints)
+                .map(|_| EndpointHealth {
+                    healthy: AtomicBool::new(true),
+                    successes: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    next_probe: AtomicU64::new(0),
+                    probing: AtomicBool::new(false),
+                })
+                .collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn is_healthy(&self, endpoint: usize) -> bool {
+        self.endpoints.get(endpoint).is_none_or(|e| e.healthy.load(Relaxed))
+    }
+
+    fn record(&self, endpoint: usize, ok: bool, cluster: &ClusterRuntime) {
+        let Some(e) = self.endpoints.get(endpoint) else { return };
+        if ok {
+            e.failures.store(0, Relaxed);
+            let successes = e.successes.fetch_add(1, Relaxed) + 1;
+            if !e.healthy.load(Relaxed) && successes >= self.config.healthy_threshold {
+                e.healthy.store(true, Relaxed);
+                tracing::info!(cluster = %cluster.config.name, endpoint = %cluster.endpoints[endpoint].authority, "health check: endpoint healthy again");
+            }
+        } else {
+            e.successes.store(0, Relaxed);
+            cluster.stats.health_check_failures.fetch_add(1, Relaxed);
+            let failures = e.failures.fetch_add(1, Relaxed) + 1;
+            if e.healthy.load(Relaxed) && failures >= self.config.unhealthy_threshold {
+                e.healthy.store(false, Relaxed);
+                tracing::warn!(cluster = %cluster.config.name, endpoint = %cluster.endpoints[endpoint].authority, "health check: endpoint unhealthy");
+            }
+        }
+    }
+}
+
+/// Probes the endpoints of every cluster of the active configuration that has health checks.
+pub async fn run(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        let active = shared.active.load_full();
+        for cluster in &active.clusters {
+            let Some(health) = &cluster.health else { continue };
+            let now = health.epoch.elapsed().as_millis() as u64;
+            for (i, e) in health.endpoints.iter().enumerate() {
+                if now < e.next_probe.load(Relaxed) || e.probing.swap(true, Relaxed) {
+                    continue;
+                }
+                e.next_probe
+                    .store(now + health.config.interval.as_millis() as u64, Relaxed);
+                let cluster = cluster.clone();
+                tokio::spawn(async move {
+                    let Some(health) = &cluster.health else { return };
+                    let ok = probe(&health.config, cluster.endpoints[i].authority.as_str()).await;
+                    health.record(i, ok, &cluster);
+                    health.endpoints[i].probing.store(false, Relaxed);
+                });
+            }
+        }
+    }
+}
+
+/// One probe: `GET path` on a new connection; healthy when the status is a healthy one.
+async fn probe(config: &HealthCheck, authority: &str) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: meshgate-health-check\r\nConnection: close\r\n\r\n",
+            config.path
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 32];
+        let mut read = 0;
+        while read < 12 {
+            let n = stream.read(&mut head[read..]).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        let line = std::str::from_utf8(&head[..read]).ok()?;
+        line.split(' ').nth(1)?.parse::<u16>().ok()
+    };
+    match tokio::time::timeout(config.timeout, attempt).await {
+        Ok(Some(status)) => config.healthy_statuses.contains(&status),
+        _ => false,
+    }
+}
