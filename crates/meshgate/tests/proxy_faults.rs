@@ -152,3 +152,102 @@ spec:
         "{mirrored} of 400 mirrored, want about 120"
     );
 }
+
+/// A server that records each raw request (head and body) and answers 200.
+fn capture_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if data.len() < end + 4 + length {
+                        continue;
+                    }
+                    if let Ok(mut seen) = record.lock() {
+                        seen.push(String::from_utf8_lossy(&data[..end + 4 + length]).into_owned());
+                    }
+                    data.drain(..end + 4 + length);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn mirrors_carry_the_request_body_and_never_slow_the_primary() {
+    let primary = Echo::start("primary-body");
+    let (shadow_port, seen) = capture_server();
+    // A mirror that accepts connections and never answers.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hanging_port = hanging.local_addr().expect("addr").port();
+    let port = free_port();
+    let yaml = format!(
+        r#"{gw}{p}{s}{h}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: mirrored}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: primary.test}}}}]
+    mirrors:
+    - destination: {{host: shadow.test}}
+    - destination: {{host: hanging.test}}
+"#,
+        gw = gateway("gw", port),
+        p = service_entry("primary", "primary.test", &[(primary.port(), "v1")]),
+        s = service_entry("shadow", "shadow.test", &[(shadow_port, "v1")]),
+        h = service_entry("hanging", "hanging.test", &[(hanging_port, "v1")]),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let started = Instant::now();
+    let (status, _, body) = support::raw_request(
+        addr,
+        "POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 12\r\nConnection: close\r\n\r\nhello-mirror",
+    )
+    .expect("post");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the hanging mirror must not delay the primary"
+    );
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(echo["body_len"], 12);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let copy = loop {
+        if let Some(copy) = seen.lock().expect("lock").first().cloned() {
+            break copy;
+        }
+        assert!(Instant::now() < deadline, "the shadow never received the copy");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(copy.starts_with("POST /orders HTTP/1.1\r\n"), "{copy}");
+    assert!(copy.to_ascii_lowercase().contains("host: shop.test-shadow"), "{copy}");
+    assert!(copy.ends_with("\r\n\r\nhello-mirror"), "{copy}");
+    drop(hanging);
+}

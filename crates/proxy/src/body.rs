@@ -99,6 +99,68 @@ pub enum UpstreamBody {
     Buffered(Full<Bytes>),
     /// One try's view of a [`ReplayableBody`].
     Replay(ReplayReader),
+    /// A body copied as it streams, for request mirrors.
+    Teed(Box<MirrorTee>),
+}
+
+/// Streams a body unchanged while keeping a copy of up to [`REPLAY_BUFFER_LIMIT`] bytes; when
+/// the body has been read to its end within that size, `on_complete` gets the copy (request
+/// mirrors are sent then, so they carry the whole body without delaying the primary request).
+pub struct MirrorTee {
+    inner: UpstreamBody,
+    copy: Vec<Bytes>,
+    size: usize,
+    overflow: bool,
+    on_complete: Option<Box<dyn FnOnce(Bytes) + Send + Sync>>,
+}
+
+impl MirrorTee {
+    pub fn new(inner: UpstreamBody, on_complete: impl FnOnce(Bytes) + Send + Sync + 'static) -> Self {
+        MirrorTee {
+            inner,
+            copy: Vec::new(),
+            size: 0,
+            overflow: false,
+            on_complete: Some(Box::new(on_complete)),
+        }
+    }
+
+    /// Hands the copy over, once, unless the body outgrew it.
+    fn complete(&mut self) {
+        if let Some(callback) = self.on_complete.take()
+            && !self.overflow
+        {
+            callback(Bytes::from(self.copy.concat()));
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && !self.overflow
+                {
+                    self.size += data.len();
+                    if self.size > REPLAY_BUFFER_LIMIT {
+                        self.overflow = true;
+                        self.copy.clear();
+                        tracing::debug!("request body over the mirror buffer: not mirrored");
+                    } else {
+                        self.copy.push(data.clone());
+                    }
+                }
+                // A sender that knows the body's length may never poll for its end.
+                if self.inner.is_end_stream() {
+                    self.complete();
+                }
+            }
+            Poll::Ready(None) => self.complete(),
+            Poll::Ready(Some(Err(_))) => self.on_complete = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
 }
 
 /// Why an upstream request body stopped.
@@ -117,6 +179,7 @@ impl Body for UpstreamBody {
             },
             UpstreamBody::Buffered(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             UpstreamBody::Replay(r) => r.poll_frame(cx),
+            UpstreamBody::Teed(t) => t.poll_frame(cx),
         }
     }
 
@@ -126,6 +189,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
             UpstreamBody::Buffered(b) => b.is_end_stream(),
             UpstreamBody::Replay(r) => r.is_end_stream(),
+            UpstreamBody::Teed(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -144,6 +208,7 @@ impl Body for UpstreamBody {
             }
             UpstreamBody::Buffered(b) => b.size_hint(),
             UpstreamBody::Replay(r) => r.size_hint(),
+            UpstreamBody::Teed(t) => t.inner.size_hint(),
         }
     }
 }

@@ -497,8 +497,19 @@ async fn forward_request(
         Uri::from(path_and_query)
     };
     parts.version = if use_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let mut body = body;
     if !mirroring.mirrors.is_empty() {
-        mirroring.send(&parts, hyper::body::Body::is_end_stream(&body));
+        let prepared = mirroring.prepare(&parts);
+        if !prepared.is_empty() {
+            if hyper::body::Body::is_end_stream(&body) {
+                dispatch_mirrors(prepared, bytes::Bytes::new());
+            } else {
+                // Sent once the whole body has gone by (copied up to the buffer limit).
+                body = UpstreamBody::Teed(Box::new(body::MirrorTee::new(body, move |copy| {
+                    dispatch_mirrors(prepared, copy)
+                })));
+            }
+        }
     }
 
     // Upgrades are never retried: the tunnel's bytes cannot be replayed.
@@ -954,16 +965,20 @@ struct Mirroring<'a> {
     clusters: &'a [Arc<ClusterRuntime>],
 }
 
+/// A mirror copy ready to go once its body is known.
+struct PreparedMirror {
+    cluster: Arc<ClusterRuntime>,
+    address: String,
+    pool: Arc<crate::upstream::pool::EndpointPool>,
+    parts: http::request::Parts,
+}
+
 impl Mirroring<'_> {
-    /// Sends fire-and-forget copies of a request (as it goes upstream) to the mirror clusters,
-    /// each with its configured probability. The copy's Host gets Envoy's `-shadow` suffix, and
-    /// its response, failure or slowness never touches the primary request. Requests with a
-    /// body are not mirrored yet: that needs the body buffered for both copies.
-    fn send(&self, parts: &http::request::Parts, bodyless: bool) {
-        if !bodyless {
-            tracing::debug!("request with a body not mirrored");
-            return;
-        }
+    /// Chooses the mirrors this request goes to (each with its configured probability) and
+    /// prepares their requests: the request as it goes upstream, its Host with Envoy's
+    /// `-shadow` suffix.
+    fn prepare(&self, parts: &http::request::Parts) -> Vec<PreparedMirror> {
+        let mut prepared = Vec::new();
         for mirror in self.mirrors {
             let (num, den) = mirror.fraction;
             if num < den && fastrand::u32(..den.max(1)) >= num {
@@ -975,7 +990,7 @@ impl Mirroring<'_> {
             let Some(endpoint) = cluster.pick(None) else { continue };
             let address = cluster.endpoints[endpoint].authority.as_str().to_string();
             let pool = cluster.pool(endpoint).clone();
-            let mut req = Request::new(UpstreamBody::Buffered(http_body_util::Full::new(bytes::Bytes::new())));
+            let mut req = Request::new(());
             *req.method_mut() = parts.method.clone();
             *req.headers_mut() = parts.headers.clone();
             *req.version_mut() = Version::HTTP_11;
@@ -992,20 +1007,52 @@ impl Mirroring<'_> {
                     req.headers_mut().insert(header::HOST, v);
                 }
             }
-            tokio::spawn(async move {
-                cluster.stats.requests.fetch_add(1, Relaxed);
-                match pool.send_http1(&address, &cluster.stats, req).await {
-                    Ok((resp, ret)) => {
-                        // Drain the mirror's response so its connection can be reused.
-                        let body = ResponseBody::upstream(resp.into_body(), Some(ret));
-                        let _ = http_body_util::BodyExt::collect(body).await;
-                    }
-                    Err(e) => tracing::debug!(cluster = %cluster.config.name, error = ?e, "mirror request failed"),
-                }
+            prepared.push(PreparedMirror {
+                cluster,
+                address,
+                pool,
+                parts: req.into_parts().0,
             });
         }
+        prepared
     }
 }
+
+/// Sends the mirror copies, fire-and-forget: their responses, failures or slowness never
+/// touch the primary request.
+fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
+    for mirror in prepared {
+        let PreparedMirror {
+            cluster,
+            address,
+            pool,
+            mut parts,
+        } = mirror;
+        if !body.is_empty() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            parts.headers.remove(header::TRANSFER_ENCODING);
+        }
+        let req = Request::from_parts(parts, UpstreamBody::Buffered(http_body_util::Full::new(body.clone())));
+        tokio::spawn(async move {
+            cluster.stats.requests.fetch_add(1, Relaxed);
+            let sent = tokio::time::timeout(MIRROR_TIMEOUT, pool.send_http1(&address, &cluster.stats, req)).await;
+            match sent {
+                Ok(Ok((resp, ret))) => {
+                    // Drain the mirror's response so its connection can be reused.
+                    let body = ResponseBody::upstream(resp.into_body(), Some(ret));
+                    let _ = tokio::time::timeout(MIRROR_TIMEOUT, http_body_util::BodyExt::collect(body)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(cluster = %cluster.config.name, error = ?e, "mirror request failed"),
+                Err(_) => tracing::debug!(cluster = %cluster.config.name, "mirror request timed out"),
+            }
+        });
+    }
+}
+
+/// How long a mirror copy may take before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where an original-destination (PASSTHROUGH) request goes: the authority the client asked
 /// for, port 80 by default. (Envoy's `x-envoy-original-dst-host` header is not honoured: any
