@@ -61,51 +61,102 @@ const OVERFLOW: &str = "upstream connect error or disconnect/reset before header
 
 pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
-    let Some(log) = conn.shared.access_log.as_ref() else {
-        let resp = answer(req, &conn).await;
-        let flags = ResponseFlags::of(&resp);
-        if !flags.is_empty() {
-            conn.shared.stats.record_flags(flags);
-        }
-        return Ok(resp);
+    let mut watch = DownstreamWatch {
+        conn: &conn,
+        logged: conn.shared.access_log.is_some().then(|| {
+            (
+                std::time::SystemTime::now(),
+                Instant::now(),
+                LoggedRequest::capture(&req),
+            )
+        }),
+        answered: false,
     };
-    let start = std::time::SystemTime::now();
-    let started = Instant::now();
-    let request = LoggedRequest::capture(&req);
     let mut resp = answer(req, &conn).await;
+    watch.answered = true;
     let flags = ResponseFlags::of(&resp);
     if !flags.is_empty() {
         conn.shared.stats.record_flags(flags);
     }
-    let upstream = resp.extensions_mut().remove::<UpstreamInfo>();
+    if let Some((start, started, request)) = watch.logged.take() {
+        let upstream = resp.extensions_mut().remove::<UpstreamInfo>();
+        let sent = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        log_request(
+            &conn,
+            &request,
+            start,
+            started,
+            resp.status().as_u16(),
+            flags,
+            sent,
+            upstream.as_ref(),
+        );
+    }
+    Ok(resp)
+}
+
+/// Envoy's `DC`: the client went away before its response was ready. hyper then drops the
+/// request's future, and this guard with it, which records the flag (and the access log line,
+/// with status 0 as Envoy writes it).
+struct DownstreamWatch<'a> {
+    conn: &'a Connection,
+    logged: Option<(std::time::SystemTime, Instant, LoggedRequest)>,
+    answered: bool,
+}
+
+impl Drop for DownstreamWatch<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
+        self.conn.shared.stats.record_flags(flags);
+        if let Some((start, started, request)) = self.logged.take() {
+            log_request(self.conn, &request, start, started, 0, flags, None, None);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_request(
+    conn: &Connection,
+    request: &LoggedRequest,
+    start: std::time::SystemTime,
+    started: Instant,
+    status: u16,
+    flags: ResponseFlags,
+    bytes_sent: Option<u64>,
+    upstream: Option<&UpstreamInfo>,
+) {
+    let Some(log) = conn.shared.access_log.as_ref() else {
+        return;
+    };
     let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
     let entry = access_log::Entry {
         start,
         method: request.method.as_str(),
         path: &request.path,
         protocol: request.protocol,
-        status: resp.status().as_u16(),
+        status,
         flags,
         bytes_received: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
-        bytes_sent: resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok()),
+        bytes_sent,
         duration: started.elapsed(),
         forwarded_for: header("x-forwarded-for"),
         user_agent: header("user-agent"),
         request_id: upstream
-            .as_ref()
             .and_then(|u| u.request_id.as_deref())
             .or(header("x-request-id")),
         authority: request.authority.as_deref(),
-        upstream: upstream.as_ref(),
+        upstream,
     };
     if !log.record(&entry) {
         conn.shared.stats.access_log_dropped.fetch_add(1, Relaxed);
     }
-    Ok(resp)
 }
 
 /// `route_request`, whose error type is uninhabited.
