@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a standalone data plane from config files (no control plane).
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Run a gateway and a demo shop on loopback.
     Demo(DemoArgs),
     /// Validate configuration files without serving them (like `istioctl analyze`): prints
@@ -85,6 +85,16 @@ struct ProxyArgs {
     access_log: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     access_log_format: LogFormat,
+    /// Serve a Kong-compatible Admin API here (e.g. 127.0.0.1:8001).
+    #[arg(long)]
+    admin_api: Option<SocketAddr>,
+    /// Required as `Kong-Admin-Token` on Admin API requests; mandatory when the Admin API is
+    /// reachable beyond loopback (also from MESHGATE_ADMIN_TOKEN).
+    #[arg(long)]
+    admin_api_token: Option<String>,
+    /// The decK file where the Admin API keeps its state (created when missing).
+    #[arg(long, default_value = "meshgate-admin.yaml")]
+    admin_api_state: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -123,7 +133,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Proxy(args) => run_proxy(args),
+        Command::Proxy(args) => run_proxy(*args),
         Command::Analyze(args) => analyze(args),
         Command::Demo(args) => demo::run(demo::DemoArgs {
             config: args.config,
@@ -178,13 +188,26 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     compile.mesh_port = args.mesh_port;
     compile.controller_name = args.controller_name;
     compile.kong_listen = args.listen;
+    let mut config_paths = args.config;
+    let kong_admin = args.admin_api.map(|addr| {
+        config_paths.push(args.admin_api_state.clone());
+        meshgate_proxy::kong_admin::KongAdminOptions {
+            addr,
+            token: args
+                .admin_api_token
+                .clone()
+                .or_else(|| std::env::var("MESHGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty())),
+            state_file: args.admin_api_state.clone(),
+        }
+    });
     let options = ProxyOptions {
-        config_paths: args.config,
+        config_paths,
         bind_address: args.bind_address,
         admin_addr: args.admin_addr,
         workers,
         compile,
         drain_timeout: args.drain_timeout,
+        kong_admin,
         access_log: args.access_log.map(|path| AccessLogOptions {
             path,
             format: match args.access_log_format {

@@ -138,7 +138,15 @@ fn a_client_leaving_before_its_response_is_logged_with_dc() {
     std::thread::sleep(Duration::from_millis(50));
     drop(stream);
     let lines = wait_for_lines(&log, 1);
-    assert!(lines.first().is_some_and(|l| l.contains("\"GET /delay/150 HTTP/1.1\" 0 DC ")), "{lines:?}");
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.contains("\"GET /delay/150 HTTP/1.1\" 0 DC ")),
+        "{lines:?}"
+    );
     let (_, metrics) = proxy.admin_get("/stats/prometheus");
-    assert!(metrics.contains("meshgate_response_flags_total{flag=\"DC\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("meshgate_response_flags_total{flag=\"DC\"} 1"),
+        "{metrics}"
+    );
 }

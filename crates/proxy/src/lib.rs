@@ -10,6 +10,7 @@ pub mod active;
 pub mod admin;
 pub mod body;
 pub mod cors;
+pub mod kong_admin;
 pub mod listener;
 pub mod plugins;
 pub mod redis;
@@ -53,6 +54,9 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// Where and how to write access logs; `None`: no access log.
     pub access_log: Option<access_log::AccessLogOptions>,
+    /// The Kong-compatible Admin API, when enabled; its state file must be among
+    /// `config_paths`.
+    pub kong_admin: Option<kong_admin::KongAdminOptions>,
 }
 
 /// State shared by the workers, the admin listener and the reloader.
@@ -116,6 +120,18 @@ impl Shared {
 /// Runs the proxy until SIGTERM or SIGINT. Fails if the initial config does not load or the
 /// admin port cannot be bound.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
+    let kong_admin = match &options.kong_admin {
+        Some(admin) => {
+            if !admin.addr.ip().is_loopback() && admin.token.is_none() {
+                return Err(format!(
+                    "the Admin API on {} is reachable beyond loopback: set --admin-api-token",
+                    admin.addr
+                ));
+            }
+            Some(Arc::new(kong_admin::KongAdmin::open(admin.clone())?))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared::new(options)?);
     reload::reload(&shared).map_err(|e| format!("initial configuration: {e}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -129,6 +145,14 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tracing::info!(addr = %shared.options.admin_addr, "admin listener ready");
         listener::spawn_workers(&shared).map_err(|e| format!("cannot start workers: {e}"))?;
         tokio::spawn(admin::serve(admin, shared.clone()));
+        if let Some(kong) = kong_admin {
+            let addr = kong.options().addr;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot bind the Admin API on {addr}: {e}"))?;
+            tracing::info!(%addr, "Kong Admin API ready");
+            tokio::spawn(kong_admin::serve(listener, shared.clone(), kong));
+        }
         tokio::spawn(reload::watch(shared.clone()));
         tokio::spawn(upstream::health::run(shared.clone()));
         wait_for_shutdown().await;

@@ -55,6 +55,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         workers: args.workers,
         drain_timeout: std::time::Duration::from_secs(1),
         access_log: None,
+        kong_admin: None,
         compile: CompileOptions {
             mesh_port: Some(MESH_PORT),
             mesh_address: Some(loopback),
