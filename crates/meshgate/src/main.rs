@@ -31,6 +31,25 @@ enum Command {
     /// Validate configuration files without serving them (like `istioctl analyze`): prints
     /// every finding with severity, file, resource and field; exits 0 only without errors.
     Analyze(AnalyzeArgs),
+    /// Import a decK file into the Admin API's state, or export that state as decK.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum ConfigCommand {
+    /// Validate a decK file and make it the Admin API's state (a running proxy applies it).
+    Import {
+        file: PathBuf,
+        /// The Admin API state file (`--admin-api-state` of the proxy).
+        #[arg(long, default_value = "meshgate-admin.yaml")]
+        state: PathBuf,
+    },
+    /// Print the Admin API's state as a decK file.
+    Export {
+        #[arg(long, default_value = "meshgate-admin.yaml")]
+        state: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -135,6 +154,7 @@ fn main() {
     let result = match cli.command {
         Command::Proxy(args) => run_proxy(*args),
         Command::Analyze(args) => analyze(args),
+        Command::Config(command) => config(command),
         Command::Demo(args) => demo::run(demo::DemoArgs {
             config: args.config,
             admin_addr: args.admin_addr,
@@ -144,6 +164,43 @@ fn main() {
     if let Err(e) = result {
         eprintln!("meshgate: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `meshgate config import|export`: decK files in and out of the Admin API's state file.
+fn config(command: ConfigCommand) -> anyhow::Result<()> {
+    let read_deck = |path: &PathBuf| -> anyhow::Result<serde_json::Value> {
+        let docs = meshgate_model::source::read_file(path).map_err(|f| anyhow::anyhow!("{f}"))?;
+        match docs.into_iter().next() {
+            Some(doc) if doc.kind == meshgate_model::kong::KIND => Ok(doc.body),
+            _ => bail!("{}: not a decK file (no _format_version)", path.display()),
+        }
+    };
+    match command {
+        ConfigCommand::Import { file, state } => {
+            let deck = read_deck(&file)?;
+            let docs = meshgate_model::source::read_file(&file).map_err(|f| anyhow::anyhow!("{f}"))?;
+            if let Err(findings) = meshgate_model::compile(&docs, &CompileOptions::default()) {
+                for finding in findings.errors() {
+                    println!("{finding}");
+                }
+                bail!("{} not imported", file.display());
+            }
+            let text = serde_json::to_string_pretty(&deck)?;
+            let tmp = state.with_extension("tmp");
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &state).with_context(|| format!("writing {}", state.display()))?;
+            println!("imported {} into {}", file.display(), state.display());
+            Ok(())
+        }
+        ConfigCommand::Export { state } => {
+            let deck = read_deck(&state)?;
+            print!(
+                "{}",
+                meshgate_model::kong::to_deck_yaml(&deck).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct KongAdminOptions {
 
 pub struct KongAdmin {
     options: KongAdminOptions,
+    /// The last state read or written; re-read from the file on each request, so that
+    /// `meshgate config import` and edits to the file are seen.
     state: Mutex<Value>,
 }
 
@@ -71,6 +73,19 @@ impl KongAdmin {
 
     pub fn options(&self) -> &KongAdminOptions {
         &self.options
+    }
+
+    /// Refreshes the in-memory state from the state file, when it parses as decK.
+    fn refresh(&self) {
+        let Ok(text) = std::fs::read_to_string(&self.options.state_file) else {
+            return;
+        };
+        let Ok(docs) = meshgate_model::source::parse_str(&self.options.state_file, &text) else {
+            return;
+        };
+        if let Some(doc) = docs.into_iter().next().filter(|d| d.kind == meshgate_model::kong::KIND) {
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = doc.body;
+        }
     }
 }
 
@@ -135,6 +150,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, admin: Arc<KongAdmi
             ));
         }
     }
+    admin.refresh();
     let method = req.method().clone();
     let path: Vec<String> = req
         .uri()

@@ -1846,6 +1846,22 @@ fn virtual_host(entries: &[Entry], domain: &str, port: u16, include: impl Fn(&En
     }
 }
 
+/// A decK document as YAML text, keys in the order decK writes them (`_format_version` first).
+pub fn to_deck_yaml(document: &Value) -> Result<String, String> {
+    let mut ordered = serde_json::Map::new();
+    if let Some(Value::Object(map)) = Some(document) {
+        for key in ["_format_version", "_transform", "_workspace", "_info"] {
+            if let Some(v) = map.get(key) {
+                ordered.insert(key.to_string(), v.clone());
+            }
+        }
+        for (k, v) in map {
+            ordered.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    serde_saphyr::to_string(&Value::Object(ordered)).map_err(|e| e.to_string())
+}
+
 /// Whether a document is a decK file (it has `_format_version` instead of `kind`).
 pub fn is_declarative_config(value: &Value) -> bool {
     value.get("_format_version").is_some() && value.get("kind").is_none()
