@@ -20,6 +20,10 @@ use tokio::net::TcpListener;
 
 use crate::Shared;
 
+/// The API's OpenAPI document, checked in as `docs/admin-api.openapi.json` and served at
+/// `/openapi.json`.
+const OPENAPI: &str = include_str!("../../../docs/admin-api.openapi.json");
+
 /// Largest request body the Admin API reads (a declarative config).
 const MAX_BODY: usize = 16 << 20;
 
@@ -177,6 +181,14 @@ fn route(method: &Method, path: &[&str], body: &Bytes, shared: &Shared, admin: &
                 "configuration": {"database": "off", "admin_listen": [admin.options.addr.to_string()]},
             }),
         ),
+        (&Method::GET, ["openapi.json"]) => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
         (&Method::GET, ["status"]) => reply(
             StatusCode::OK,
             &json!({
