@@ -150,13 +150,13 @@ fn enforcing_plugins_refuse_the_config_and_others_warn() {
     let logged = dir.join("logged.yaml");
     std::fs::write(
         &logged,
-        "_format_version: \"3.0\"\nplugins:\n- name: prometheus\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n",
+        "_format_version: \"3.0\"\nplugins:\n- name: statsd\nservices:\n- name: s\n  url: http://127.0.0.1:9\n  routes:\n  - name: r\n    paths: [/]\n",
     )
     .expect("write");
     let (code, stdout) = analyze(&logged);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(
-        stdout.contains("plugins[0].name") && stdout.contains("prometheus"),
+        stdout.contains("plugins[0].name") && stdout.contains("statsd"),
         "{stdout}"
     );
 

@@ -181,6 +181,15 @@ fn route(method: &Method, path: &[&str], body: &Bytes, shared: &Shared, admin: &
                 "configuration": {"database": "off", "admin_listen": [admin.options.addr.to_string()]},
             }),
         ),
+        // Kong's prometheus plugin serves metrics here; meshgate's are always on.
+        (&Method::GET, ["metrics"]) => {
+            let mut resp = Response::new(Full::new(Bytes::from(shared.stats.render_prometheus())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
         (&Method::GET, ["openapi.json"]) => {
             let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
             resp.headers_mut().insert(

@@ -1054,6 +1054,26 @@ fn compile_plugin(
                 content_type: c.content_type,
             }))
         }
+        "prometheus" => {
+            // meshgate's metrics are always collected; the plugin's options choose what Kong
+            // would add, which meshgate's series already cover. Accepted without effect.
+            let known = [
+                "per_consumer",
+                "status_code_metrics",
+                "latency_metrics",
+                "bandwidth_metrics",
+                "upstream_health_metrics",
+                "ai_metrics",
+                "wasm_metrics",
+            ];
+            if let Some(bad) = config
+                .as_object()
+                .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())))
+            {
+                diag.error(doc, at(&config_path, bad), format!("unknown field `{bad}`"));
+            }
+            None
+        }
         "correlation-id" => {
             let c: plugins::CorrelationIdConfig = decode_value(doc, config, &config_path, diag)?;
             if !matches!(c.generator.as_str(), "uuid" | "uuid#counter" | "tracker") {
