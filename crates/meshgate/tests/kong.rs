@@ -833,3 +833,52 @@ services:
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!text.contains("carol-key"));
 }
+
+#[test]
+fn proxy_cache_answers_repeated_gets_from_memory() {
+    let app = Echo::start("cached-app");
+    let deck = format!(
+        r#"_format_version: "3.0"
+services:
+- name: app
+  url: http://127.0.0.1:{port}
+  routes:
+  - name: cached
+    paths: [/cached]
+    strip_path: false
+    plugins:
+    - name: proxy-cache
+      config:
+        strategy: memory
+        cache_ttl: 60
+        content_type: [application/json]
+"#,
+        port = app.port()
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&deck, &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+
+    let before = app.count();
+    let (status, headers, first) = request(addr, "/cached?page=1", "");
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-cache-status"), Some("Miss"));
+    let (status, headers, second) = request(addr, "/cached?page=1", "");
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-cache-status"), Some("Hit"));
+    assert_eq!(first, second, "the cached body");
+    assert!(header(&headers, "age").is_some());
+    assert_eq!(app.count(), before + 1, "the hit never reached the upstream");
+
+    // Another query is another key; a POST is not cached.
+    assert_eq!(header(&request(addr, "/cached?page=2", "").1, "x-cache-status"), Some("Miss"));
+    let (status, headers, _) = raw_request(
+        addr,
+        "POST /cached HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .expect("post");
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-cache-status"), Some("Bypass"));
+    assert_eq!(app.count(), before + 3);
+}

@@ -21,6 +21,36 @@ pub enum ResponseBody {
     Upstream { body: Incoming, on_end: Option<PoolReturn> },
     /// A reply the proxy produced itself.
     Local(Full<Bytes>),
+    /// A response streamed to the client while a copy is kept (proxy-cache).
+    Caching(Box<CachingBody>),
+}
+
+/// Streams a response while copying it, up to `limit` bytes; at its end the copy goes to
+/// `store` (a body over the limit is not stored).
+pub struct CachingBody {
+    inner: ResponseBody,
+    copy: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    store: Option<Box<dyn FnOnce(Bytes) + Send + Sync>>,
+}
+
+impl CachingBody {
+    pub fn new(inner: ResponseBody, limit: usize, store: impl FnOnce(Bytes) + Send + Sync + 'static) -> Self {
+        CachingBody {
+            inner,
+            copy: Vec::new(),
+            size: 0,
+            limit,
+            store: Some(Box::new(store)),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(store) = self.store.take() {
+            store(Bytes::from(self.copy.concat()));
+        }
+    }
 }
 
 impl ResponseBody {
@@ -58,6 +88,31 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ResponseBody::Caching(c) => {
+                let polled = Pin::new(&mut c.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref()
+                            && c.store.is_some()
+                        {
+                            c.size += data.len();
+                            if c.size > c.limit {
+                                c.store = None;
+                                c.copy.clear();
+                            } else {
+                                c.copy.push(data.clone());
+                            }
+                        }
+                        if c.inner.is_end_stream() {
+                            c.finish();
+                        }
+                    }
+                    Poll::Ready(None) => c.finish(),
+                    Poll::Ready(Some(Err(_))) => c.store = None,
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -65,6 +120,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream { body, .. } => body.is_end_stream(),
             ResponseBody::Local(b) => b.is_end_stream(),
+            ResponseBody::Caching(c) => c.inner.is_end_stream(),
         }
     }
 
@@ -72,6 +128,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Local(b) => b.size_hint(),
+            ResponseBody::Caching(c) => c.inner.size_hint(),
         }
     }
 }

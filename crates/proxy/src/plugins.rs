@@ -4,16 +4,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use meshgate_model::kong::plugins::{
-    Acl, BasicAuth, Consumers, CorrelationId, IpRestriction, Jwt, KeyAuth, LimitBy, Plugin, PluginChain, RateLimiting,
-    RequestSizeLimiting, RequestTermination, TransformOps, Transformer, Window,
+    Acl, BasicAuth, Consumers, CorrelationId, IpRestriction, Jwt, KeyAuth, LimitBy, Plugin, PluginChain, ProxyCache,
+    RateLimiting, RequestSizeLimiting, RequestTermination, TransformOps, Transformer, Window,
 };
 
 use crate::body::{self, ResponseBody};
@@ -36,6 +36,8 @@ pub struct PluginState {
     counter_keys: std::collections::hash_map::RandomState,
     correlation_counter: AtomicU64,
     redis: crate::redis::RedisPool,
+    /// proxy-cache entries by key (shared with the bodies that fill it).
+    cache: Arc<Mutex<HashMap<u64, Arc<CachedResponse>>>>,
     /// file-log writers by path, opened on first use and kept across reloads.
     file_logs: Mutex<HashMap<std::path::PathBuf, std::sync::Arc<crate::access_log::AccessLog>>>,
 }
@@ -70,7 +72,22 @@ pub struct PluginEffects {
     request_method: Option<Method>,
     response_headers: Vec<(HeaderName, HeaderValue)>,
     log: Option<LogContext>,
+    /// proxy-cache: the key to store a cacheable response under, and when it was asked.
+    cache_store: Option<(u64, std::time::Instant)>,
 }
+
+/// A response kept by proxy-cache.
+struct CachedResponse {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    stored: std::time::Instant,
+    expires: std::time::Instant,
+}
+
+/// Entries kept at most, and the largest body stored.
+const CACHE_ENTRIES: usize = 10_000;
+const CACHE_BODY_LIMIT: usize = 1 << 20;
 
 impl PluginEffects {
     fn set(&mut self, name: HeaderName, value: Option<HeaderValue>) {
@@ -110,6 +127,11 @@ impl PluginEffects {
             if let Plugin::ResponseTransformer(t) = plugin {
                 transform_headers(&t.headers, headers);
             }
+        }
+        if let Some((key, _)) = self.cache_store
+            && let Some(Plugin::ProxyCache(c)) = chain.plugins.iter().find(|p| matches!(p, Plugin::ProxyCache(_)))
+        {
+            cache_store(c, key, response, state);
         }
         if let Some(log) = self.log {
             emit_logs(chain, log, response, state);
@@ -393,6 +415,7 @@ async fn run_access<'c, B>(
             Plugin::RequestSizeLimiting(l) => request_size(l, req)?,
             Plugin::RequestTransformer(t) => transform_request(t, req, effects),
             // Applied to the response (`apply_to_response`) and by the route's CORS handling.
+            Plugin::ProxyCache(c) => cache_lookup(c, req, route, state, effects)?,
             Plugin::ResponseTransformer(_) | Plugin::Cors(_) | Plugin::FileLog(_) | Plugin::HttpLog(_) => {}
         }
     }
@@ -651,6 +674,140 @@ fn signature_valid(j: &Jwt, secret: &meshgate_model::kong::plugins::JwtSecret, i
         "ES384" => public(&sig::ECDSA_P384_SHA384_FIXED),
         _ => false,
     }
+}
+
+/// The cache key of a request: method, host, path, query (or only `vary_query_params`) and
+/// `vary_headers`, hashed with the route and plugin instance.
+fn cache_key<B>(c: &ProxyCache, req: &Request<B>, route: &str, state: &PluginState) -> u64 {
+    use std::hash::BuildHasher;
+    let query = req.uri().query().unwrap_or("");
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            c.vary_query_params.is_empty()
+                || c.vary_query_params
+                    .iter()
+                    .any(|v| p.split('=').next() == Some(v.as_str()))
+        })
+        .collect();
+    params.sort_unstable();
+    let headers: Vec<Option<&[u8]>> = c
+        .vary_headers
+        .iter()
+        .map(|h| req.headers().get(h.as_str()).map(|v| v.as_bytes()))
+        .collect();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or(req.uri().authority().map(|a| a.as_str().as_bytes()));
+    state.counter_keys.hash_one((
+        &c.instance,
+        route,
+        req.method().as_str(),
+        host,
+        req.uri().path(),
+        params,
+        headers,
+    ))
+}
+
+/// proxy-cache's access phase: answer from the cache (`X-Cache-Status: Hit`), or mark the
+/// response for storing (`Miss`), or pass methods it does not cache (`Bypass`).
+fn cache_lookup<B>(
+    c: &ProxyCache,
+    req: &Request<B>,
+    route: &str,
+    state: &PluginState,
+    effects: &mut PluginEffects,
+) -> Result<(), Rejection> {
+    let status_header = HeaderName::from_static("x-cache-status");
+    if !c.request_methods.iter().any(|m| m == req.method().as_str()) {
+        effects
+            .response_headers
+            .push((status_header, HeaderValue::from_static("Bypass")));
+        return Ok(());
+    }
+    let key = cache_key(c, req, route, state);
+    let key_value = HeaderValue::from_str(&format!("{key:016x}")).unwrap_or(HeaderValue::from_static("-"));
+    let now = std::time::Instant::now();
+    let hit = state
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .filter(|e| e.expires > now)
+        .cloned();
+    if let Some(entry) = hit {
+        let mut resp = Response::new(body::full(entry.body.clone()));
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = entry.headers.clone();
+        resp.headers_mut()
+            .insert(status_header, HeaderValue::from_static("Hit"));
+        resp.headers_mut().insert("x-cache-key", key_value);
+        resp.headers_mut().insert(
+            header::AGE,
+            HeaderValue::from(now.duration_since(entry.stored).as_secs()),
+        );
+        return Err(Box::new(resp));
+    }
+    effects
+        .response_headers
+        .push((status_header, HeaderValue::from_static("Miss")));
+    effects
+        .response_headers
+        .push((HeaderName::from_static("x-cache-key"), key_value));
+    effects.cache_store = Some((key, now));
+    Ok(())
+}
+
+/// Stores a cacheable response (status and media type allowed) as it streams to the client.
+fn cache_store(c: &ProxyCache, key: u64, response: &mut Response<ResponseBody>, state: &PluginState) {
+    if !c.response_codes.contains(&response.status().as_u16()) {
+        return;
+    }
+    let media_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !c.content_types.iter().any(|t| *t == media_type) {
+        return;
+    }
+    let mut headers = response.headers().clone();
+    for name in ["x-cache-status", "x-cache-key", "connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    let status = response.status();
+    let ttl = c.ttl;
+    let store = state.cache.clone();
+    let inner = std::mem::replace(response.body_mut(), body::empty());
+    *response.body_mut() = ResponseBody::Caching(Box::new(body::CachingBody::new(
+        inner,
+        CACHE_BODY_LIMIT,
+        move |bytes| {
+            let now = std::time::Instant::now();
+            let mut cache = store.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_ENTRIES {
+                cache.retain(|_, e| e.expires > now);
+                if cache.len() >= CACHE_ENTRIES {
+                    return;
+                }
+            }
+            cache.insert(
+                key,
+                Arc::new(CachedResponse {
+                    status,
+                    headers,
+                    body: bytes,
+                    stored: now,
+                    expires: now + ttl,
+                }),
+            );
+        },
+    )));
 }
 
 /// Compares without an early exit, so timing does not reveal a matching prefix.

@@ -1054,6 +1054,37 @@ fn compile_plugin(
                 content_type: c.content_type,
             }))
         }
+        "proxy-cache" => {
+            let c: plugins::ProxyCacheConfig = decode_value(doc, config, &config_path, diag)?;
+            if c.strategy != "memory" {
+                diag.error(
+                    doc,
+                    at(&config_path, "strategy"),
+                    format!("strategy {:?} is not supported (memory)", c.strategy),
+                );
+                return None;
+            }
+            if c.cache_control {
+                diag.warn(
+                    doc,
+                    at(&config_path, "cache_control"),
+                    "Cache-Control is not followed yet: cache_ttl applies",
+                );
+            }
+            if c.cache_ttl == 0 {
+                diag.error(doc, at(&config_path, "cache_ttl"), "must be at least 1 (seconds)");
+                return None;
+            }
+            Some(plugins::Plugin::ProxyCache(plugins::ProxyCache {
+                request_methods: c.request_method.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                response_codes: c.response_code,
+                content_types: c.content_type.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                ttl: Duration::from_secs(c.cache_ttl),
+                vary_headers: c.vary_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                vary_query_params: c.vary_query_params,
+                instance: plugin.id.clone().unwrap_or_else(|| path.to_string()),
+            }))
+        }
         "prometheus" => {
             // meshgate's metrics are always collected; the plugin's options choose what Kong
             // would add, which meshgate's series already cover. Accepted without effect.

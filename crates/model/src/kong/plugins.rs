@@ -34,6 +34,22 @@ pub enum Plugin {
     Cors(crate::snapshot::CorsPolicy),
     FileLog(FileLog),
     HttpLog(HttpLog),
+    ProxyCache(ProxyCache),
+}
+
+/// proxy-cache with the `memory` strategy: whole responses kept per request key.
+#[derive(Debug)]
+pub struct ProxyCache {
+    pub request_methods: Vec<String>,
+    pub response_codes: Vec<u16>,
+    /// Media types (without parameters) that may be cached.
+    pub content_types: Vec<String>,
+    pub ttl: std::time::Duration,
+    /// Request headers and query parameters that are part of the key.
+    pub vary_headers: Vec<String>,
+    pub vary_query_params: Vec<String>,
+    /// Per-instance key prefix, so routes sharing a cache do not collide.
+    pub instance: String,
 }
 
 /// file-log: one JSON object per request (Kong's basic log serializer) appended to `path`.
@@ -71,6 +87,7 @@ impl Plugin {
             Plugin::RequestTermination(_) => 2,
             Plugin::Cors(_) => 2000,
             Plugin::HttpLog(_) => 12,
+            Plugin::ProxyCache(_) => 100,
             Plugin::FileLog(_) => 9,
         }
     }
@@ -602,6 +619,50 @@ pub(crate) struct RedisConfig {
     pub connection_is_proxied: Option<Value>,
     pub keepalive_pool_size: Option<Value>,
     pub keepalive_backlog: Option<Value>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProxyCacheConfig {
+    #[serde(default = "default_cache_codes")]
+    pub response_code: Vec<u16>,
+    #[serde(default = "default_cache_methods")]
+    pub request_method: Vec<String>,
+    #[serde(default = "default_cache_types")]
+    pub content_type: Vec<String>,
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl: u64,
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    #[serde(default)]
+    pub cache_control: bool,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    pub storage_ttl: Option<u64>,
+    pub memory: Option<Value>,
+    #[serde(default)]
+    pub vary_headers: Vec<String>,
+    #[serde(default)]
+    pub vary_query_params: Vec<String>,
+    #[serde(default)]
+    pub response_headers: Option<Value>,
+}
+
+fn default_cache_codes() -> Vec<u16> {
+    vec![200, 301, 404]
+}
+fn default_cache_methods() -> Vec<String> {
+    vec!["GET".to_string(), "HEAD".to_string()]
+}
+fn default_cache_types() -> Vec<String> {
+    vec!["text/plain".to_string(), "application/json".to_string()]
+}
+fn default_cache_ttl() -> u64 {
+    300
+}
+fn default_strategy() -> String {
+    "memory".to_string()
 }
 
 #[allow(dead_code)]
