@@ -773,7 +773,7 @@ fn cache_store(c: &ProxyCache, key: u64, response: &mut Response<ResponseBody>, 
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
         .unwrap_or_default();
-    if !c.content_types.iter().any(|t| *t == media_type) {
+    if !c.content_types.contains(&media_type) {
         return;
     }
     let mut headers = response.headers().clone();
