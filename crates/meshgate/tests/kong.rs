@@ -872,7 +872,10 @@ services:
     assert_eq!(app.count(), before + 1, "the hit never reached the upstream");
 
     // Another query is another key; a POST is not cached.
-    assert_eq!(header(&request(addr, "/cached?page=2", "").1, "x-cache-status"), Some("Miss"));
+    assert_eq!(
+        header(&request(addr, "/cached?page=2", "").1, "x-cache-status"),
+        Some("Miss")
+    );
     let (status, headers, _) = raw_request(
         addr,
         "POST /cached HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
