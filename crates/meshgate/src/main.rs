@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 use meshgate_model::CompileOptions;
 use meshgate_proxy::ProxyOptions;
 use meshgate_proxy::access_log::{AccessLogFormat, AccessLogOptions};
+use meshgate_proxy::kong_store::StoreLocation;
+
+/// The Admin API's database when none is given: a SQLite file in the working directory.
+const DEFAULT_ADMIN_DATABASE: &str = "meshgate-admin.db";
 
 #[derive(Parser)]
 #[command(name = "meshgate", version, about = "Service mesh and API gateway in one binary")]
@@ -41,14 +45,17 @@ enum ConfigCommand {
     /// Validate a decK file and make it the Admin API's state (a running proxy applies it).
     Import {
         file: PathBuf,
-        /// The Admin API state file (`--admin-api-state` of the proxy).
-        #[arg(long, default_value = "meshgate-admin.yaml")]
-        state: PathBuf,
+        /// The Admin API's database (`--admin-api-database` of the proxy).
+        #[arg(long, env = "MESHGATE_ADMIN_DATABASE", default_value = DEFAULT_ADMIN_DATABASE)]
+        database: String,
     },
-    /// Print the Admin API's state as a decK file.
+    /// Print the Admin API's state as a decK file (like `deck gateway dump`).
     Export {
-        #[arg(long, default_value = "meshgate-admin.yaml")]
-        state: PathBuf,
+        #[arg(long, env = "MESHGATE_ADMIN_DATABASE", default_value = DEFAULT_ADMIN_DATABASE)]
+        database: String,
+        /// Keep every entity's id (otherwise only ids other entities refer to are kept).
+        #[arg(long)]
+        with_id: bool,
     },
 }
 
@@ -68,7 +75,7 @@ struct AnalyzeArgs {
 #[derive(clap::Args)]
 struct ProxyArgs {
     /// A YAML file or a folder of them (multi-document). Repeatable. Reloaded on change.
-    #[arg(long, short, required = true)]
+    #[arg(long, short, required_unless_present = "admin_api")]
     config: Vec<PathBuf>,
     /// Address the listeners bind to.
     #[arg(long, default_value = "0.0.0.0")]
@@ -111,9 +118,10 @@ struct ProxyArgs {
     /// reachable beyond loopback (also from MESHGATE_ADMIN_TOKEN).
     #[arg(long)]
     admin_api_token: Option<String>,
-    /// The decK file where the Admin API keeps its state (created when missing).
-    #[arg(long, default_value = "meshgate-admin.yaml")]
-    admin_api_state: PathBuf,
+    /// Where the Admin API keeps its state: a SQLite file (created when missing) or a
+    /// `postgres://user:password@host:port/db` URL shared by several instances.
+    #[arg(long, env = "MESHGATE_ADMIN_DATABASE", default_value = DEFAULT_ADMIN_DATABASE)]
+    admin_api_database: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -177,24 +185,27 @@ fn config(command: ConfigCommand) -> anyhow::Result<()> {
         }
     };
     match command {
-        ConfigCommand::Import { file, state } => {
+        ConfigCommand::Import { file, database } => {
             let deck = read_deck(&file)?;
-            let docs = meshgate_model::source::read_file(&file).map_err(|f| anyhow::anyhow!("{f}"))?;
-            if let Err(findings) = meshgate_model::compile(&docs, &CompileOptions::default()) {
-                for finding in findings.errors() {
-                    println!("{finding}");
-                }
-                bail!("{} not imported", file.display());
-            }
-            let text = serde_json::to_string_pretty(&deck)?;
-            let tmp = state.with_extension("tmp");
-            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &state).with_context(|| format!("writing {}", state.display()))?;
-            println!("imported {} into {}", file.display(), state.display());
+            let location = StoreLocation::parse(&database);
+            let revision = single_thread_runtime()?
+                .block_on(meshgate_proxy::kong_admin::import(
+                    &location,
+                    deck,
+                    &CompileOptions::default(),
+                ))
+                .map_err(|e| {
+                    println!("{e}");
+                    anyhow::anyhow!("{} not imported", file.display())
+                })?;
+            println!("imported {} into {location} (revision {revision})", file.display());
             Ok(())
         }
-        ConfigCommand::Export { state } => {
-            let deck = read_deck(&state)?;
+        ConfigCommand::Export { database, with_id } => {
+            let location = StoreLocation::parse(&database);
+            let deck = single_thread_runtime()?
+                .block_on(meshgate_proxy::kong_admin::export(&location, with_id))
+                .map_err(anyhow::Error::msg)?;
             print!(
                 "{}",
                 meshgate_model::kong::to_deck_yaml(&deck).map_err(anyhow::Error::msg)?
@@ -202,6 +213,13 @@ fn config(command: ConfigCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn single_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 /// Runs the same load and validation as the proxy's reload path and reports the findings.
@@ -245,17 +263,14 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     compile.mesh_port = args.mesh_port;
     compile.controller_name = args.controller_name;
     compile.kong_listen = args.listen;
-    let mut config_paths = args.config;
-    let kong_admin = args.admin_api.map(|addr| {
-        config_paths.push(args.admin_api_state.clone());
-        meshgate_proxy::kong_admin::KongAdminOptions {
-            addr,
-            token: args
-                .admin_api_token
-                .clone()
-                .or_else(|| std::env::var("MESHGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty())),
-            state_file: args.admin_api_state.clone(),
-        }
+    let config_paths = args.config;
+    let kong_admin = args.admin_api.map(|addr| meshgate_proxy::kong_admin::KongAdminOptions {
+        addr,
+        token: args
+            .admin_api_token
+            .clone()
+            .or_else(|| std::env::var("MESHGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty())),
+        database: StoreLocation::parse(&args.admin_api_database),
     });
     let options = ProxyOptions {
         config_paths,

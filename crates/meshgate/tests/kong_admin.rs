@@ -26,14 +26,14 @@ fn call(admin: SocketAddr, method: &str, path: &str, body: &str, token: Option<&
 fn entities_created_through_the_admin_api_route_traffic_and_persist() {
     let app = Echo::start("admin-app");
     let dir = scratch_dir("kong-admin");
-    let state = dir.join("state.yaml");
+    let state = dir.join("state.db");
     let (admin_port, proxy_port) = (free_port(), free_port());
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().expect("addr");
     let gateway: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().expect("addr");
     let args = [
         "--admin-api".to_string(),
         admin.to_string(),
-        "--admin-api-state".to_string(),
+        "--admin-api-database".to_string(),
         state.display().to_string(),
         "--listen".to_string(),
         gateway.to_string(),
@@ -158,8 +158,8 @@ fn the_admin_api_needs_its_token_and_refuses_to_be_exposed_without_one() {
         admin.to_string(),
         "--admin-api-token".to_string(),
         "s3cret".to_string(),
-        "--admin-api-state".to_string(),
-        dir.join("state.yaml").display().to_string(),
+        "--admin-api-database".to_string(),
+        dir.join("state.db").display().to_string(),
         "--listen".to_string(),
         format!("127.0.0.1:{}", free_port()),
     ];
@@ -171,8 +171,8 @@ fn the_admin_api_needs_its_token_and_refuses_to_be_exposed_without_one() {
 
     // Bound beyond loopback without a token: meshgate refuses to start.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["proxy", "--config"])
-        .arg(dir.join("state.yaml"))
+        .args(["proxy", "--admin-api-database"])
+        .arg(dir.join("state.db"))
         .args(["--admin-api", "0.0.0.0:0", "--admin-addr", "127.0.0.1:0"])
         .env_remove("MESHGATE_ADMIN_TOKEN")
         .output()
@@ -185,7 +185,7 @@ fn the_admin_api_needs_its_token_and_refuses_to_be_exposed_without_one() {
 fn config_import_then_export_round_trips_a_deck_file() {
     let dir = scratch_dir("kong-import");
     let input = dir.join("kong.yaml");
-    let state = dir.join("state.yaml");
+    let state = dir.join("state.db");
     let deck = "_format_version: \"3.0\"\nservices:\n- name: app\n  url: http://127.0.0.1:9/api\n  routes:\n  - name: r\n    paths: [/app]\n    strip_path: false\n  plugins:\n  - name: rate-limiting\n    config: {minute: 10, policy: local}\nconsumers:\n- username: alice\n  keyauth_credentials:\n  - key: k1\nupstreams:\n- name: pool\n  targets:\n  - {target: 127.0.0.1:9, weight: 100}\n";
     std::fs::write(&input, deck).expect("write");
     let run = |args: &[&str]| {
@@ -195,9 +195,15 @@ fn config_import_then_export_round_trips_a_deck_file() {
             .expect("run meshgate")
     };
     let state_arg = state.display().to_string();
-    let out = run(&["config", "import", &input.display().to_string(), "--state", &state_arg]);
+    let out = run(&[
+        "config",
+        "import",
+        &input.display().to_string(),
+        "--database",
+        &state_arg,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = run(&["config", "export", "--state", &state_arg]);
+    let out = run(&["config", "export", "--database", &state_arg]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let exported = String::from_utf8_lossy(&out.stdout).into_owned();
     let parse = |text: &str| meshgate_model_docs(text);
@@ -209,10 +215,16 @@ fn config_import_then_export_round_trips_a_deck_file() {
         "_format_version: \"3.0\"\nservices:\n- name: app\n  url: http://x\n  routez: []\n",
     )
     .expect("write");
-    let out = run(&["config", "import", &input.display().to_string(), "--state", &state_arg]);
+    let out = run(&[
+        "config",
+        "import",
+        &input.display().to_string(),
+        "--database",
+        &state_arg,
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("routez"));
-    let out = run(&["config", "export", "--state", &state_arg]);
+    let out = run(&["config", "export", "--database", &state_arg]);
     assert_eq!(parse(&String::from_utf8_lossy(&out.stdout)), parse(deck));
 }
 
@@ -240,8 +252,8 @@ fn the_openapi_document_describes_the_api_it_drives() {
     let args = [
         "--admin-api".to_string(),
         admin.to_string(),
-        "--admin-api-state".to_string(),
-        dir.join("state.yaml").display().to_string(),
+        "--admin-api-database".to_string(),
+        dir.join("state.db").display().to_string(),
         "--listen".to_string(),
         format!("127.0.0.1:{}", free_port()),
     ];

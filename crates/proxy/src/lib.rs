@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod kong_admin;
+pub mod kong_store;
 pub mod listener;
 pub mod plugins;
 pub mod redis;
@@ -54,8 +55,8 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// Where and how to write access logs; `None`: no access log.
     pub access_log: Option<access_log::AccessLogOptions>,
-    /// The Kong-compatible Admin API, when enabled; its state file must be among
-    /// `config_paths`.
+    /// The Kong-compatible Admin API, when enabled; its stored state is compiled with the
+    /// config files.
     pub kong_admin: Option<kong_admin::KongAdminOptions>,
 }
 
@@ -76,6 +77,8 @@ pub struct Shared {
     pub access_log: Option<access_log::AccessLog>,
     /// Kong plugin state kept across requests and reloads (rate-limit counters).
     pub plugin_state: plugins::PluginState,
+    /// The Admin API's stored decK document, compiled with the config files on each reload.
+    pub admin_api_documents: ArcSwap<Vec<meshgate_model::source::Document>>,
 }
 
 impl Shared {
@@ -107,6 +110,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             access_log,
             plugin_state: plugins::PluginState::default(),
+            admin_api_documents: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -120,25 +124,30 @@ impl Shared {
 /// Runs the proxy until SIGTERM or SIGINT. Fails if the initial config does not load or the
 /// admin port cannot be bound.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
-    let kong_admin = match &options.kong_admin {
-        Some(admin) => {
-            if !admin.addr.ip().is_loopback() && admin.token.is_none() {
-                return Err(format!(
-                    "the Admin API on {} is reachable beyond loopback: set --admin-api-token",
-                    admin.addr
-                ));
-            }
-            Some(Arc::new(kong_admin::KongAdmin::open(admin.clone())?))
-        }
-        None => None,
-    };
+    if let Some(admin) = &options.kong_admin
+        && !admin.addr.ip().is_loopback()
+        && admin.token.is_none()
+    {
+        return Err(format!(
+            "the Admin API on {} is reachable beyond loopback: set --admin-api-token",
+            admin.addr
+        ));
+    }
     let shared = Arc::new(Shared::new(options)?);
-    reload::reload(&shared).map_err(|e| format!("initial configuration: {e}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     runtime.block_on(async {
+        let kong_admin = match &shared.options.kong_admin {
+            Some(options) => {
+                let admin = kong_admin::KongAdmin::open(options.clone()).await?;
+                admin.load_into(&shared).await?;
+                Some(Arc::new(admin))
+            }
+            None => None,
+        };
+        reload::reload(&shared).map_err(|e| format!("initial configuration: {e}"))?;
         let admin = admin::bind(shared.options.admin_addr)
             .await
             .map_err(|e| format!("cannot bind admin listener {}: {e}", shared.options.admin_addr))?;
@@ -150,8 +159,9 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot bind the Admin API on {addr}: {e}"))?;
-            tracing::info!(%addr, "Kong Admin API ready");
-            tokio::spawn(kong_admin::serve(listener, shared.clone(), kong));
+            tracing::info!(%addr, database = %kong.options().database, "Kong Admin API ready");
+            tokio::spawn(kong_admin::serve(listener, shared.clone(), kong.clone()));
+            tokio::spawn(kong_admin::watch(shared.clone(), kong));
         }
         tokio::spawn(reload::watch(shared.clone()));
         tokio::spawn(upstream::health::run(shared.clone()));

@@ -22,7 +22,11 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Compiles the config files and, if everything is valid, makes them the served config.
 pub fn reload(shared: &Shared) -> Result<u64, String> {
-    let result = meshgate_model::load(&shared.options.config_paths, &shared.options.compile)
+    let result = meshgate_model::source::read_paths(&shared.options.config_paths)
+        .and_then(|mut documents| {
+            documents.extend(shared.admin_api_documents.load().iter().cloned());
+            meshgate_model::compile(&documents, &shared.options.compile)
+        })
         .map_err(|findings| {
             for f in &findings.0 {
                 match f.severity {

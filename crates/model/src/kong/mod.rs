@@ -14,6 +14,7 @@
 //! consumers are ignored with a warning.
 
 pub mod plugins;
+pub mod schemas;
 pub mod types;
 
 use std::collections::HashMap;
