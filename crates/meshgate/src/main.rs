@@ -101,6 +101,11 @@ struct ProxyArgs {
     /// 8000 on --bind-address). Repeatable.
     #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// Kong decK files: TLS proxy listeners serving the decK `certificates` by SNI (Kong's
+    /// `proxy_listen ... ssl`; default port 8443 when there are certificates and no
+    /// --listen). Repeatable.
+    #[arg(long)]
+    listen_tls: Vec<SocketAddr>,
     /// On SIGTERM/SIGINT: stop reporting ready and let requests in flight finish for at most
     /// this long (e.g. `10s`, `500ms`) before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -263,6 +268,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     compile.mesh_port = args.mesh_port;
     compile.controller_name = args.controller_name;
     compile.kong_listen = args.listen;
+    compile.kong_listen_tls = args.listen_tls;
     let config_paths = args.config;
     let kong_admin = args.admin_api.map(|addr| meshgate_proxy::kong_admin::KongAdminOptions {
         addr,

@@ -42,6 +42,10 @@ pub struct CompileOptions {
     /// Kong: the addresses of the proxy listener serving decK files (Kong's `proxy_listen`);
     /// empty means port 8000 on the proxy's bind address.
     pub kong_listen: Vec<std::net::SocketAddr>,
+    /// Kong: TLS proxy listeners (Kong's `proxy_listen ... ssl`) serving the decK
+    /// `certificates` by SNI; empty means port 8443 on the proxy's bind address when the
+    /// config has certificates and `kong_listen` is not set either.
+    pub kong_listen_tls: Vec<std::net::SocketAddr>,
 }
 
 /// The GatewayClass controller name meshgate answers to by default.
@@ -55,6 +59,7 @@ impl Default for CompileOptions {
             mesh_address: None,
             controller_name: DEFAULT_CONTROLLER_NAME.to_string(),
             kong_listen: Vec::new(),
+            kong_listen_tls: Vec::new(),
         }
     }
 }

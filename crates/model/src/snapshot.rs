@@ -71,7 +71,7 @@ pub struct ListenerTls {
 }
 
 /// A certificate chain and key, already read from disk and validated as PEM.
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 pub struct TlsCertificate {
     /// Hosts this certificate serves (`*` for any; `*.example.com` wildcards allowed).
     pub sni_hosts: Vec<String>,

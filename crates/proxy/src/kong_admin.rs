@@ -359,7 +359,18 @@ async fn stateless(call: &Call<'_>, shared: &Shared, admin: &KongAdmin) -> Optio
                 Ok(f) => f,
                 Err(e) => return Some(schema_violation(&e)),
             };
-            let candidate = json!({"_format_version": "3.0", "plugins": [Value::Object(fields)]});
+            // The config is checked as a global plugin over one route (plugins are compiled
+            // into the routes they run on); what it is attached to is not part of the schema.
+            let mut fields = fields;
+            for reference in ["service", "route", "consumer"] {
+                fields.remove(reference);
+            }
+            let candidate = json!({
+                "_format_version": "3.0",
+                "services": [{"name": "validate", "url": "http://127.0.0.1:9",
+                              "routes": [{"name": "validate", "paths": ["/"]}]}],
+                "plugins": [Value::Object(fields)],
+            });
             match validate(shared, admin, &candidate) {
                 Ok(()) => message(StatusCode::OK, "schema validation successful"),
                 Err(e) => schema_violation(&e),
@@ -380,12 +391,18 @@ fn schema_violation(text: &str) -> Reply {
 /// violation).
 fn validate(shared: &Shared, admin: &KongAdmin, candidate: &Value) -> Result<(), String> {
     let docs = documents(&admin.options.database, candidate)?;
-    if let Err(findings) = meshgate_model::compile(&docs, &shared.options.compile) {
+    let compiled = meshgate_model::compile(&docs, &shared.options.compile).map_err(|findings| {
         let errors: Vec<String> = findings
             .errors()
             .map(|f| format!("{}: {}", f.field, f.message))
             .collect();
-        return Err(errors.join("; "));
+        errors.join("; ")
+    })?;
+    // Certificates must load as keys the TLS listener can serve, not only look like PEM.
+    for listener in &compiled.snapshot.listeners {
+        if let Some(tls) = &listener.tls {
+            crate::tls::server_config(tls, &listener.name).map_err(|e| format!("certificates: {e}"))?;
+        }
     }
     Ok(())
 }

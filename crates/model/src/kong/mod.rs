@@ -31,8 +31,8 @@ use crate::istio::registry::Registry;
 use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
 use crate::snapshot::{
     Cluster, ClusterId, ConnectionPoolSettings, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps,
-    Listener, ListenerFlavor, LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route,
-    RouteAction, RouteTable, Snapshot, UpstreamProtocol, VirtualHost, WeightedDestination,
+    Listener, ListenerFlavor, ListenerTls, LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite,
+    Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 use plugins::{Consumer, Consumers, PluginChain};
@@ -67,6 +67,9 @@ const ENFORCING_PLUGINS: &[&str] = &[
 struct Entry {
     /// Lower-cased host patterns (`*.example.com` allowed); empty matches every host.
     hosts: Vec<String>,
+    /// The route's `protocols` allow plain HTTP (`http`/`grpc`) and TLS (`https`/`grpcs`).
+    plain: bool,
+    tls: bool,
     priority: Priority,
     /// Declaration order, the last tie-breaker.
     seq: usize,
@@ -103,6 +106,7 @@ pub(crate) fn build(
     diag: &mut Diag,
 ) {
     let mut entries: Vec<Entry> = Vec::new();
+    let mut certificates: Vec<TlsCertificate> = Vec::new();
     let mut any = false;
     for doc in documents.iter().filter(|d| d.kind == KIND) {
         any = true;
@@ -110,6 +114,9 @@ pub(crate) fn build(
             continue;
         };
         compile_config(doc, &config, registry, diag, &mut entries);
+        if let Some(list) = &config.certificates {
+            certificates.extend(compile_certificates(doc, list, diag));
+        }
     }
     if !any {
         return;
@@ -125,10 +132,142 @@ pub(crate) fn build(
             address,
             port,
             tls: None,
-            routes: route_table(&entries, port),
+            routes: route_table(&entries, port, false),
             flavor: ListenerFlavor::Kong,
         });
     }
+    let tls_listens: Vec<(Option<IpAddr>, u16)> = if !options.kong_listen_tls.is_empty() {
+        options
+            .kong_listen_tls
+            .iter()
+            .map(|a| (Some(a.ip()), a.port()))
+            .collect()
+    } else if options.kong_listen.is_empty() && !certificates.is_empty() {
+        vec![(None, DEFAULT_PROXY_TLS_PORT)]
+    } else {
+        Vec::new()
+    };
+    if certificates.is_empty() {
+        if !options.kong_listen_tls.is_empty()
+            && let Some(doc) = documents.iter().find(|d| d.kind == KIND)
+        {
+            diag.warn(
+                doc,
+                "certificates",
+                "no certificate to serve: the TLS proxy listener (--listen-tls) starts once one is added",
+            );
+        }
+        return;
+    }
+    // The TLS listener picks the most specific SNI match (exact names before wildcards, as
+    // Kong does) and the first certificate when the client sends no or an unknown name: a
+    // certificate without SNIs, Kong's default, goes first.
+    certificates.sort_by_key(|c| c.sni_hosts.iter().all(|h| h != "*"));
+    for (address, port) in tls_listens {
+        snapshot.listeners.push(Listener {
+            name: format!("{}_{port}", address.map_or("0.0.0.0".to_string(), |a| a.to_string())),
+            address,
+            port,
+            tls: Some(ListenerTls {
+                certificates: certificates.clone(),
+                alpn: vec!["h2".to_string(), "http/1.1".to_string()],
+            }),
+            routes: route_table(&entries, port, true),
+            flavor: ListenerFlavor::Kong,
+        });
+    }
+}
+
+/// Kong's default TLS `proxy_listen` port.
+const DEFAULT_PROXY_TLS_PORT: u16 = 8443;
+
+/// One decK certificate: PEM certificate chain and key, served for its `snis`.
+#[allow(dead_code)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeckCertificate {
+    cert: String,
+    key: String,
+    cert_alt: Option<String>,
+    key_alt: Option<String>,
+    id: Option<String>,
+    #[serde(default)]
+    snis: Vec<DeckSni>,
+    #[serde(default)]
+    tags: Vec<String>,
+    created_at: Option<Value>,
+    updated_at: Option<Value>,
+}
+
+/// An SNI: decK writes `{name: ..}`; a bare name is accepted too.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum DeckSni {
+    Name(String),
+    Entity {
+        name: String,
+        #[allow(dead_code)]
+        id: Option<String>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        tags: Vec<String>,
+        #[allow(dead_code)]
+        created_at: Option<Value>,
+        #[allow(dead_code)]
+        certificate: Option<Value>,
+    },
+}
+
+fn compile_certificates(doc: &Document, list: &Value, diag: &mut Diag) -> Vec<TlsCertificate> {
+    let Some(items) = list.as_array() else {
+        diag.error(doc, "certificates", "expected a list");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, value) in items.iter().enumerate() {
+        let path = format!("certificates[{i}]");
+        let Some(cert) = decode_value::<DeckCertificate>(doc, value, &path, diag) else {
+            continue;
+        };
+        if !cert.cert.contains("-----BEGIN CERTIFICATE-----") {
+            diag.error(doc, at(&path, "cert"), "not a PEM certificate");
+            continue;
+        }
+        if !cert.key.contains("PRIVATE KEY-----") {
+            diag.error(doc, at(&path, "key"), "not a PEM private key");
+            continue;
+        }
+        if cert.cert_alt.is_some() || cert.key_alt.is_some() {
+            diag.warn(
+                doc,
+                at(&path, "cert_alt"),
+                "alternate certificates are not supported yet; ignored",
+            );
+        }
+        let mut sni_hosts = Vec::new();
+        for (j, sni) in cert.snis.iter().enumerate() {
+            let name = match sni {
+                DeckSni::Name(n) | DeckSni::Entity { name: n, .. } => n.to_ascii_lowercase(),
+            };
+            if name.is_empty() || name.contains(['/', ':', ' ']) || name.chars().skip(1).any(|c| c == '*') {
+                diag.error(doc, format!("{path}.snis[{j}]"), format!("invalid SNI {name:?}"));
+                continue;
+            }
+            sni_hosts.push(name);
+        }
+        if sni_hosts.is_empty() {
+            sni_hosts.push("*".to_string());
+        }
+        let name = cert.id.clone().unwrap_or_else(|| path.clone());
+        out.push(TlsCertificate {
+            sni_hosts,
+            cert_path: std::path::PathBuf::from(format!("{}#certificates/{name}", doc.file.display())),
+            key_path: std::path::PathBuf::from(format!("{}#certificates/{name}/key", doc.file.display())),
+            cert_pem: cert.cert.into_bytes(),
+            key_pem: cert.key.into_bytes(),
+        });
+    }
+    out
 }
 
 fn compile_config(
@@ -331,10 +470,9 @@ impl ChainContext<'_, '_> {
 }
 
 fn warn_unsupported_top_level(doc: &Document, config: &KongConfig, diag: &mut Diag) {
-    let unsupported: [(&str, bool); 16] = [
+    let unsupported: [(&str, bool); 15] = [
         ("_konnect", config.konnect.is_some()),
         ("consumer_groups", config.consumer_groups.is_some()),
-        ("certificates", config.certificates.is_some()),
         ("ca_certificates", config.ca_certificates.is_some()),
         ("snis", config.snis.is_some()),
         ("vaults", config.vaults.is_some()),
@@ -1731,16 +1869,11 @@ fn compile_route(
                 "with several regex paths and strip_path, the matched part is not stripped",
             );
         }
-        let action = if https_only {
-            RouteAction::DirectResponse(DirectResponse {
-                status: 426,
-                body: bytes::Bytes::from_static(b"{\"message\":\"Please use HTTPS protocol\"}"),
-            })
-        } else {
-            RouteAction::Forward(forward(service, route, strip, strip_regex, legacy_concat))
-        };
+        let action = RouteAction::Forward(forward(service, route, strip, strip_regex, legacy_concat));
         entries.push(Entry {
             hosts: hosts.clone(),
+            plain: !https_only,
+            tls: protocols.iter().any(|p| p == "https" || p == "grpcs"),
             priority: Priority {
                 match_weight: base_weight,
                 plain_hosts_only,
@@ -1856,7 +1989,35 @@ fn forward(
 /// Virtual hosts for the Kong listener: one per host pattern used by a route (holding the
 /// routes for that host and the host-less ones), plus `*` for host-less routes, each ordered
 /// by Kong's priority.
-fn route_table(entries: &[Entry], port: u16) -> RouteTable {
+/// The routes of a plain (`tls` false) or TLS proxy listener: routes whose `protocols` leave
+/// the listener's scheme out are not served there, except that HTTPS-only routes answer
+/// plain requests with Kong's 426.
+fn route_table(entries: &[Entry], port: u16, tls: bool) -> RouteTable {
+    let upgrade = |mut route: Route| {
+        route.action = RouteAction::DirectResponse(DirectResponse {
+            status: 426,
+            body: bytes::Bytes::from_static(b"{\"message\":\"Please use HTTPS protocol\"}"),
+        });
+        route.plugins = None;
+        route
+    };
+    let listener_entries: Vec<Entry> = entries
+        .iter()
+        .filter(|e| if tls { e.tls } else { e.plain || e.tls })
+        .map(|e| Entry {
+            hosts: e.hosts.clone(),
+            plain: e.plain,
+            tls: e.tls,
+            priority: e.priority,
+            seq: e.seq,
+            route: if !tls && !e.plain {
+                upgrade(e.route.clone())
+            } else {
+                e.route.clone()
+            },
+        })
+        .collect();
+    let entries = &listener_entries;
     let mut domains: Vec<&str> = Vec::new();
     for entry in entries {
         for host in &entry.hosts {

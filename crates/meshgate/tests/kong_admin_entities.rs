@@ -1,0 +1,350 @@
+//! Kong Admin API entities beyond services and routes, through a real meshgate process:
+//! certificates and SNIs served on the TLS proxy listener, nested credentials, plugin schemas,
+//! paging, PUT upserts, and decK-nested entities listed like Kong lists them.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use support::{Echo, Proxy, free_port, parse_response, raw_get, raw_request, scratch_dir};
+
+fn call(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, _, text) = raw_request(
+        admin,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("admin call");
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+struct Instance {
+    _proxy: Proxy,
+    admin: SocketAddr,
+    gateway: SocketAddr,
+    tls_gateway: SocketAddr,
+}
+
+fn start(name: &str) -> Instance {
+    let dir = scratch_dir(name);
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let tls_gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let args = [
+        "--admin-api".to_string(),
+        admin.to_string(),
+        "--admin-api-database".to_string(),
+        dir.join("admin.db").display().to_string(),
+        "--listen".to_string(),
+        gateway.to_string(),
+        "--listen-tls".to_string(),
+        tls_gateway.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Instance {
+        _proxy: Proxy::start_with("", &args),
+        admin,
+        gateway,
+        tls_gateway,
+    }
+}
+
+/// GET over TLS with `sni`, trusting only `root`: (status, body, the server certificate's DER).
+fn tls_get(addr: SocketAddr, sni: &str, root: &[u8], path: &str) -> Result<(u16, String, Vec<u8>), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(root.to_vec()))
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf);
+    let presented = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let (status, _, body) = parse_response(&buf);
+    Ok((status, body, presented))
+}
+
+fn certificate(host: &str) -> (String, String, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("cert");
+    (
+        cert.cert.pem(),
+        cert.signing_key.serialize_pem(),
+        cert.cert.der().to_vec(),
+    )
+}
+
+#[test]
+fn certificates_and_snis_serve_tls_by_name_and_protocols_choose_the_listener() {
+    let app = Echo::start("tls-app");
+    let node = start("kong-tls");
+    let (a_pem, a_key, a_der) = certificate("a.test");
+    let (b_pem, b_key, b_der) = certificate("b.test");
+
+    let svc = format!(r#"{{"name": "app", "url": "http://127.0.0.1:{}"}}"#, app.port());
+    assert_eq!(call(node.admin, "POST", "/services", &svc).0, 201);
+    let (status, _) = call(
+        node.admin,
+        "POST",
+        "/services/app/routes",
+        r#"{"name": "secure", "paths": ["/secure"], "protocols": ["https"]}"#,
+    );
+    assert_eq!(status, 201);
+    let (status, _) = call(
+        node.admin,
+        "POST",
+        "/services/app/routes",
+        r#"{"name": "plain", "paths": ["/plain"], "protocols": ["http"]}"#,
+    );
+    assert_eq!(status, 201);
+
+    // A certificate with its SNIs given as names (the Admin API's shorthand).
+    let (status, cert_a) = call(
+        node.admin,
+        "POST",
+        "/certificates",
+        &json!({"cert": a_pem, "key": a_key, "snis": ["a.test"]}).to_string(),
+    );
+    assert_eq!(status, 201, "{cert_a}");
+    // A second one, its SNI added through /snis.
+    let (status, cert_b) = call(
+        node.admin,
+        "POST",
+        "/certificates",
+        &json!({"cert": b_pem, "key": b_key}).to_string(),
+    );
+    assert_eq!(status, 201, "{cert_b}");
+    let (status, sni) = call(
+        node.admin,
+        "POST",
+        "/snis",
+        &json!({"name": "b.test", "certificate": {"id": cert_b["id"]}}).to_string(),
+    );
+    assert_eq!(status, 201, "{sni}");
+    let (_, snis) = call(node.admin, "GET", "/snis", "");
+    let names: Vec<&str> = snis["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a.test", "b.test"], "{snis}");
+    assert_eq!(
+        call(node.admin, "GET", "/snis/b.test", "").1["certificate"]["id"],
+        cert_b["id"]
+    );
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/snis",
+            &json!({"name": "a.test", "certificate": {"id": cert_b["id"]}}).to_string()
+        )
+        .0,
+        409,
+        "an SNI belongs to one certificate"
+    );
+
+    // Each name gets its own certificate, and the HTTPS-only route serves over TLS.
+    let (status, body, presented) = tls_get(node.tls_gateway, "a.test", &a_der, "/secure/x").expect("a.test");
+    assert_eq!((status, presented == a_der), (200, true), "{body}");
+    let (status, _, presented) = tls_get(node.tls_gateway, "b.test", &b_der, "/secure/y").expect("b.test");
+    assert_eq!((status, presented == b_der), (200, true));
+    // Over plain HTTP the HTTPS-only route answers Kong's 426; the HTTP-only route is not
+    // served over TLS.
+    let (status, _, body) = raw_get(node.gateway, "/secure", "a.test").expect("plain");
+    assert_eq!(status, 426, "{body}");
+    assert_eq!(raw_get(node.gateway, "/plain", "a.test").expect("plain").0, 200);
+    assert_eq!(
+        tls_get(node.tls_gateway, "a.test", &a_der, "/plain").expect("tls").0,
+        404
+    );
+
+    // A key that is not a key is refused naming the certificate, and nothing changes.
+    let (status, error) = call(
+        node.admin,
+        "POST",
+        "/certificates",
+        &json!({"cert": a_pem, "key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "snis": ["c.test"]}).to_string(),
+    );
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| m.contains("certificates")),
+        "{error}"
+    );
+    assert_eq!(
+        call(node.admin, "GET", "/certificates", "").1["data"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // Deleting an SNI takes the name away from its certificate.
+    assert_eq!(call(node.admin, "DELETE", "/snis/b.test", "").0, 204);
+    assert_eq!(call(node.admin, "GET", "/snis/b.test", "").0, 404);
+}
+
+#[test]
+fn credentials_schemas_paging_and_upserts_behave_like_kong() {
+    let app = Echo::start("cred-app");
+    let node = start("kong-entities");
+    let svc = format!(r#"{{"name": "app", "url": "http://127.0.0.1:{}"}}"#, app.port());
+    assert_eq!(call(node.admin, "POST", "/services", &svc).0, 201);
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/services/app/routes",
+            r#"{"name": "r", "paths": ["/"]}"#
+        )
+        .0,
+        201
+    );
+
+    // Credentials of every kind, with what Kong generates when it is left out.
+    assert_eq!(call(node.admin, "POST", "/consumers", r#"{"username": "bob"}"#).0, 201);
+    let (status, basic) = call(
+        node.admin,
+        "POST",
+        "/consumers/bob/basic-auth",
+        r#"{"username": "bob", "password": "hunter2"}"#,
+    );
+    assert_eq!(status, 201, "{basic}");
+    let (status, jwt) = call(node.admin, "POST", "/consumers/bob/jwt", "{}");
+    assert_eq!(status, 201, "{jwt}");
+    assert!(jwt["key"].as_str().is_some_and(|k| k.len() >= 16), "{jwt}");
+    assert!(jwt["secret"].as_str().is_some_and(|k| k.len() >= 16), "{jwt}");
+    let (status, key) = call(node.admin, "POST", "/consumers/bob/key-auth", "{}");
+    assert_eq!(status, 201, "{key}");
+    let key_id = key["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        call(node.admin, "GET", &format!("/consumers/bob/key-auth/{key_id}"), "").1["key"],
+        key["key"]
+    );
+    assert_eq!(
+        call(node.admin, "GET", "/consumers/bob/basic-auth", "").1["data"][0]["username"],
+        "bob"
+    );
+
+    // basic-auth on the route: the credential works, and is gone once deleted.
+    assert_eq!(
+        call(node.admin, "POST", "/routes/r/plugins", r#"{"name": "basic-auth"}"#).0,
+        201
+    );
+    assert_eq!(
+        call(node.admin, "GET", "/routes/r/plugins", "").1["data"][0]["name"],
+        "basic-auth"
+    );
+    let authorized = "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic Ym9iOmh1bnRlcjI=\r\nConnection: close\r\n\r\n";
+    assert_eq!(raw_request(node.gateway, authorized).expect("basic").0, 200);
+    let basic_id = basic["id"].as_str().expect("id");
+    assert_eq!(
+        call(
+            node.admin,
+            "DELETE",
+            &format!("/consumers/bob/basic-auth/{basic_id}"),
+            ""
+        )
+        .0,
+        204
+    );
+    assert_eq!(raw_request(node.gateway, authorized).expect("basic").0, 401);
+
+    // Plugin schemas: Kong's shape, and 404 for an unknown plugin.
+    let (status, schema) = call(node.admin, "GET", "/schemas/plugins/rate-limiting", "");
+    assert_eq!(status, 200);
+    let config_fields = schema["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find_map(|f| f.get("config")))
+        .expect("config field");
+    assert!(
+        config_fields["fields"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["policy"]["default"] == "local")),
+        "{schema}"
+    );
+    assert_eq!(call(node.admin, "GET", "/schemas/plugins/no-such", "").0, 404);
+    let (status, _) = call(
+        node.admin,
+        "POST",
+        "/schemas/plugins/validate",
+        r#"{"name": "rate-limiting", "config": {"minute": 5}}"#,
+    );
+    assert_eq!(status, 200);
+    let (status, refusal) = call(
+        node.admin,
+        "POST",
+        "/schemas/plugins/validate",
+        r#"{"name": "rate-limiting", "config": {"minut": 5}}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        refusal["message"].as_str().is_some_and(|m| m.contains("minut")),
+        "{refusal}"
+    );
+
+    // Paging: `size` and the `offset` that `next` carries.
+    for i in 0..5 {
+        assert_eq!(
+            call(
+                node.admin,
+                "POST",
+                "/upstreams",
+                &format!(r#"{{"name": "u{i}.test", "tags": ["t{}"]}}"#, i % 2)
+            )
+            .0,
+            201
+        );
+    }
+    let (_, first) = call(node.admin, "GET", "/upstreams?size=2", "");
+    assert_eq!(first["data"].as_array().map(Vec::len), Some(2));
+    let offset = first["offset"].as_str().expect("offset").to_string();
+    let (_, second) = call(node.admin, "GET", &format!("/upstreams?size=2&offset={offset}"), "");
+    assert_eq!(second["data"][0]["name"], "u2.test");
+    let (_, tagged) = call(node.admin, "GET", "/upstreams?tags=t1", "");
+    assert_eq!(tagged["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(call(node.admin, "GET", "/upstreams?size=0", "").0, 400);
+
+    // PUT creates under a name, then replaces.
+    let (status, put) = call(node.admin, "PUT", "/consumers/carol", r#"{"custom_id": "c-1"}"#);
+    assert_eq!((status, &put["username"]), (200, &json!("carol")), "{put}");
+    let (status, put) = call(node.admin, "PUT", "/consumers/carol", r#"{"custom_id": "c-2"}"#);
+    assert_eq!((status, &put["custom_id"]), (200, &json!("c-2")), "{put}");
+    assert_eq!(put["id"].as_str().map(str::len), Some(36));
+
+    // A declarative file's nested routes and plugins are listed like Kong lists them.
+    let deck = format!(
+        "_format_version: \"3.0\"\nservices:\n- name: nested\n  url: http://127.0.0.1:{}\n  routes:\n  - name: inner\n    paths: [/inner]\n    plugins:\n    - name: correlation-id\n",
+        app.port()
+    );
+    let (status, loaded) = call(node.admin, "POST", "/config", &deck);
+    assert_eq!(status, 201, "{loaded}");
+    let (_, routes) = call(node.admin, "GET", "/routes", "");
+    assert_eq!(routes["data"][0]["name"], "inner", "{routes}");
+    let service_id = call(node.admin, "GET", "/services/nested", "").1["id"].clone();
+    assert_eq!(service_id.as_str().map(str::len), Some(36), "ids are given on load");
+    assert_eq!(routes["data"][0]["service"]["id"], service_id);
+    let (_, plugins) = call(node.admin, "GET", "/routes/inner/plugins", "");
+    assert_eq!(plugins["data"][0]["name"], "correlation-id", "{plugins}");
+    assert_eq!(raw_get(node.gateway, "/inner", "x").expect("inner").0, 200);
+}
