@@ -713,6 +713,9 @@ fn prepare_new(collection: &str, fields: &mut Map<String, Value>) -> Result<(), 
                 if let Value::String(name) = sni {
                     *sni = json!({"name": name.clone()});
                 }
+                if let Some(fields) = sni.as_object_mut() {
+                    fields.entry("id").or_insert_with(|| Value::String(new_id()));
+                }
             }
         }
     }
