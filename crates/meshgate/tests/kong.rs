@@ -885,3 +885,85 @@ services:
     assert_eq!(header(&headers, "x-cache-status"), Some("Bypass"));
     assert_eq!(app.count(), before + 3);
 }
+
+/// Plugins scoped to a consumer replace the route's instance of the same plugin (and add new
+/// ones) once an auth plugin has identified that consumer, as Kong's precedence has it.
+#[test]
+fn consumer_scoped_plugins_apply_to_their_consumer_only() {
+    let app = Echo::start("consumer-app");
+    let deck = format!(
+        r#"_format_version: "3.0"
+services:
+- name: app
+  url: http://127.0.0.1:{port}
+  routes:
+  - name: api
+    paths: [/api]
+  plugins:
+  - name: key-auth
+  - name: rate-limiting
+    config: {{minute: 100, limit_by: consumer}}
+consumers:
+- username: free
+  keyauth_credentials: [{{key: free-key}}]
+- username: gold
+  keyauth_credentials: [{{key: gold-key}}]
+  plugins:
+  - name: rate-limiting
+    config: {{minute: 2, limit_by: consumer}}
+  - name: response-transformer
+    config: {{add: {{headers: ["x-tier:gold"]}}}}
+- username: blocked
+  keyauth_credentials: [{{key: blocked-key}}]
+plugins:
+- name: request-termination
+  consumer: blocked
+  config: {{status_code: 403, message: "account suspended"}}
+"#,
+        port = app.port()
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = Proxy::start_with(&deck, &["--listen", &listen]);
+    let addr: SocketAddr = listen.parse().expect("addr");
+
+    // gold: its own limit (2 a minute) and its response header.
+    for _ in 0..2 {
+        let (status, headers, _) = request(addr, "/api", "apikey: gold-key\r\n");
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-tier"), Some("gold"));
+        assert_eq!(header(&headers, "x-ratelimit-limit-minute"), Some("2"));
+    }
+    assert_eq!(request(addr, "/api", "apikey: gold-key\r\n").0, 429);
+    // free: the service's limit, no header.
+    let (status, headers, _) = request(addr, "/api", "apikey: free-key\r\n");
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-ratelimit-limit-minute"), Some("100"));
+    assert_eq!(header(&headers, "x-tier"), None);
+    // blocked: terminated by its own plugin, never reaching the upstream.
+    let before = app.count();
+    let (status, _, body) = request(addr, "/api", "apikey: blocked-key\r\n");
+    assert_eq!((status, body.as_str()), (403, r#"{"message":"account suspended"}"#));
+    assert_eq!(app.count(), before);
+    // Without a key nobody is identified: key-auth answers.
+    assert_eq!(request(addr, "/api", "").0, 401);
+
+    // Auth plugins cannot be scoped to a consumer, as in Kong; an unknown consumer is named.
+    let dir = scratch_dir("consumer-scoped-bad");
+    let bad = dir.join("kong.yaml");
+    std::fs::write(
+        &bad,
+        "_format_version: \"3.0\"\nconsumers:\n- username: a\nplugins:\n- name: key-auth\n  consumer: a\n- name: rate-limiting\n  consumer: nobody\n  config: {minute: 1}\n",
+    )
+    .expect("write");
+    let (code, out) = analyze(&bad);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("plugins[0].consumer") && out.contains("cannot be scoped to a consumer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("plugins[1].consumer") && out.contains("no consumer \"nobody\""),
+        "{out}"
+    );
+}

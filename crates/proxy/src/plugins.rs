@@ -74,6 +74,9 @@ pub struct PluginEffects {
     log: Option<LogContext>,
     /// proxy-cache: the key to store a cacheable response under, and when it was asked.
     cache_store: Option<(u64, std::time::Instant)>,
+    /// The consumer the auth plugins identified (index in the chain's consumers), so the
+    /// response phase runs the plugins scoped to them.
+    consumer: Option<usize>,
 }
 
 /// A response kept by proxy-cache.
@@ -119,6 +122,7 @@ impl PluginEffects {
     /// Adds the headers plugins asked for, runs response-transformer, and hands the request's
     /// log entry to the log plugins.
     pub fn apply_to_response(self, chain: &PluginChain, response: &mut Response<ResponseBody>, state: &PluginState) {
+        let chain = chain.for_consumer(self.consumer);
         let headers = response.headers_mut();
         for (name, value) in self.response_headers {
             headers.insert(name, value);
@@ -209,6 +213,13 @@ pub async fn access<B>(
         .iter()
         .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let result = run_access(chain, req, client, route, state, &mut effects, &mut authenticated).await;
+    effects.consumer = authenticated.as_ref().map(|a| a.consumer);
+    let logging = logging
+        || chain
+            .for_consumer(effects.consumer)
+            .plugins
+            .iter()
+            .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let log = logging.then(|| log_context(req, client, route, authenticated.as_ref()));
     match result {
         Ok(()) => {
@@ -218,7 +229,7 @@ pub async fn access<B>(
         Err(mut rejection) => {
             // Kong logs requests its plugins answered, too.
             if let Some(log) = log {
-                emit_logs(chain, log, &mut rejection, state);
+                emit_logs(chain.for_consumer(effects.consumer), log, &mut rejection, state);
             }
             Err(rejection)
         }
@@ -400,7 +411,27 @@ async fn run_access<'c, B>(
     effects: &mut PluginEffects,
     authenticated: &mut Option<Authenticated<'c>>,
 ) -> Result<(), Rejection> {
-    for plugin in &chain.plugins {
+    // Once an auth plugin has identified a consumer with plugins scoped to them, the rest of
+    // the request runs their chain, from the next lower priority on.
+    // (Consumer chains have no `by_consumer` of their own, so the switch happens once.)
+    let mut active = chain;
+    let mut index = 0;
+    let mut last_priority = i32::MAX;
+    loop {
+        if !active.by_consumer.is_empty()
+            && let Some(who) = authenticated.as_ref()
+            && let Some(scoped) = active.by_consumer.get(&who.consumer)
+        {
+            active = scoped;
+            index = active
+                .plugins
+                .iter()
+                .position(|p| p.priority() < last_priority)
+                .unwrap_or(active.plugins.len());
+        }
+        let Some(plugin) = active.plugins.get(index) else { break };
+        index += 1;
+        last_priority = plugin.priority();
         match plugin {
             Plugin::CorrelationId(c) => correlation_id(c, req, state, effects),
             Plugin::KeyAuth(k) => key_auth(k, req, authenticated, effects)?,

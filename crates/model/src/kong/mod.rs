@@ -9,9 +9,11 @@
 //! `strip_path` and `path_handling: v0` do, and the Host sent upstream is the service's (or the
 //! upstream's `host_header`) unless `preserve_host`.
 //!
-//! Plugins that enforce security or traffic policy are not implemented yet and make the
-//! configuration fail (serving the routes without them would open them up); other plugins and
-//! consumers are ignored with a warning.
+//! Plugins are chained per route in Kong's priority order, the most specific instance of each
+//! winning (route, service, global; consumer-scoped instances above those, in a chain per
+//! consumer). Security plugins meshgate does not implement make the configuration fail
+//! (serving the routes without them would open them up); other unknown plugins are ignored
+//! with a warning.
 
 pub mod plugins;
 pub mod schemas;
@@ -328,15 +330,76 @@ fn compile_config(
         }
     }
 
-    // Plugin instances by scope: global, per service (name or id), per route (name or id).
+    // Plugins nested in consumers are scoped to them.
+    let mut nested_consumer_plugins: Vec<(String, String, Plugin)> = Vec::new();
+    for (i, value) in config.consumers.iter().enumerate() {
+        let Some(list) = value.get("plugins") else { continue };
+        let key = value
+            .get("id")
+            .or_else(|| value.get("username"))
+            .or_else(|| value.get("custom_id"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let path = format!("consumers[{i}].plugins");
+        if let Some(plugins) = decode_value::<Vec<Plugin>>(doc, list, &path, diag) {
+            for (j, plugin) in plugins.into_iter().enumerate() {
+                nested_consumer_plugins.push((format!("{path}[{j}]"), key.clone(), plugin));
+            }
+        }
+    }
+
+    // Plugin instances by scope: global, per service (name or id), per route (name or id),
+    // per consumer (with or without a route or service).
     let mut scoped = ScopedPlugins::default();
-    for (i, plugin) in config.plugins.iter().enumerate() {
-        let path = format!("plugins[{i}]");
-        if plugin.consumer.is_some() || plugin.consumer_group.is_some() {
+    let consumer_scoped = config
+        .plugins
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let key = p.consumer.as_ref()?.key()?.to_string();
+            Some((format!("plugins[{i}]"), key, p))
+        })
+        .chain(
+            nested_consumer_plugins
+                .iter()
+                .map(|(path, key, p)| (path.clone(), key.clone(), p)),
+        );
+    for (path, key, plugin) in consumer_scoped {
+        if NO_CONSUMER_PLUGINS.contains(&plugin.name.as_str()) {
             diag.error(
                 doc,
                 at(&path, "consumer"),
-                "consumer-scoped plugins are not supported yet",
+                format!("plugin {:?} cannot be scoped to a consumer (as in Kong)", plugin.name),
+            );
+            continue;
+        }
+        let Some(consumer) = consumers
+            .list
+            .iter()
+            .position(|c| c.id == key || c.username.as_deref() == Some(key.as_str()))
+        else {
+            diag.error(doc, at(&path, "consumer"), format!("no consumer {key:?} in this file"));
+            continue;
+        };
+        scoped.by_consumer.push(ConsumerScoped {
+            consumer,
+            route: plugin.route.as_ref().and_then(|r| r.key()),
+            service: plugin.service.as_ref().and_then(|s| s.key()),
+            path,
+            plugin,
+        });
+    }
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        let path = format!("plugins[{i}]");
+        if plugin.consumer.is_some() {
+            continue;
+        }
+        if plugin.consumer_group.is_some() {
+            diag.error(
+                doc,
+                at(&path, "consumer_group"),
+                "consumer-group-scoped plugins are not supported yet",
             );
             continue;
         }
@@ -402,7 +465,32 @@ struct ScopedPlugins<'c> {
     global: Vec<(String, &'c Plugin)>,
     by_service: HashMap<&'c str, Vec<(String, &'c Plugin)>>,
     by_route: HashMap<&'c str, Vec<(String, &'c Plugin)>>,
+    by_consumer: Vec<ConsumerScoped<'c>>,
 }
+
+/// A plugin instance scoped to a consumer, maybe also to a route or service.
+struct ConsumerScoped<'c> {
+    /// Index in [`Consumers::list`].
+    consumer: usize,
+    route: Option<&'c str>,
+    service: Option<&'c str>,
+    path: String,
+    plugin: &'c Plugin,
+}
+
+/// Plugins Kong's schemas mark `no_consumer`: they identify or filter consumers, so scoping
+/// them to one makes no sense.
+const NO_CONSUMER_PLUGINS: [&str; 9] = [
+    "key-auth",
+    "basic-auth",
+    "jwt",
+    "hmac-auth",
+    "oauth2",
+    "ldap-auth",
+    "acl",
+    "cors",
+    "session",
+];
 
 /// A route's plugins: the chain run on requests, and the CORS policy the route answers with.
 struct RoutePlugins {
@@ -449,23 +537,79 @@ impl ChainContext<'_, '_> {
         for (path, plugin) in &self.scoped.global {
             add(path.clone(), plugin, &mut chosen);
         }
+        let (plugins, cors) = self.compile_chosen(&chosen, diag);
+
+        // Per consumer with plugins scoped to it on this route: the chain it continues with
+        // once authenticated. Kong's precedence: consumer + route, then consumer + service,
+        // then consumer alone, each above every instance not scoped to a consumer.
+        let route_keys = [route.name.as_deref(), route.id.as_deref()];
+        let service_keys = [service.name.as_deref(), service.id.as_deref()];
+        let mut by_consumer = HashMap::new();
+        let mut consumers: Vec<usize> = self.scoped.by_consumer.iter().map(|c| c.consumer).collect();
+        consumers.sort_unstable();
+        consumers.dedup();
+        for consumer in consumers {
+            let mut own: Vec<(String, &Plugin)> = Vec::new();
+            let applies = |c: &&ConsumerScoped<'_>, on_route: bool, on_service: bool| {
+                c.consumer == consumer
+                    && c.route.is_some() == on_route
+                    && c.service.is_some() == on_service
+                    && c.route.is_none_or(|r| route_keys.contains(&Some(r)))
+                    && c.service.is_none_or(|s| service_keys.contains(&Some(s)))
+            };
+            for (on_route, on_service) in [(true, true), (true, false), (false, true), (false, false)] {
+                let enabled = |c: &&ConsumerScoped<'_>| c.plugin.enabled != Some(false);
+                for c in self
+                    .scoped
+                    .by_consumer
+                    .iter()
+                    .filter(|c| applies(c, on_route, on_service) && enabled(c))
+                {
+                    add(c.path.clone(), c.plugin, &mut own);
+                }
+            }
+            if own.is_empty() {
+                continue;
+            }
+            for (path, plugin) in &chosen {
+                add(path.clone(), plugin, &mut own);
+            }
+            let (consumer_plugins, _) = self.compile_chosen(&own, diag);
+            by_consumer.insert(
+                consumer,
+                Arc::new(PluginChain {
+                    plugins: consumer_plugins,
+                    by_consumer: HashMap::new(),
+                }),
+            );
+        }
+        RoutePlugins {
+            chain: (!plugins.is_empty() || !by_consumer.is_empty())
+                .then(|| Arc::new(PluginChain { plugins, by_consumer })),
+            cors,
+        }
+    }
+
+    /// Compiles the chosen instances, highest priority first; CORS is returned apart.
+    fn compile_chosen(
+        &self,
+        chosen: &[(String, &Plugin)],
+        diag: &mut Diag,
+    ) -> (Vec<plugins::Plugin>, Option<crate::snapshot::CorsPolicy>) {
         let mut plugins = Vec::new();
         let mut cors = None;
         for (path, plugin) in chosen {
             if plugin.enabled == Some(false) {
                 continue;
             }
-            match compile_plugin(self.doc, &path, plugin, self.consumers, diag) {
+            match compile_plugin(self.doc, path, plugin, self.consumers, diag) {
                 Some(plugins::Plugin::Cors(policy)) => cors = Some(policy),
                 Some(compiled) => plugins.push(compiled),
                 None => {}
             }
         }
         plugins.sort_by_key(|p| std::cmp::Reverse(p.priority()));
-        RoutePlugins {
-            chain: (!plugins.is_empty()).then(|| Arc::new(PluginChain { plugins })),
-            cors,
-        }
+        (plugins, cors)
     }
 }
 
@@ -601,13 +745,6 @@ fn compile_consumers(doc: &Document, list: &[Value], diag: &mut Diag) -> Consume
             if set {
                 diag.warn(doc, at(&path, field), "not supported yet; ignored");
             }
-        }
-        if consumer.plugins.is_some() {
-            diag.error(
-                doc,
-                at(&path, "plugins"),
-                "consumer-scoped plugins are not supported yet",
-            );
         }
         let index = consumers.list.len();
         for (k, key) in consumer.keyauth_credentials.iter().enumerate() {

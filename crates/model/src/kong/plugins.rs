@@ -15,6 +15,19 @@ use serde_json::Value;
 #[derive(Debug, Default)]
 pub struct PluginChain {
     pub plugins: Vec<Plugin>,
+    /// For consumers with plugins scoped to them: the whole chain (this one with their
+    /// instances in place of or beside the route's), which a request continues with once an
+    /// auth plugin has identified the consumer. Keyed by index in [`Consumers::list`].
+    pub by_consumer: HashMap<usize, Arc<PluginChain>>,
+}
+
+impl PluginChain {
+    /// The chain that applies to a request by `consumer` (this one when none is scoped).
+    pub fn for_consumer(&self, consumer: Option<usize>) -> &PluginChain {
+        consumer
+            .and_then(|c| self.by_consumer.get(&c))
+            .map_or(self, |chain| chain.as_ref())
+    }
 }
 
 #[derive(Debug)]
