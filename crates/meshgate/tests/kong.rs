@@ -967,3 +967,106 @@ plugins:
         "{out}"
     );
 }
+
+/// `python3 -m http.server` serving `dir` on `port`: a target whose answers a test changes by
+/// adding and removing files (a missing file is a 404).
+fn file_server(port: u16, dir: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// Kong's passive health checks (circuit breaker): a target answering statuses from
+/// `unhealthy.http_statuses` `http_failures` times is taken out and stays out; an active check
+/// brings it back after `healthy.successes` good probes, as in Kong.
+#[test]
+fn passive_health_checks_take_a_failing_target_out_until_an_active_check_brings_it_back() {
+    let steady = Echo::start("steady-passive");
+    let dir = scratch_dir("passive-target");
+    std::fs::write(dir.join("api"), "flaky").expect("api file");
+    std::fs::write(dir.join("healthz"), "ok").expect("healthz file");
+    let flaky_port = free_port();
+    let mut flaky = file_server(flaky_port, &dir);
+    let deck = |active: bool| {
+        let active = if active {
+            "\n    active:\n      http_path: /healthz\n      healthy: {interval: 0.25, successes: 2}\n      unhealthy: {interval: 0.25, http_failures: 3}"
+        } else {
+            ""
+        };
+        format!(
+            r#"_format_version: "3.0"
+upstreams:
+- name: pool
+  targets:
+  - target: 127.0.0.1:{steady}
+  - target: 127.0.0.1:{flaky_port}
+  healthchecks:
+    passive:
+      unhealthy: {{http_failures: 2, http_statuses: [404, 500]}}{active}
+services:
+- name: app
+  host: pool
+  retries: 0
+  routes:
+  - name: api
+    paths: [/api]
+    strip_path: false
+"#,
+            steady = steady.port(),
+        )
+    };
+    for active in [false, true] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let _proxy = Proxy::start_with(&deck(active), &["--listen", &listen]);
+        let addr: SocketAddr = listen.parse().expect("addr");
+        // Both serve while healthy.
+        let flaky_share = |n: usize| {
+            (0..n)
+                .filter(|_| {
+                    let (status, _, body) = raw_get(addr, "/api", "x").expect("request");
+                    assert_eq!(status, 200, "{body}");
+                    body == "flaky"
+                })
+                .count()
+        };
+        assert!(flaky_share(10) > 0);
+
+        // The target starts answering 404: after two of them it is out.
+        std::fs::remove_file(dir.join("api")).expect("remove");
+        let failures = (0..20)
+            .filter(|_| raw_get(addr, "/api", "x").expect("request").0 == 404)
+            .count();
+        assert_eq!(failures, 2, "http_failures: 2 in a row take the target out");
+        std::fs::write(dir.join("api"), "flaky").expect("restore");
+        if !active {
+            // Passive checks alone never bring it back, though it is fine again.
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            assert_eq!(flaky_share(20), 0, "stays out without active checks");
+        } else {
+            // Two good probes, 0.25 s apart, bring it back.
+            assert_eq!(flaky_share(6), 0, "still out right after");
+            std::thread::sleep(std::time::Duration::from_millis(1200));
+            assert!(flaky_share(20) > 0, "an active check brought it back");
+        }
+    }
+    let _ = flaky.kill();
+    let _ = flaky.wait();
+}

@@ -667,6 +667,19 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     /// Below this share of available endpoints, ejections are ignored (panic mode).
     pub min_health_percent: u32,
+    /// Statuses that count toward `consecutive_5xx` (Kong's passive
+    /// `unhealthy.http_statuses`); `None`: every 5xx, as Envoy counts.
+    pub failure_statuses: Option<Vec<u16>>,
+}
+
+impl OutlierDetection {
+    /// Whether a response with `status` counts as a failure of the endpoint.
+    pub fn is_failure_status(&self, status: u16) -> bool {
+        match &self.failure_statuses {
+            Some(statuses) => statuses.contains(&status),
+            None => status >= 500,
+        }
+    }
 }
 
 /// Istio's `connectionPool` as the data plane uses it: Envoy's circuit-breaker thresholds

@@ -101,5 +101,6 @@ pub(crate) fn settings(value: Option<&Value>, report: &mut dyn FnMut(&str, Strin
         ),
         max_ejection_percent: percent(&spec.max_ejection_percent, "maxEjectionPercent", 10, report),
         min_health_percent: percent(&spec.min_health_percent, "minHealthPercent", 0, report),
+        failure_statuses: None,
     })
 }

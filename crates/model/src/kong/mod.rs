@@ -1710,15 +1710,114 @@ fn upstream_cluster(
         endpoints,
         pool,
     ));
+    let outlier = upstream
+        .healthchecks
+        .as_ref()
+        .and_then(|h| kong_passive_health_check(doc, &at(path, "healthchecks"), h, health_check.is_some(), diag));
     if let Some(cluster) = registry.cluster_mut(id) {
         cluster.health_check = health_check;
+        cluster.outlier = outlier;
     }
     Some(id)
 }
 
+/// Kong's `healthchecks.passive` (circuit breaker), on when one of its `unhealthy` counters
+/// is above 0, as meshgate's outlier detection: `http_failures` responses with a status in
+/// `unhealthy.http_statuses` in a row, or `tcp_failures`/`timeouts` (connection failures,
+/// resets, timeouts: meshgate counts them together, against the lower non-zero threshold) take
+/// a target out. As in Kong, passive checks never bring it back: an active check that finds it
+/// healthy does.
+fn kong_passive_health_check(
+    doc: &Document,
+    path: &str,
+    value: &Value,
+    has_active: bool,
+    diag: &mut Diag,
+) -> Option<crate::snapshot::OutlierDetection> {
+    let passive = value.get("passive")?;
+    let count = |field: &str, diag: &mut Diag| -> Option<u32> {
+        match passive.pointer(&format!("/unhealthy/{field}")) {
+            None | Some(Value::Null) => Some(0),
+            Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n <= 255) {
+                Some(n) => Some(n),
+                None => {
+                    diag.error(
+                        doc,
+                        format!("{path}.passive.unhealthy.{field}"),
+                        "must be an integer 0..255",
+                    );
+                    None
+                }
+            },
+        }
+    };
+    let http_failures = count("http_failures", diag)?;
+    let tcp_failures = count("tcp_failures", diag)?;
+    let timeouts = count("timeouts", diag)?;
+    if http_failures == 0 && tcp_failures == 0 && timeouts == 0 {
+        return None;
+    }
+    let kind = passive.get("type").and_then(Value::as_str).unwrap_or("http");
+    if kind != "http" && kind != "https" {
+        diag.warn(
+            doc,
+            at(path, "passive.type"),
+            format!("{kind} passive checks count only connection failures"),
+        );
+    }
+    let statuses: Vec<u16> = match passive.pointer("/unhealthy/http_statuses") {
+        None | Some(Value::Null) => vec![429, 500, 503],
+        Some(list) => {
+            let parsed: Option<Vec<u16>> = list.as_array().and_then(|a| {
+                a.iter()
+                    .map(|v| {
+                        v.as_u64()
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|n| (100..=999).contains(n))
+                    })
+                    .collect()
+            });
+            match parsed {
+                Some(p) => p,
+                None => {
+                    diag.error(
+                        doc,
+                        format!("{path}.passive.unhealthy.http_statuses"),
+                        "must be a list of HTTP statuses",
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    let local = [tcp_failures, timeouts]
+        .into_iter()
+        .filter(|n| *n > 0)
+        .min()
+        .unwrap_or(0);
+    if !has_active {
+        diag.warn(
+            doc,
+            at(path, "passive"),
+            "without active checks, a target taken out by passive checks stays out (as in Kong) until the upstream changes or meshgate restarts",
+        );
+    }
+    Some(crate::snapshot::OutlierDetection {
+        consecutive_5xx: http_failures,
+        consecutive_gateway: 0,
+        split_local_origin: true,
+        consecutive_local_origin: local,
+        interval: Duration::from_secs(10),
+        // Kong has no ejection time: out until an active check says otherwise.
+        base_ejection_time: Duration::from_secs(10 * 365 * 24 * 3600),
+        max_ejection_percent: 100,
+        min_health_percent: 0,
+        failure_statuses: Some(statuses),
+    })
+}
+
 /// Kong's `healthchecks.active` (HTTP probes): on when `healthy.interval` or
-/// `unhealthy.interval` is above 0, as in Kong. Passive checks are warned about; outlier
-/// detection is meshgate's passive mechanism (Istio clusters).
+/// `unhealthy.interval` is above 0, as in Kong.
 fn kong_active_health_check(
     doc: &Document,
     path: &str,
@@ -1726,17 +1825,6 @@ fn kong_active_health_check(
     diag: &mut Diag,
 ) -> Option<crate::snapshot::HealthCheck> {
     let number = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(0.0);
-    if value.pointer("/passive").is_some_and(|p| {
-        number(p.pointer("/unhealthy/http_failures")) > 0.0
-            || number(p.pointer("/unhealthy/tcp_failures")) > 0.0
-            || number(p.pointer("/unhealthy/timeouts")) > 0.0
-    }) {
-        diag.warn(
-            doc,
-            at(path, "passive"),
-            "passive health checks are not supported yet; ignored",
-        );
-    }
     let active = value.get("active")?;
     let kind = active.get("type").and_then(Value::as_str).unwrap_or("http");
     if kind != "http" {

@@ -24,6 +24,9 @@ struct EndpointHealth {
     /// Milliseconds since `epoch` when the next probe is due.
     next_probe: AtomicU64,
     probing: AtomicBool,
+    /// Set while the endpoint is ejected by passive checks and its successes are being
+    /// counted from the ejection on (Kong resets the counters when a target changes state).
+    counting_since_ejection: AtomicBool,
 }
 
 pub struct HealthState {
@@ -43,6 +46,7 @@ impl HealthState {
                     failures: AtomicU32::new(0),
                     next_probe: AtomicU64::new(0),
                     probing: AtomicBool::new(false),
+                    counting_since_ejection: AtomicBool::new(false),
                 })
                 .collect(),
             epoch: Instant::now(),
@@ -57,10 +61,25 @@ impl HealthState {
         let Some(e) = self.endpoints.get(endpoint) else { return };
         if ok {
             e.failures.store(0, Relaxed);
+            // Passive checks (outlier detection) cannot see a host they ejected recover; the
+            // active check brings it back after `healthy_threshold` successes since then.
+            let ejected = cluster.outlier.as_ref().is_some_and(|o| o.is_ejected(endpoint));
+            if ejected && !e.counting_since_ejection.swap(true, Relaxed) {
+                e.successes.store(0, Relaxed);
+            }
             let successes = e.successes.fetch_add(1, Relaxed) + 1;
-            if !e.healthy.load(Relaxed) && successes >= self.config.healthy_threshold {
-                e.healthy.store(true, Relaxed);
-                tracing::info!(cluster = %cluster.config.name, endpoint = %cluster.endpoints[endpoint].authority, "health check: endpoint healthy again");
+            if successes >= self.config.healthy_threshold {
+                if !e.healthy.load(Relaxed) {
+                    e.healthy.store(true, Relaxed);
+                    tracing::info!(cluster = %cluster.config.name, endpoint = %cluster.endpoints[endpoint].authority, "health check: endpoint healthy again");
+                }
+                if ejected && cluster.outlier.as_ref().is_some_and(|o| o.reinstate(endpoint)) {
+                    e.counting_since_ejection.store(false, Relaxed);
+                    tracing::info!(cluster = %cluster.config.name, endpoint = %cluster.endpoints[endpoint].authority, "health check: endpoint taken out by passive checks is healthy again");
+                }
+            }
+            if !ejected {
+                e.counting_since_ejection.store(false, Relaxed);
             }
         } else {
             e.successes.store(0, Relaxed);

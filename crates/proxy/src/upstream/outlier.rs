@@ -102,7 +102,7 @@ impl OutlierDetector {
             }
         };
         let eject = match outcome {
-            TryOutcome::Status(status) if status >= 500 => {
+            TryOutcome::Status(status) if c.is_failure_status(status) => {
                 let gateway = matches!(status, 502..=504);
                 let by_5xx = bump(&h.consecutive_5xx, c.consecutive_5xx);
                 let by_gateway = gateway && bump(&h.consecutive_gateway, c.consecutive_gateway);
@@ -128,6 +128,22 @@ impl OutlierDetector {
         if eject {
             self.eject(host, stats);
         }
+    }
+
+    /// Ends `host`'s ejection now (an active health check found it healthy, as Kong and
+    /// Envoy let active checks do).
+    pub fn reinstate(&self, host: usize) -> bool {
+        let Some(h) = self.hosts.get(host) else { return false };
+        let until = h.ejected_until.load(Relaxed);
+        if until == 0 || h.ejected_until.compare_exchange(until, 0, Relaxed, Relaxed).is_err() {
+            return false;
+        }
+        self.ejected.fetch_sub(1, Relaxed);
+        h.returned_at.store(self.now_ms().max(1), Relaxed);
+        h.consecutive_5xx.store(0, Relaxed);
+        h.consecutive_gateway.store(0, Relaxed);
+        h.consecutive_local.store(0, Relaxed);
+        true
     }
 
     fn eject(&self, host: usize, stats: &UpstreamStats) {
@@ -179,6 +195,7 @@ mod tests {
                 base_ejection_time: Duration::from_millis(100),
                 max_ejection_percent: max_percent,
                 min_health_percent: 0,
+                failure_statuses: None,
             },
             hosts,
         )
@@ -212,5 +229,40 @@ mod tests {
         }
         assert!(d.is_ejected(0));
         assert!(!d.is_ejected(1), "10% of 3 hosts rounds to the minimum of one ejection");
+    }
+
+    #[test]
+    fn kong_statuses_count_and_an_active_check_reinstates() {
+        let stats = UpstreamStats::default();
+        let d = OutlierDetector::new(
+            OutlierDetection {
+                consecutive_5xx: 2,
+                consecutive_gateway: 0,
+                split_local_origin: true,
+                consecutive_local_origin: 0,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(3600),
+                max_ejection_percent: 100,
+                min_health_percent: 0,
+                failure_statuses: Some(vec![429, 500, 503]),
+            },
+            2,
+        );
+        // 502 is not in the list; 429 is.
+        d.record(0, TryOutcome::Status(502), &stats);
+        d.record(0, TryOutcome::Status(502), &stats);
+        assert!(!d.is_ejected(0));
+        d.record(0, TryOutcome::Status(429), &stats);
+        d.record(0, TryOutcome::Status(503), &stats);
+        assert!(d.is_ejected(0));
+        // Connection failures have no threshold here.
+        for _ in 0..10 {
+            d.record(1, TryOutcome::LocalFailure, &stats);
+        }
+        assert!(!d.is_ejected(1));
+        assert!(d.reinstate(0));
+        assert!(!d.is_ejected(0));
+        assert_eq!(d.ejected_now(), 0);
+        assert!(!d.reinstate(0), "only an ejected host is reinstated");
     }
 }
