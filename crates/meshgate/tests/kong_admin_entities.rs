@@ -221,6 +221,28 @@ fn credentials_schemas_paging_and_upserts_behave_like_kong() {
         201
     );
 
+    // Entities show Kong's defaults for what was left out; a service its routes refer to
+    // cannot be deleted (Kong's foreign key violation).
+    let (_, service) = call(node.admin, "GET", "/services/app", "");
+    assert_eq!(
+        (&service["retries"], &service["connect_timeout"], &service["protocol"]),
+        (&json!(5), &json!(60000), &json!("http")),
+        "{service}"
+    );
+    assert!(service["updated_at"].is_u64(), "{service}");
+    let (_, route) = call(node.admin, "GET", "/routes/r", "");
+    assert_eq!(
+        (&route["strip_path"], &route["https_redirect_status_code"]),
+        (&json!(true), &json!(426))
+    );
+    let (status, refusal) = call(node.admin, "DELETE", "/services/app", "");
+    assert_eq!(
+        (status, &refusal["name"]),
+        (400, &json!("foreign key violation")),
+        "{refusal}"
+    );
+    assert_eq!(call(node.admin, "GET", "/", "").1["version"], "3.9.0");
+
     // Credentials of every kind, with what Kong generates when it is left out.
     assert_eq!(call(node.admin, "POST", "/consumers", r#"{"username": "bob"}"#).0, 201);
     let (status, basic) = call(

@@ -37,6 +37,10 @@ const MAX_BODY: usize = 16 << 20;
 /// How often the database's revision is checked for changes made elsewhere.
 const POLL_INTERVAL: Duration = Duration::from_millis(300);
 
+/// The Kong release whose Admin API and decK format meshgate follows (`GET /` reports it as
+/// `version`).
+const KONG_API_VERSION: &str = "3.9.0";
+
 /// Kong's default page size for listings.
 const DEFAULT_PAGE_SIZE: usize = 100;
 
@@ -314,7 +318,10 @@ async fn stateless(call: &Call<'_>, shared: &Shared, admin: &KongAdmin) -> Optio
             StatusCode::OK,
             &json!({
                 "tagline": "Welcome to meshgate",
-                "version": env!("CARGO_PKG_VERSION"),
+                // The Kong version whose Admin API this one follows: clients such as decK
+                // choose their behaviour by it.
+                "version": KONG_API_VERSION,
+                "meshgate_version": env!("CARGO_PKG_VERSION"),
                 "configuration": {
                     "database": admin.options.database.kind(),
                     "admin_listen": [admin.options.addr.to_string()],
@@ -600,11 +607,57 @@ fn entries(state: &Value, collection: &str) -> Vec<Entry> {
     out
 }
 
-/// The entity as the Admin API shows it: with its parent's reference when decK nested it.
-fn view(state: &Value, entry: &Entry) -> Value {
-    let mut entity = state.pointer(&entry.pointer).cloned().unwrap_or(Value::Null);
+/// Kong's defaults for fields an entity leaves out, as Kong's Admin API shows them (the stored
+/// decK document keeps only what was given, so an export stays as written).
+fn with_kong_defaults(collection: &str, mut entity: Value) -> Value {
+    let defaults = match collection {
+        "services" => json!({
+            "protocol": "http", "port": 80, "path": null, "retries": 5,
+            "connect_timeout": 60000, "write_timeout": 60000, "read_timeout": 60000,
+            "tags": null, "enabled": true, "tls_verify": null, "tls_verify_depth": null,
+            "ca_certificates": null, "client_certificate": null,
+        }),
+        "routes" => json!({
+            "protocols": ["http", "https"], "methods": null, "hosts": null, "paths": null,
+            "headers": null, "snis": null, "sources": null, "destinations": null,
+            "https_redirect_status_code": 426, "regex_priority": 0, "strip_path": true,
+            "path_handling": "v0", "preserve_host": false, "request_buffering": true,
+            "response_buffering": true, "tags": null,
+        }),
+        "consumers" => json!({"username": null, "custom_id": null, "tags": null}),
+        "plugins" => json!({
+            "enabled": true, "protocols": ["grpc", "grpcs", "http", "https"],
+            "service": null, "route": null, "consumer": null, "config": {}, "tags": null,
+        }),
+        "upstreams" => json!({
+            "algorithm": "round-robin", "hash_on": "none", "hash_fallback": "none",
+            "hash_on_cookie_path": "/", "slots": 10000, "host_header": null,
+            "use_srv_name": false, "tags": null,
+        }),
+        "targets" => json!({"weight": 100, "tags": null}),
+        "certificates" => json!({"cert_alt": null, "key_alt": null, "snis": [], "tags": null}),
+        _ => return entity,
+    };
+    if let (Some(map), Value::Object(defaults)) = (entity.as_object_mut(), defaults) {
+        for (field, value) in defaults {
+            map.entry(field).or_insert(value);
+        }
+        if let Some(created) = map.get("created_at").cloned() {
+            map.entry("updated_at").or_insert(created);
+        }
+    }
+    entity
+}
+
+/// The entity as the Admin API shows it: with its parent's reference when decK nested it,
+/// and Kong's defaults.
+fn view(state: &Value, entry: &Entry, collection: &str) -> Value {
+    let mut entity = with_kong_defaults(
+        collection,
+        state.pointer(&entry.pointer).cloned().unwrap_or(Value::Null),
+    );
     if let (Some((field, parent)), Some(map)) = (&entry.parent, entity.as_object_mut()) {
-        map.entry(field.to_string()).or_insert_with(|| parent.clone());
+        map.insert(field.to_string(), parent.clone());
     }
     // Nested credentials and targets have their own endpoints, as in Kong.
     if let Some(map) = entity.as_object_mut() {
@@ -632,8 +685,8 @@ fn find_entry(state: &Value, collection: &str, key: &str, name_field: &str) -> O
 
 /// True when `entity` belongs to `parent` (given as its reference field and entity).
 fn belongs_to(state: &Value, entry: &Entry, field: &str, parent: &Value) -> bool {
-    let entity = view(state, entry);
-    let Some(reference) = entity.get(field) else {
+    let entity = view(state, entry, "");
+    let Some(reference) = entity.get(field).filter(|r| !r.is_null()) else {
         return false;
     };
     let key = match reference {
@@ -763,7 +816,10 @@ fn entity(
         .map_or("name", |(_, f)| *f);
     match (call.method, rest) {
         (&Method::GET, []) => {
-            let items = entries(&state, collection).iter().map(|e| view(&state, e)).collect();
+            let items = entries(&state, collection)
+                .iter()
+                .map(|e| view(&state, e, collection))
+                .collect();
             page(items, call.query, collection).into()
         }
         (&Method::POST, []) => {
@@ -783,13 +839,35 @@ fn entity(
             }
             let created = Value::Object(fields);
             push(&mut state, &format!("/{collection}"), created.clone());
-            commit(shared, admin, state, StatusCode::CREATED, &created)
+            commit(
+                shared,
+                admin,
+                state,
+                StatusCode::CREATED,
+                &with_kong_defaults(collection, created),
+            )
         }
         (_, [key]) => {
             let found = find_entry(&state, collection, key, name_field);
             match (call.method, found) {
-                (&Method::GET, Some(entry)) => reply(StatusCode::OK, &view(&state, &entry)).into(),
+                (&Method::GET, Some(entry)) => reply(StatusCode::OK, &view(&state, &entry, collection)).into(),
                 (&Method::DELETE, Some(entry)) => {
+                    // Routes refer to their service; Kong refuses to leave them dangling.
+                    if collection == "services" {
+                        let service = state.pointer(&entry.pointer).cloned().unwrap_or(Value::Null);
+                        if entries(&state, "routes")
+                            .iter()
+                            .any(|r| belongs_to(&state, r, "service", &service))
+                        {
+                            return reply(
+                                StatusCode::BAD_REQUEST,
+                                &json!({"code": 9, "name": "foreign key violation",
+                                        "message": "an existing 'routes' entity references this 'services' entity",
+                                        "fields": {"@referenced_by": "routes"}}),
+                            )
+                            .into();
+                        }
+                    }
                     remove(&mut state, &entry.pointer);
                     commit(shared, admin, state, StatusCode::NO_CONTENT, &Value::Null)
                 }
@@ -813,12 +891,14 @@ fn entity(
                             target[k] = v;
                         }
                     }
+                    target["updated_at"] = json!(now_secs());
                     let shown = view(
                         &state,
                         &Entry {
                             pointer: entry.pointer.clone(),
                             parent: entry.parent,
                         },
+                        collection,
                     );
                     commit(shared, admin, state, StatusCode::OK, &shown)
                 }
@@ -850,6 +930,7 @@ fn entity(
                     if let Err(e) = prepare_new(collection, &mut fields) {
                         return schema_violation(&e).into();
                     }
+                    fields.insert("updated_at".to_string(), json!(now_secs()));
                     if let Some(target) = state.pointer_mut(&pointer) {
                         // Nested children stay with their parent.
                         let children: Vec<(String, Value)> = target
@@ -869,7 +950,7 @@ fn entity(
                         }
                         *target = Value::Object(fields);
                     }
-                    let shown = view(&state, &Entry { pointer, parent });
+                    let shown = view(&state, &Entry { pointer, parent }, collection);
                     commit(shared, admin, state, StatusCode::OK, &shown)
                 }
                 (&Method::GET | &Method::PATCH, None) => not_found().into(),
@@ -897,7 +978,7 @@ fn entity(
                             let items = entries(&state, nested)
                                 .iter()
                                 .filter(|e| belongs_to(&state, e, field, &parent))
-                                .map(|e| view(&state, e))
+                                .map(|e| view(&state, e, nested))
                                 .collect();
                             page(items, call.query, &format!("{collection}/{key}/{nested}")).into()
                         }
@@ -918,7 +999,13 @@ fn entity(
                             }
                             let created = Value::Object(fields);
                             push(&mut state, &format!("/{nested}"), created.clone());
-                            commit(shared, admin, state, StatusCode::CREATED, &created)
+                            commit(
+                                shared,
+                                admin,
+                                state,
+                                StatusCode::CREATED,
+                                &with_kong_defaults(nested, created),
+                            )
                         }
                         _ => not_found().into(),
                     }
