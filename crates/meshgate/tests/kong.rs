@@ -75,6 +75,31 @@ fn deck_services_routes_and_upstreams_route_like_kong() {
     assert_eq!(echo["headers"]["host"], "orders-upstream");
     let (_, echo, _) = get(addr, "/orders", "api.example.com");
     assert_eq!(echo["path"], "/v1");
+    // Kong's latency headers: proxied responses carry the upstream and proxy latencies,
+    // answers meshgate gives itself the response latency.
+    let (_, headers, _) = raw_get(addr, "/orders", "api.example.com").expect("proxied");
+    let number = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    assert!(
+        number("x-kong-upstream-latency").is_some() && number("x-kong-proxy-latency").is_some(),
+        "{headers:?}"
+    );
+    assert!(
+        headers.iter().any(|(k, v)| k == "via" && v.contains("meshgate")),
+        "{headers:?}"
+    );
+    let (status, headers, _) = raw_get(addr, "/nowhere", "api.example.com").expect("no route");
+    assert_eq!(status, 404);
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-kong-response-latency" && v.parse::<u64>().is_ok()),
+        "{headers:?}"
+    );
 
     // A longer prefix has priority, whatever the order; strip_path false keeps the path.
     let (_, echo, _) = get(addr, "/orders/special/7", "api.example.com");

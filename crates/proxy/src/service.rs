@@ -161,11 +161,44 @@ fn log_request(
 
 /// `route_request`, whose error type is uninhabited.
 async fn answer(req: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
-    match route_request(req, conn).await {
+    let started = std::time::Instant::now();
+    let mut resp = match route_request(req, conn).await {
         Ok(resp) => resp,
         Err(never) => match never {},
+    };
+    if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
+        timing.add_headers(started, resp.headers_mut());
+    }
+    resp
+}
+
+/// Marks a response of a Kong listener, for Kong's latency headers (its default
+/// `headers = latency_tokens`): `X-Kong-Proxy-Latency` and `X-Kong-Upstream-Latency` on
+/// proxied responses, `X-Kong-Response-Latency` on those meshgate answered itself; in ms.
+#[derive(Clone, Copy)]
+struct KongTiming {
+    /// When the request was handed to the upstream; `None` for local answers.
+    forwarded_at: Option<std::time::Instant>,
+}
+
+impl KongTiming {
+    fn add_headers(self, started: std::time::Instant, headers: &mut HeaderMap) {
+        let ms = |d: std::time::Duration| HeaderValue::from(d.as_millis() as u64);
+        match self.forwarded_at {
+            Some(forwarded) => {
+                headers.insert("x-kong-upstream-latency", ms(forwarded.elapsed()));
+                headers.insert("x-kong-proxy-latency", ms(forwarded.saturating_duration_since(started)));
+                headers.insert(header::VIA, HeaderValue::from_static(VIA));
+            }
+            None => {
+                headers.insert("x-kong-response-latency", ms(started.elapsed()));
+            }
+        }
     }
 }
+
+/// Kong's `server_tokens` `Via` on proxied responses, naming meshgate.
+const VIA: &str = concat!("1.1 meshgate/", env!("CARGO_PKG_VERSION"));
 
 /// What the access log needs from a request, taken before the request is consumed.
 struct LoggedRequest {
@@ -271,6 +304,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             Err(mut resp) => {
                 stats[0].record(resp.status().as_u16());
                 apply_header_ops(resp.headers_mut(), &route.response_headers);
+                if listener.flavor == ListenerFlavor::Kong {
+                    resp.extensions_mut().insert(KongTiming { forwarded_at: None });
+                }
                 return Ok(*resp);
             }
         },
@@ -338,6 +374,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             if let Some(effects) = &plugin_effects {
                 effects.apply_to_request(&mut req);
             }
+            let forwarded_at = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
             let mut resp = forward_request(
                 req,
                 conn,
@@ -357,6 +394,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             if !injected.is_empty() {
                 ResponseFlags::mark(&mut resp, injected);
             }
+            if forwarded_at.is_some() {
+                resp.extensions_mut().insert(KongTiming { forwarded_at });
+            }
             if conn.shared.access_log.is_some() {
                 let host = resp.extensions_mut().remove::<UpstreamHost>();
                 resp.extensions_mut().insert(UpstreamInfo {
@@ -370,6 +410,9 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
         }
     };
     let mut response = response;
+    if listener.flavor == ListenerFlavor::Kong && response.extensions().get::<KongTiming>().is_none() {
+        response.extensions_mut().insert(KongTiming { forwarded_at: None });
+    }
     if conn.shared.access_log.is_some() && response.extensions().get::<UpstreamInfo>().is_none() {
         response.extensions_mut().insert(UpstreamInfo {
             route: route.name.clone(),
@@ -818,6 +861,7 @@ fn fault_abort(abort: FaultAbort) -> Response<ResponseBody> {
 fn no_route(flavor: ListenerFlavor) -> Response<ResponseBody> {
     let mut resp = local_reply(StatusCode::NOT_FOUND, "");
     if flavor == ListenerFlavor::Kong {
+        resp.extensions_mut().insert(KongTiming { forwarded_at: None });
         *resp.body_mut() = body::full(bytes::Bytes::from_static(
             b"{\n  \"message\":\"no Route matched with those values\"\n}",
         ));
