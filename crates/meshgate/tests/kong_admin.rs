@@ -327,3 +327,91 @@ fn the_openapi_document_describes_the_api_it_drives() {
     }
     assert!(exercised >= 45, "only {exercised} operations exercised");
 }
+
+/// Admin API changes apply under load without failing a request: clients keep calling a
+/// route while its service is patched and plugins come and go 30 times.
+#[test]
+fn admin_changes_under_load_drop_no_request() {
+    let app = Echo::start("admin-load-app");
+    let dir = scratch_dir("kong-admin-load");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let args = [
+        "--admin-api".to_string(),
+        admin.to_string(),
+        "--admin-api-database".to_string(),
+        dir.join("state.db").display().to_string(),
+        "--listen".to_string(),
+        gateway.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _proxy = Proxy::start_with("", &args);
+    let service = format!(r#"{{"name": "app", "url": "http://127.0.0.1:{}"}}"#, app.port());
+    assert_eq!(call(admin, "POST", "/services", &service, None).0, 201);
+    assert_eq!(
+        call(
+            admin,
+            "POST",
+            "/services/app/routes",
+            r#"{"name": "r", "paths": ["/load"]}"#,
+            None
+        )
+        .0,
+        201
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    match raw_get(gateway, "/load/x", "api.test") {
+                        Ok((200, _, _)) => ok += 1,
+                        Ok((status, _, body)) => failed.push(format!("{status} {body}")),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    for i in 0..30 {
+        let (status, body) = call(
+            admin,
+            "PATCH",
+            "/services/app",
+            &format!(r#"{{"path": "/v{i}", "retries": {}}}"#, i % 5),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        if i % 2 == 0 {
+            let (status, body) = call(
+                admin,
+                "POST",
+                "/plugins",
+                &format!(r#"{{"name": "correlation-id", "instance_name": "c{i}"}}"#),
+                None,
+            );
+            assert_eq!(status, 201, "{body}");
+        } else {
+            assert_eq!(call(admin, "DELETE", &format!("/plugins/c{}", i - 1), "", None).0, 204);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.join().expect("client");
+        assert!(failed.is_empty(), "failed requests during admin changes: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests were made");
+    // The last change serves.
+    let (_, _, body) = raw_get(gateway, "/load/x", "api.test").expect("final");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["path"],
+        "/v29/x"
+    );
+}
