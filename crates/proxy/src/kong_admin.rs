@@ -252,9 +252,31 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, admin: Arc<KongAdmi
         .map(percent_decode)
         .collect();
     let query = req.uri().query().unwrap_or("").to_string();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let form = content_type
+        .as_deref()
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(message(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large")),
+    };
+    // `curl -F config=@kong.yml`, as Kong's documentation loads a declarative file.
+    let body = match multipart_boundary(content_type.as_deref()) {
+        Some(boundary) => multipart_field(&body, &boundary, "config").unwrap_or(body),
+        None => body,
+    };
+    // Kong's documented `curl --data a=b` style: the same entity as JSON.
+    let body = if form {
+        match crate::kong_form::to_json(&body) {
+            Ok(map) => Bytes::from(Value::Object(map).to_string()),
+            Err(e) => return Ok(schema_violation(&e)),
+        }
+    } else {
+        body
     };
     let segments: Vec<&str> = path.iter().map(String::as_str).collect();
     let call = Call {
@@ -284,6 +306,43 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, admin: Arc<KongAdmi
         Ok((None, answer)) => answer,
         Err(e) => database_error(&e),
     })
+}
+
+/// The boundary of a `multipart/form-data` content type.
+fn multipart_boundary(content_type: Option<&str>) -> Option<String> {
+    let content_type = content_type?;
+    if !content_type.to_ascii_lowercase().starts_with("multipart/form-data") {
+        return None;
+    }
+    content_type.split(';').find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("boundary")
+            .then(|| v.trim_matches('"').to_string())
+    })
+}
+
+/// The content of the part named `name` of a multipart body.
+fn multipart_field(body: &Bytes, boundary: &str, name: &str) -> Option<Bytes> {
+    let delimiter = format!("--{boundary}");
+    let text = body.as_ref();
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + from)
+    };
+    let mut at = find(text, delimiter.as_bytes(), 0)?;
+    loop {
+        let headers_start = at + delimiter.len();
+        let headers_end = find(text, b"\r\n\r\n", headers_start)?;
+        let headers = String::from_utf8_lossy(&text[headers_start..headers_end]).to_ascii_lowercase();
+        let content_start = headers_end + 4;
+        let next = find(text, format!("\r\n{delimiter}").as_bytes(), content_start)?;
+        if headers.contains(&format!("name=\"{name}\"")) {
+            return Some(body.slice(content_start..next));
+        }
+        at = next + 2;
+    }
 }
 
 fn database_error(e: &str) -> Reply {
@@ -434,7 +493,15 @@ fn route(call: &Call<'_>, state: Value, shared: &Shared, admin: &KongAdmin) -> C
     match (call.method, call.path) {
         (&Method::GET, ["config"]) => reply(StatusCode::OK, &state).into(),
         (&Method::POST, ["config"]) => {
-            let text = String::from_utf8_lossy(call.body);
+            // The file itself, or Kong's `{"config": "<file text>"}` (also what a form's
+            // `config=` field becomes).
+            let wrapped = match serde_json::from_slice::<Value>(call.body) {
+                Ok(Value::Object(map)) if !map.contains_key("_format_version") => {
+                    map.get("config").and_then(Value::as_str).map(str::to_string)
+                }
+                _ => None,
+            };
+            let text = wrapped.unwrap_or_else(|| String::from_utf8_lossy(call.body).into_owned());
             let docs = match meshgate_model::source::parse_str(std::path::Path::new("config"), &text) {
                 Ok(d) => d,
                 Err(f) => return schema_violation(&f.to_string()).into(),

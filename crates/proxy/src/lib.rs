@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod kong_admin;
+pub mod kong_form;
 pub mod kong_store;
 pub mod listener;
 pub mod plugins;
