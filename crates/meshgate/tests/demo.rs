@@ -71,4 +71,40 @@ fn demo_serves_canary_header_routing_and_mesh_calls() {
         headers.iter().any(|(k, v)| k == "location" && v == "http://shop/"),
         "{headers:?}"
     );
+
+    // The Kong half: the catalog behind key-auth and rate limiting on port 8000.
+    let edge: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+    assert_eq!(raw_get(edge, "/api/catalog", "api").expect("no key").0, 401);
+    let with_key = |key: &str| {
+        raw_request(
+            edge,
+            &format!("GET /api/catalog HTTP/1.1\r\nHost: api\r\napikey: {key}\r\nConnection: close\r\n\r\n"),
+        )
+        .expect("with key")
+    };
+    let (status, headers, body) = with_key("demo-key");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"service\":\"catalog\""), "{body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-ratelimit-limit-minute" && v == "30"),
+        "{headers:?}"
+    );
+    // A consumer added through the Kong Admin API, form-encoded as in Kong's docs.
+    let admin_api: SocketAddr = "127.0.0.1:8001".parse().expect("addr");
+    let form = |path: &str, body: &str| {
+        raw_request(
+            admin_api,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .expect("admin api")
+        .0
+    };
+    assert_eq!(form("/consumers", "username=you"), 201);
+    assert_eq!(form("/consumers/you/key-auth", "key=your-key"), 201);
+    assert_eq!(with_key("your-key").0, 200);
 }
