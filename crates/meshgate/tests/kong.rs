@@ -993,31 +993,6 @@ plugins:
     );
 }
 
-/// `python3 -m http.server` serving `dir` on `port`: a target whose answers a test changes by
-/// adding and removing files (a missing file is a 404).
-fn file_server(port: u16, dir: &std::path::Path) -> std::process::Child {
-    let child = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 http.server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "http.server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
-}
-
 /// Kong's passive health checks (circuit breaker): a target answering statuses from
 /// `unhealthy.http_statuses` `http_failures` times is taken out and stays out; an active check
 /// brings it back after `healthy.successes` good probes, as in Kong.
@@ -1028,7 +1003,7 @@ fn passive_health_checks_take_a_failing_target_out_until_an_active_check_brings_
     std::fs::write(dir.join("api"), "flaky").expect("api file");
     std::fs::write(dir.join("healthz"), "ok").expect("healthz file");
     let flaky_port = free_port();
-    let mut flaky = file_server(flaky_port, &dir);
+    let mut flaky = support::file_server(flaky_port, &dir);
     let deck = |active: bool| {
         let active = if active {
             "\n    active:\n      http_path: /healthz\n      healthy: {interval: 0.25, successes: 2}\n      unhealthy: {interval: 0.25, http_failures: 3}"

@@ -6,20 +6,11 @@ mod support;
 
 use std::net::SocketAddr;
 
-use support::{Echo, Proxy, free_port, raw_get, raw_request, scratch_dir};
+use support::{Echo, KongNode, Proxy, admin_call, free_port, raw_get, raw_request, scratch_dir};
 
-/// One Admin API call: (status, parsed JSON body or Null).
+/// One Admin API call with a JSON body: (status, parsed JSON body or Null).
 fn call(admin: SocketAddr, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    let token = token.map(|t| format!("Kong-Admin-Token: {t}\r\n")).unwrap_or_default();
-    let (status, _, text) = raw_request(
-        admin,
-        &format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .expect("admin call");
-    (status, serde_json::from_str(&text).unwrap_or_default())
+    admin_call(admin, method, path, "application/json", body, token)
 }
 
 #[test]
@@ -334,18 +325,8 @@ fn the_openapi_document_describes_the_api_it_drives() {
 fn admin_changes_under_load_drop_no_request() {
     let app = Echo::start("admin-load-app");
     let dir = scratch_dir("kong-admin-load");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let args = [
-        "--admin-api".to_string(),
-        admin.to_string(),
-        "--admin-api-database".to_string(),
-        dir.join("state.db").display().to_string(),
-        "--listen".to_string(),
-        gateway.to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _proxy = Proxy::start_with("", &args);
+    let node = KongNode::start(&dir.join("state.db").display().to_string(), false);
+    let (admin, gateway) = (node.admin, node.gateway);
     let service = format!(r#"{{"name": "app", "url": "http://127.0.0.1:{}"}}"#, app.port());
     assert_eq!(call(admin, "POST", "/services", &service, None).0, 201);
     assert_eq!(

@@ -9,22 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use support::{Echo, Proxy, free_port, parse_response, raw_get, raw_request, scratch_dir};
+use support::{Echo, KongNode, admin_call, parse_response, raw_get, raw_request, scratch_dir};
 
 fn call(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    call_as(admin, method, path, "application/json", body)
+    admin_call(admin, method, path, "application/json", body, None)
 }
 
 fn call_as(admin: SocketAddr, method: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
-    let (status, _, text) = raw_request(
-        admin,
-        &format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .expect("admin call");
-    (status, serde_json::from_str(&text).unwrap_or_default())
+    admin_call(admin, method, path, content_type, body, None)
 }
 
 /// Kong's documentation drives the Admin API with `curl --data` forms and loads declarative
@@ -97,35 +89,9 @@ fn form_encoded_and_multipart_bodies_work_as_in_kongs_docs() {
     assert_eq!(raw_get(node.gateway, "/wrapped", "x").expect("wrapped").0, 200);
 }
 
-struct Instance {
-    _proxy: Proxy,
-    admin: SocketAddr,
-    gateway: SocketAddr,
-    tls_gateway: SocketAddr,
-}
-
-fn start(name: &str) -> Instance {
-    let dir = scratch_dir(name);
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let tls_gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let args = [
-        "--admin-api".to_string(),
-        admin.to_string(),
-        "--admin-api-database".to_string(),
-        dir.join("admin.db").display().to_string(),
-        "--listen".to_string(),
-        gateway.to_string(),
-        "--listen-tls".to_string(),
-        tls_gateway.to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Instance {
-        _proxy: Proxy::start_with("", &args),
-        admin,
-        gateway,
-        tls_gateway,
-    }
+/// A node with an Admin API on a fresh SQLite database, and plain and TLS proxy listeners.
+fn start(name: &str) -> KongNode {
+    KongNode::start(&scratch_dir(name).join("admin.db").display().to_string(), true)
 }
 
 /// GET over TLS with `sni`, trusting only `root`: (status, body, the server certificate's DER).
@@ -240,9 +206,11 @@ fn certificates_and_snis_serve_tls_by_name_and_protocols_choose_the_listener() {
     );
 
     // Each name gets its own certificate, and the HTTPS-only route serves over TLS.
-    let (status, body, presented) = tls_get(node.tls_gateway, "a.test", &a_der, "/secure/x").expect("a.test");
+    let (status, body, presented) =
+        tls_get(node.tls_gateway.expect("tls listener"), "a.test", &a_der, "/secure/x").expect("a.test");
     assert_eq!((status, presented == a_der), (200, true), "{body}");
-    let (status, _, presented) = tls_get(node.tls_gateway, "b.test", &b_der, "/secure/y").expect("b.test");
+    let (status, _, presented) =
+        tls_get(node.tls_gateway.expect("tls listener"), "b.test", &b_der, "/secure/y").expect("b.test");
     assert_eq!((status, presented == b_der), (200, true));
     // Over plain HTTP the HTTPS-only route answers Kong's 426; the HTTP-only route is not
     // served over TLS.
@@ -250,7 +218,9 @@ fn certificates_and_snis_serve_tls_by_name_and_protocols_choose_the_listener() {
     assert_eq!(status, 426, "{body}");
     assert_eq!(raw_get(node.gateway, "/plain", "a.test").expect("plain").0, 200);
     assert_eq!(
-        tls_get(node.tls_gateway, "a.test", &a_der, "/plain").expect("tls").0,
+        tls_get(node.tls_gateway.expect("tls listener"), "a.test", &a_der, "/plain")
+            .expect("tls")
+            .0,
         404
     );
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Echo, Proxy, free_port, raw_get, raw_request, scratch_dir};
+use support::{Echo, KongNode, admin_call, free_port, raw_get, raw_request, scratch_dir};
 
 const PASSWORD: &str = "pg-s3cret-for-tests";
 
@@ -103,41 +103,11 @@ impl Drop for PostgresServer {
 }
 
 fn call(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let (status, _, text) = raw_request(
-        admin,
-        &format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-    .expect("admin call");
-    (status, serde_json::from_str(&text).unwrap_or_default())
+    admin_call(admin, method, path, "application/json", body, None)
 }
 
-/// An instance with its Admin API and Kong proxy listener.
-struct Instance {
-    proxy: Proxy,
-    admin: SocketAddr,
-    gateway: SocketAddr,
-}
-
-fn instance(database: &str) -> Instance {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let gateway: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let args = [
-        "--admin-api".to_string(),
-        admin.to_string(),
-        "--admin-api-database".to_string(),
-        database.to_string(),
-        "--listen".to_string(),
-        gateway.to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Instance {
-        proxy: Proxy::start_with("", &args),
-        admin,
-        gateway,
-    }
+fn instance(database: &str) -> KongNode {
+    KongNode::start(database, false)
 }
 
 /// Polls until `check` holds; returns how long it took, or panics after `limit`.

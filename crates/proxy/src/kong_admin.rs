@@ -865,6 +865,32 @@ fn is_uuid(key: &str) -> bool {
         })
 }
 
+/// Creates a top-level entity of `collection`: Kong's generated fields, `409` when its id or
+/// `name_field` is taken, `201` with the entity as Kong shows it.
+fn create(
+    collection: &str,
+    name_field: &str,
+    mut fields: Map<String, Value>,
+    mut state: Value,
+    shared: &Shared,
+    admin: &KongAdmin,
+) -> Change<Reply> {
+    if let Err(e) = prepare_new(collection, &mut fields) {
+        return schema_violation(&e).into();
+    }
+    for unique in ["id", name_field] {
+        if let Some(value) = fields.get(unique).and_then(Value::as_str)
+            && find_entry(&state, collection, value, unique).is_some()
+        {
+            return conflict(unique, value).into();
+        }
+    }
+    let created = Value::Object(fields);
+    push(&mut state, &format!("/{collection}"), created.clone());
+    let shown = with_kong_defaults(collection, created);
+    commit(shared, admin, state, StatusCode::CREATED, &shown)
+}
+
 /// CRUD on one collection, and the nested ones Kong has.
 fn entity(
     call: &Call<'_>,
@@ -889,31 +915,10 @@ fn entity(
                 .collect();
             page(items, call.query, collection).into()
         }
-        (&Method::POST, []) => {
-            let mut fields = match parse_body(call.body) {
-                Ok(f) => f,
-                Err(e) => return schema_violation(&e).into(),
-            };
-            if let Err(e) = prepare_new(collection, &mut fields) {
-                return schema_violation(&e).into();
-            }
-            for unique in ["id", name_field] {
-                if let Some(value) = fields.get(unique).and_then(Value::as_str)
-                    && find_entry(&state, collection, value, unique).is_some()
-                {
-                    return conflict(unique, value).into();
-                }
-            }
-            let created = Value::Object(fields);
-            push(&mut state, &format!("/{collection}"), created.clone());
-            commit(
-                shared,
-                admin,
-                state,
-                StatusCode::CREATED,
-                &with_kong_defaults(collection, created),
-            )
-        }
+        (&Method::POST, []) => match parse_body(call.body) {
+            Ok(fields) => create(collection, name_field, fields, state, shared, admin),
+            Err(e) => schema_violation(&e).into(),
+        },
         (_, [key]) => {
             let found = find_entry(&state, collection, key, name_field);
             match (call.method, found) {
@@ -1055,24 +1060,8 @@ fn entity(
                                 Err(e) => return schema_violation(&e).into(),
                             };
                             fields.insert(field.to_string(), reference(&parent, name_field));
-                            if let Err(e) = prepare_new(nested, &mut fields) {
-                                return schema_violation(&e).into();
-                            }
                             let nested_name = if *nested == "routes" { "name" } else { "instance_name" };
-                            if let Some(value) = fields.get(nested_name).and_then(Value::as_str)
-                                && find_entry(&state, nested, value, nested_name).is_some()
-                            {
-                                return conflict(nested_name, value).into();
-                            }
-                            let created = Value::Object(fields);
-                            push(&mut state, &format!("/{nested}"), created.clone());
-                            commit(
-                                shared,
-                                admin,
-                                state,
-                                StatusCode::CREATED,
-                                &with_kong_defaults(nested, created),
-                            )
+                            create(nested, nested_name, fields, state, shared, admin)
                         }
                         _ => not_found().into(),
                     }
@@ -1292,9 +1281,9 @@ const ENTITY_ARRAYS: [&str; 12] = [
     "acls",
 ];
 
-/// Gives every entity without an `id` a new one, as Kong does when it loads a declarative
-/// file, so the Admin API can address each of them.
-fn assign_ids(value: &mut Value) {
+/// Calls `visit` on every entity of a decK document, at any depth (services, their routes,
+/// the routes' plugins, consumers' credentials, ...).
+fn for_each_entity(value: &mut Value, visit: &mut impl FnMut(&mut Map<String, Value>)) {
     let Some(map) = value.as_object_mut() else { return };
     for (key, child) in map.iter_mut() {
         if !ENTITY_ARRAYS.contains(&key.as_str()) {
@@ -1302,11 +1291,19 @@ fn assign_ids(value: &mut Value) {
         }
         for entity in child.as_array_mut().into_iter().flatten() {
             if let Some(fields) = entity.as_object_mut() {
-                fields.entry("id").or_insert_with(|| Value::String(new_id()));
+                visit(fields);
             }
-            assign_ids(entity);
+            for_each_entity(entity, visit);
         }
     }
+}
+
+/// Gives every entity without an `id` a new one, as Kong does when it loads a declarative
+/// file, so the Admin API can address each of them.
+fn assign_ids(value: &mut Value) {
+    for_each_entity(value, &mut |fields| {
+        fields.entry("id").or_insert_with(|| Value::String(new_id()));
+    });
 }
 
 /// Ids other entities refer to (`service: {id: ..}`, `route: <id>`, ...).
@@ -1338,27 +1335,18 @@ fn referenced_ids(value: &Value, out: &mut std::collections::HashSet<String>) {
 /// The state as `deck gateway dump` writes it: timestamps dropped, and ids dropped unless
 /// another entity refers to them (or `with_ids`).
 fn strip_generated(value: &mut Value, referenced: &std::collections::HashSet<String>, with_ids: bool) {
-    let Some(map) = value.as_object_mut() else { return };
-    for (key, child) in map.iter_mut() {
-        if !ENTITY_ARRAYS.contains(&key.as_str()) {
-            continue;
+    for_each_entity(value, &mut |fields| {
+        fields.remove("created_at");
+        fields.remove("updated_at");
+        let keep = with_ids
+            || fields
+                .get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| referenced.contains(id));
+        if !keep {
+            fields.remove("id");
         }
-        for entity in child.as_array_mut().into_iter().flatten() {
-            if let Some(fields) = entity.as_object_mut() {
-                fields.remove("created_at");
-                fields.remove("updated_at");
-                let keep = with_ids
-                    || fields
-                        .get("id")
-                        .and_then(Value::as_str)
-                        .is_some_and(|id| referenced.contains(id));
-                if !keep {
-                    fields.remove("id");
-                }
-            }
-            strip_generated(entity, referenced, with_ids);
-        }
-    }
+    });
 }
 
 /// `meshgate config import`: validates a decK document and makes it the stored state (a

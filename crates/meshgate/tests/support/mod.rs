@@ -601,3 +601,85 @@ pub fn analyze(path: &Path) -> (Option<i32>, String) {
         .expect("run meshgate analyze");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// `python3 -m http.server` serving `dir` on `port`: an upstream whose answers a test changes
+/// by adding and removing files (a missing file is a 404), or kills to make it go away.
+pub fn file_server(port: u16, dir: &Path) -> Child {
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// One call to a Kong Admin API: (status, the JSON body or Null). `content_type` is the
+/// body's; `token` is sent as `Kong-Admin-Token`.
+pub fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let token = token.map(|t| format!("Kong-Admin-Token: {t}\r\n")).unwrap_or_default();
+    let (status, _, text) = raw_request(
+        admin,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\n{token}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("admin call");
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// A meshgate process serving a Kong Admin API on `database` and a Kong proxy listener (and,
+/// with `tls`, a TLS one).
+pub struct KongNode {
+    pub proxy: Proxy,
+    pub admin: SocketAddr,
+    pub gateway: SocketAddr,
+    pub tls_gateway: Option<SocketAddr>,
+}
+
+impl KongNode {
+    pub fn start(database: &str, tls: bool) -> KongNode {
+        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().expect("addr") };
+        let (admin, gateway) = (addr(), addr());
+        let tls_gateway = tls.then(addr);
+        let mut args = vec![
+            "--admin-api".to_string(),
+            admin.to_string(),
+            "--admin-api-database".to_string(),
+            database.to_string(),
+            "--listen".to_string(),
+            gateway.to_string(),
+        ];
+        if let Some(tls_gateway) = tls_gateway {
+            args.extend(["--listen-tls".to_string(), tls_gateway.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        KongNode {
+            proxy: Proxy::start_with("", &args),
+            admin,
+            gateway,
+            tls_gateway,
+        }
+    }
+}
