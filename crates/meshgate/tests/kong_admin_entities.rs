@@ -414,3 +414,115 @@ fn credentials_schemas_paging_and_upserts_behave_like_kong() {
     assert_eq!(plugins["data"][0]["name"], "correlation-id", "{plugins}");
     assert_eq!(raw_get(node.gateway, "/inner", "x").expect("inner").0, 200);
 }
+
+/// Kong's runtime health endpoints: `GET /upstreams/{u}/health` shows what the balancer sees,
+/// and a target set unhealthy by hand takes no traffic until it is set healthy again.
+#[test]
+fn upstream_health_is_shown_and_set_by_hand() {
+    let a = Echo::start("health-a");
+    let b = Echo::start("health-b");
+    let node = start("kong-health");
+    let upstream = json!({
+        "name": "pool",
+        "healthchecks": {"passive": {"unhealthy": {"http_failures": 5}}},
+    });
+    assert_eq!(call(node.admin, "POST", "/upstreams", &upstream.to_string()).0, 201);
+    for echo in [&a, &b] {
+        let target = json!({"target": format!("127.0.0.1:{}", echo.port())});
+        assert_eq!(
+            call(node.admin, "POST", "/upstreams/pool/targets", &target.to_string()).0,
+            201
+        );
+    }
+    assert_eq!(
+        call(node.admin, "POST", "/upstreams", r#"{"name": "unchecked"}"#).0,
+        201
+    );
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/upstreams/unchecked/targets",
+            r#"{"target": "127.0.0.1:9"}"#
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        call(node.admin, "POST", "/services", r#"{"name": "s", "host": "pool"}"#).0,
+        201
+    );
+    assert_eq!(
+        call(node.admin, "POST", "/services", r#"{"name": "u", "host": "unchecked"}"#).0,
+        201
+    );
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/services/s/routes",
+            r#"{"name": "r", "paths": ["/"]}"#
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/services/u/routes",
+            r#"{"name": "ru", "paths": ["/u"]}"#
+        )
+        .0,
+        201
+    );
+
+    let health = |upstream: &str| -> Vec<String> {
+        let (status, body) = call(node.admin, "GET", &format!("/upstreams/{upstream}/health"), "");
+        assert_eq!(status, 200, "{body}");
+        body["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|t| t["health"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(health("pool"), ["HEALTHY", "HEALTHY"]);
+    assert_eq!(health("unchecked"), ["HEALTHCHECKS_OFF"]);
+
+    let served_by = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let (status, _, body) = raw_get(node.gateway, "/", "x").expect("request");
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_str::<Value>(&body).expect("json")["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    };
+    let target_a = format!("127.0.0.1:{}", a.port());
+    let path = format!("/upstreams/pool/targets/{target_a}/unhealthy");
+    assert_eq!(call(node.admin, "PUT", &path, "").0, 204);
+    assert_eq!(health("pool"), ["UNHEALTHY", "HEALTHY"]);
+    assert!(
+        served_by(10).iter().all(|s| s == "health-b"),
+        "a target set unhealthy takes no traffic"
+    );
+    let path = format!("/upstreams/pool/targets/{target_a}/healthy");
+    assert_eq!(call(node.admin, "PUT", &path, "").0, 204);
+    assert_eq!(health("pool"), ["HEALTHY", "HEALTHY"]);
+    assert!(served_by(10).iter().any(|s| s == "health-a"));
+    // Without health checks there is nothing to set.
+    assert_eq!(
+        call(
+            node.admin,
+            "PUT",
+            "/upstreams/unchecked/targets/127.0.0.1:9/unhealthy",
+            ""
+        )
+        .0,
+        400
+    );
+}

@@ -53,6 +53,16 @@ impl HealthState {
         }
     }
 
+    /// Sets an endpoint's state by hand (Kong's `/targets/{t}/healthy|unhealthy`); the
+    /// counters start over, so probes change it again only after their thresholds.
+    pub fn set_healthy(&self, endpoint: usize, healthy: bool) {
+        if let Some(e) = self.endpoints.get(endpoint) {
+            e.healthy.store(healthy, Relaxed);
+            e.successes.store(0, Relaxed);
+            e.failures.store(0, Relaxed);
+        }
+    }
+
     pub fn is_healthy(&self, endpoint: usize) -> bool {
         self.endpoints.get(endpoint).is_none_or(|e| e.healthy.load(Relaxed))
     }

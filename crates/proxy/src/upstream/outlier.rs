@@ -146,6 +146,15 @@ impl OutlierDetector {
         true
     }
 
+    /// Takes `host` out by hand until it is reinstated (Kong's `/targets/{t}/unhealthy` on
+    /// an upstream with passive checks only).
+    pub fn eject_until_reinstated(&self, host: usize) {
+        let Some(h) = self.hosts.get(host) else { return };
+        if h.ejected_until.swap(u64::MAX, Relaxed) == 0 {
+            self.ejected.fetch_add(1, Relaxed);
+        }
+    }
+
     fn eject(&self, host: usize, stats: &UpstreamStats) {
         let h = &self.hosts[host];
         if h.ejected_until.load(Relaxed) != 0 {
