@@ -121,6 +121,17 @@ impl Store {
     pub async fn open(location: StoreLocation) -> Result<Store, String> {
         let backend = match &location {
             StoreLocation::Sqlite(path) => {
+                // The state holds credentials and private keys: readable by its owner only.
+                // (SQLite gives its -wal and -shm files the database's permissions.)
+                if !path.exists() {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(path)
+                        .map_err(|e| format!("{location}: {e}"))?;
+                }
                 let conn = rusqlite::Connection::open(path).map_err(|e| format!("{location}: {e}"))?;
                 // Another process (`meshgate config import`) may hold the write lock briefly.
                 conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -360,6 +371,9 @@ mod tests {
         let path = dir.join("state.db");
         let _ = std::fs::remove_file(&path);
         let store = Store::open(StoreLocation::Sqlite(path.clone())).await.expect("open");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("db file").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the database is private to its owner: {mode:o}");
         assert_eq!(store.revision().await.expect("revision"), 0);
         let (stored, answer) = store
             .update(|current| {
