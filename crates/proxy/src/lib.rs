@@ -11,7 +11,6 @@ pub mod admin;
 pub mod body;
 pub mod cors;
 pub mod kong_admin;
-pub mod kong_form;
 pub mod kong_store;
 pub mod listener;
 pub mod plugins;
