@@ -21,6 +21,7 @@ pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod uuid;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};

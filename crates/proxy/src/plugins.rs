@@ -961,9 +961,17 @@ fn correlation_id<B>(c: &CorrelationId, req: &Request<B>, state: &PluginState, e
         Some(v) if !v.is_empty() => v.clone(),
         _ => {
             let id = match c.generator.as_str() {
-                "uuid" => uuid(),
-                "tracker" => format!("{}-{}", uuid(), state.correlation_counter.fetch_add(1, Relaxed)),
-                _ => format!("{}#{}", uuid(), state.correlation_counter.fetch_add(1, Relaxed) + 1),
+                "uuid" => crate::uuid::v4(),
+                "tracker" => format!(
+                    "{}-{}",
+                    crate::uuid::v4(),
+                    state.correlation_counter.fetch_add(1, Relaxed)
+                ),
+                _ => format!(
+                    "{}#{}",
+                    crate::uuid::v4(),
+                    state.correlation_counter.fetch_add(1, Relaxed) + 1
+                ),
             };
             let Ok(v) = HeaderValue::from_str(&id) else { return };
             effects.set(name.clone(), Some(v.clone()));
@@ -973,21 +981,6 @@ fn correlation_id<B>(c: &CorrelationId, req: &Request<B>, state: &PluginState, e
     if c.echo_downstream {
         effects.response_headers.push((name, value));
     }
-}
-
-fn uuid() -> String {
-    let mut bytes = fastrand::u128(..).to_be_bytes();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
 
 /// The value of query parameter `name`, and how many times it appears.

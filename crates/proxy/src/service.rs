@@ -1286,19 +1286,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, remote_ip: &HeaderValue) {
 
 /// A random (version 4) UUID, the form Envoy generates for `x-request-id`.
 fn request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = (fastrand::u128(..) & !(0xf000 << 64) & !(0xc << 60)) | (0x4000 << 64) | (0x8 << 60);
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (i, byte) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *byte = b'-';
-        } else {
-            *byte = HEX[((n >> (124 - 4 * nibble)) & 0xf) as usize];
-            nibble += 1;
-        }
-    }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    HeaderValue::from_bytes(&crate::uuid::v4_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Replaces the part of `path` a prefix match matched (the whole path after other matches),

@@ -6,19 +6,9 @@ use serde_json::{Map, Value, json};
 
 use super::*;
 
+/// A new entity id, a UUID as Kong gives them.
 pub(super) fn new_id() -> String {
-    let mut bytes = fastrand::u128(..).to_be_bytes();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    crate::uuid::v4()
 }
 
 pub(super) fn now_secs() -> u64 {
