@@ -214,12 +214,14 @@ pub async fn access<B>(
         .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let result = run_access(chain, req, client, route, state, &mut effects, &mut authenticated).await;
     effects.consumer = authenticated.as_ref().map(|a| a.consumer);
+    // A consumer's own chain may add a log plugin.
     let logging = logging
-        || chain
-            .for_consumer(effects.consumer)
-            .plugins
-            .iter()
-            .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
+        || !chain.by_consumer.is_empty()
+            && chain
+                .for_consumer(effects.consumer)
+                .plugins
+                .iter()
+                .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let log = logging.then(|| log_context(req, client, route, authenticated.as_ref()));
     match result {
         Ok(()) => {

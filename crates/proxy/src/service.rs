@@ -161,13 +161,12 @@ fn log_request(
 
 /// `route_request`, whose error type is uninhabited.
 async fn answer(req: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
-    let started = std::time::Instant::now();
     let mut resp = match route_request(req, conn).await {
         Ok(resp) => resp,
         Err(never) => match never {},
     };
     if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
-        timing.add_headers(started, resp.headers_mut());
+        timing.add_headers(resp.headers_mut());
     }
     resp
 }
@@ -177,12 +176,27 @@ async fn answer(req: Request<Incoming>, conn: &Arc<Connection>) -> Response<Resp
 /// proxied responses, `X-Kong-Response-Latency` on those meshgate answered itself; in ms.
 #[derive(Clone, Copy)]
 struct KongTiming {
+    /// When the request was routed (only Kong listeners read the clock for this).
+    started: std::time::Instant,
     /// When the request was handed to the upstream; `None` for local answers.
     forwarded_at: Option<std::time::Instant>,
 }
 
+/// `resp` marked for Kong's latency headers when `started` is set (a Kong listener).
+fn kong_timed(
+    mut resp: Response<ResponseBody>,
+    started: Option<std::time::Instant>,
+    forwarded_at: Option<std::time::Instant>,
+) -> Response<ResponseBody> {
+    if let Some(started) = started {
+        resp.extensions_mut().insert(KongTiming { started, forwarded_at });
+    }
+    resp
+}
+
 impl KongTiming {
-    fn add_headers(self, started: std::time::Instant, headers: &mut HeaderMap) {
+    fn add_headers(self, headers: &mut HeaderMap) {
+        let started = self.started;
         let ms = |d: std::time::Duration| HeaderValue::from(d.as_millis() as u64);
         match self.forwarded_at {
             Some(forwarded) => {
@@ -256,6 +270,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     let listener = &active.snapshot.listeners[li];
     let runtime = &active.listeners[li];
     runtime.stats.requests.fetch_add(1, Relaxed);
+    let kong_started = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
 
     let authority = request_authority(&req).unwrap_or("");
     let host = host_of(authority);
@@ -275,7 +290,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(no_route(listener.flavor));
+        return Ok(kong_timed(no_route(listener.flavor), kong_started, None));
     };
     let virtual_host = &listener.routes.virtual_hosts[vh_index];
     if virtual_host.https_redirect && !conn.tls {
@@ -286,7 +301,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     }
     let Some((route_index, matched)) = virtual_host.find(&info) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(no_route(listener.flavor));
+        return Ok(kong_timed(no_route(listener.flavor), kong_started, None));
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
@@ -304,10 +319,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             Err(mut resp) => {
                 stats[0].record(resp.status().as_u16());
                 apply_header_ops(resp.headers_mut(), &route.response_headers);
-                if listener.flavor == ListenerFlavor::Kong {
-                    resp.extensions_mut().insert(KongTiming { forwarded_at: None });
-                }
-                return Ok(*resp);
+                return Ok(kong_timed(*resp, kong_started, None));
             }
         },
         None => None,
@@ -374,7 +386,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             if let Some(effects) = &plugin_effects {
                 effects.apply_to_request(&mut req);
             }
-            let forwarded_at = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
+            let forwarded_at = kong_started.map(|_| std::time::Instant::now());
             let mut resp = forward_request(
                 req,
                 conn,
@@ -394,9 +406,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
             if !injected.is_empty() {
                 ResponseFlags::mark(&mut resp, injected);
             }
-            if forwarded_at.is_some() {
-                resp.extensions_mut().insert(KongTiming { forwarded_at });
-            }
+            let mut resp = kong_timed(resp, kong_started, forwarded_at);
             if conn.shared.access_log.is_some() {
                 let host = resp.extensions_mut().remove::<UpstreamHost>();
                 resp.extensions_mut().insert(UpstreamInfo {
@@ -410,8 +420,8 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
         }
     };
     let mut response = response;
-    if listener.flavor == ListenerFlavor::Kong && response.extensions().get::<KongTiming>().is_none() {
-        response.extensions_mut().insert(KongTiming { forwarded_at: None });
+    if response.extensions().get::<KongTiming>().is_none() {
+        response = kong_timed(response, kong_started, None);
     }
     if conn.shared.access_log.is_some() && response.extensions().get::<UpstreamInfo>().is_none() {
         response.extensions_mut().insert(UpstreamInfo {
@@ -861,7 +871,6 @@ fn fault_abort(abort: FaultAbort) -> Response<ResponseBody> {
 fn no_route(flavor: ListenerFlavor) -> Response<ResponseBody> {
     let mut resp = local_reply(StatusCode::NOT_FOUND, "");
     if flavor == ListenerFlavor::Kong {
-        resp.extensions_mut().insert(KongTiming { forwarded_at: None });
         *resp.body_mut() = body::full(bytes::Bytes::from_static(
             b"{\n  \"message\":\"no Route matched with those values\"\n}",
         ));
