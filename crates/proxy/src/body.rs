@@ -13,12 +13,16 @@ use http::HeaderMap;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::upstream::http1::Http1Body;
 use crate::upstream::pool::PoolReturn;
 
 /// Body of a response sent downstream.
 pub enum ResponseBody {
     /// The upstream's body, streamed; its connection goes back to the pool at the end.
-    Upstream { body: Incoming, on_end: Option<PoolReturn> },
+    Upstream {
+        body: UpstreamResponseBody,
+        on_end: Option<PoolReturn>,
+    },
     /// A reply the proxy produced itself.
     Local(Full<Bytes>),
     /// A response streamed to the client while a copy is kept (proxy-cache).
@@ -56,7 +60,7 @@ impl CachingBody {
 impl ResponseBody {
     /// Wraps an upstream body; an already-finished one (HEAD, 204, 304) frees its
     /// connection at once, since nobody will poll it to the end.
-    pub fn upstream(body: Incoming, on_end: Option<PoolReturn>) -> Self {
+    pub fn upstream(body: UpstreamResponseBody, on_end: Option<PoolReturn>) -> Self {
         if body.is_end_stream() {
             if let Some(r) = on_end {
                 r.release();
@@ -69,9 +73,9 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ResponseBody::Upstream { body, on_end } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -140,6 +144,39 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 
 pub fn empty() -> ResponseBody {
     ResponseBody::Local(Full::new(Bytes::new()))
+}
+
+/// Body of a response from upstream: read in the request's task (HTTP/1.1), or from hyper's
+/// connection task (HTTP/2, and HTTP/1.1 upgrades).
+pub enum UpstreamResponseBody {
+    Http1(Http1Body),
+    Hyper(Incoming),
+}
+
+impl Body for UpstreamResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamResponseBody::Http1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamResponseBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamResponseBody::Http1(b) => b.is_end_stream(),
+            UpstreamResponseBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamResponseBody::Http1(b) => b.size_hint(),
+            UpstreamResponseBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Body of a request sent upstream.

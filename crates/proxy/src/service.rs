@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::access_log::{self, UpstreamHost, UpstreamInfo};
-use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody};
+use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody, UpstreamResponseBody};
 use crate::cors;
 use crate::plugins;
 use crate::response_flags::ResponseFlags;
@@ -725,7 +725,7 @@ enum TryError {
     Timeout,
 }
 
-type TryResult = Result<(Response<Incoming>, Option<PoolReturn>), TryError>;
+type TryResult = Result<(Response<UpstreamResponseBody>, Option<PoolReturn>), TryError>;
 
 /// Sends one try upstream and waits for its response headers. With access logs on, the
 /// response records where it came from.

@@ -47,6 +47,14 @@ impl CountedStream {
         slot.stats.connections_active.fetch_add(1, Relaxed);
         CountedStream { io, slot }
     }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.io
+    }
+
+    pub fn tcp_mut(&mut self) -> &mut TcpStream {
+        &mut self.io
+    }
 }
 
 impl Drop for CountedStream {

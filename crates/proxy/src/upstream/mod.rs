@@ -3,5 +3,6 @@
 pub mod cluster;
 pub mod connector;
 pub mod health;
+pub mod http1;
 pub mod outlier;
 pub mod pool;

@@ -22,15 +22,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_model::snapshot::{ConnectionPoolSettings, TryFailure};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::connector::{ConnectionSlot, CountedStream};
-use crate::body::UpstreamBody;
+use super::http1::{self, ExchangeError, Http1Connection};
+use crate::body::{UpstreamBody, UpstreamResponseBody};
 use crate::stats::{Breaker, UpstreamStats};
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed when returned.
@@ -76,16 +76,6 @@ impl UpstreamError {
     }
 }
 
-/// An HTTP/1.1 connection as the pool keeps it.
-struct Http1Conn {
-    sender: http1::SendRequest<UpstreamBody>,
-    opened: Instant,
-    /// Requests sent on it so far (for `maxRequestsPerConnection`).
-    requests: u32,
-    /// When it last went idle (for `idleTimeout`).
-    idle_since: Instant,
-}
-
 /// The pool's multiplexed HTTP/2 connection.
 struct Http2Conn {
     sender: http2::SendRequest<UpstreamBody>,
@@ -96,7 +86,7 @@ struct Http2Conn {
 
 #[derive(Default)]
 struct Idle {
-    http1: Vec<Http1Conn>,
+    http1: Vec<Http1Connection>,
     http2: Option<Http2Conn>,
     /// Whether the idle-timeout sweeper task runs.
     sweeping: bool,
@@ -172,18 +162,24 @@ pub(crate) fn connection_freed(stats: &UpstreamStats) {
     }
 }
 
-/// Hands an HTTP/1.1 connection back to its pool once the response body is fully read, and
-/// ends the request's `max_requests` count (also when dropped instead).
+/// Ends the request's `max_requests` count when the response body ends (or is dropped).
 pub struct PoolReturn {
-    conn: Option<(Http1Conn, Arc<EndpointPool>, Arc<UpstreamStats>)>,
     _slot: RequestSlot,
 }
 
 impl PoolReturn {
-    pub fn release(self) {
-        if let Some((conn, pool, stats)) = self.conn {
-            pool.put_back(conn, &stats);
-        }
+    pub fn release(self) {}
+}
+
+/// Where an HTTP/1.1 connection goes back to once its response has been read whole.
+pub struct ReturnTo {
+    pool: Arc<EndpointPool>,
+    stats: Arc<UpstreamStats>,
+}
+
+impl ReturnTo {
+    pub fn put_back(self, conn: Http1Connection) {
+        self.pool.put_back(conn, &self.stats);
     }
 }
 
@@ -207,9 +203,9 @@ impl EndpointPool {
 
     /// Pools an HTTP/1.1 connection whose response was read whole, unless it has served its
     /// `maxRequestsPerConnection` or outlived `maxConnectionDuration` (then it closes).
-    fn put_back(self: &Arc<Self>, mut conn: Http1Conn, stats: &UpstreamStats) {
+    fn put_back(self: &Arc<Self>, mut conn: Http1Connection, stats: &UpstreamStats) {
         let now = Instant::now();
-        if self.expired(conn.opened, conn.requests, now) || conn.sender.is_closed() {
+        if self.expired(conn.opened, conn.requests, now) {
             return;
         }
         conn.idle_since = now;
@@ -243,7 +239,7 @@ impl EndpointPool {
                         let mut idle = locked(&p.idle);
                         let now = Instant::now();
                         idle.http1
-                            .retain(|c| now.saturating_duration_since(c.idle_since) < timeout && !c.sender.is_closed());
+                            .retain(|c| now.saturating_duration_since(c.idle_since) < timeout && !c.is_closed());
                         if idle.http2.as_ref().is_some_and(|c| {
                             now.saturating_duration_since(c.last_used) >= timeout || c.sender.is_closed()
                         }) {
@@ -282,61 +278,27 @@ impl EndpointPool {
     }
 
     /// Sends `req` over HTTP/1.1 on an idle connection, or a new one. A request that an idle
-    /// connection could not even start sending (the upstream closed it meanwhile) is retried
-    /// once on a fresh connection, as Envoy and hyper's pool do.
+    /// connection could not even start sending (the upstream closed it meanwhile) is sent
+    /// again on a fresh connection, as Envoy and hyper's pool do. Upgrade requests go over a
+    /// connection of their own, which the tunnel keeps.
     pub async fn send_http1(
         self: &Arc<Self>,
         address: &str,
         stats: &Arc<UpstreamStats>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, PoolReturn), UpstreamError> {
+    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            return self.send_upgrade(address, stats, req).await;
+        }
+        let (head, framing) = http1::encode_head(&mut req, address);
+        let head_request = req.method() == http::Method::HEAD;
+        let mut body = req.into_body();
         let mut pending: Option<Pending<'_>> = None;
+        let mut fresh_only = false;
         loop {
-            let freed = stats.connection_freed.notified();
-            tokio::pin!(freed);
-            if pending.is_some() {
-                // Registered before looking, so a connection freed meanwhile is not missed.
-                freed.as_mut().enable();
-            }
-            let idle = locked(&self.idle).http1.pop();
-            let mut conn = match idle {
-                Some(mut c) => {
-                    if c.sender.is_closed() || c.sender.ready().await.is_err() {
-                        continue;
-                    }
-                    if self.expired(c.opened, c.requests, Instant::now()) {
-                        continue;
-                    }
-                    c
-                }
-                None => match self.reserve(stats) {
-                    Some(slot) => {
-                        // As in Envoy, a request waiting for its connection is pending.
-                        let _connecting = match pending {
-                            Some(_) => None,
-                            None => Some(Pending::enter(stats, &self.limits)?),
-                        };
-                        let sender = self.connect_http1(address, stats, slot).await?;
-                        let now = Instant::now();
-                        Http1Conn {
-                            sender,
-                            opened: now,
-                            requests: 0,
-                            idle_since: now,
-                        }
-                    }
-                    None => {
-                        if pending.is_none() {
-                            stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
-                            pending = Some(Pending::enter(stats, &self.limits)?);
-                            continue;
-                        }
-                        freed.await;
-                        continue;
-                    }
-                },
+            let Some(conn) = self.checkout(address, stats, &mut pending, fresh_only).await? else {
+                continue;
             };
-            pending = None;
             let slot = match RequestSlot::acquire(stats, &self.limits) {
                 Ok(s) => s,
                 Err(e) => {
@@ -344,41 +306,99 @@ impl EndpointPool {
                     return Err(e);
                 }
             };
-            conn.requests += 1;
-            let fresh = conn.requests == 1;
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((
-                        resp,
-                        PoolReturn {
-                            conn: Some((conn, self.clone(), stats.clone())),
-                            _slot: slot,
-                        },
-                    ));
+            let home = ReturnTo {
+                pool: self.clone(),
+                stats: stats.clone(),
+            };
+            match http1::exchange(conn, &head, framing, body, head_request, home).await {
+                Ok(resp) => return Ok((resp.map(UpstreamResponseBody::Http1), PoolReturn { _slot: slot })),
+                Err(ExchangeError::Stale(unsent)) => {
+                    body = unsent;
+                    fresh_only = true;
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !fresh => req = unsent,
-                    _ => return Err(UpstreamError::Reset(e.into_error().to_string())),
-                },
+                Err(ExchangeError::Failed(e)) => return Err(UpstreamError::Reset(e)),
             }
         }
     }
 
-    async fn connect_http1(
+    /// An idle connection that still looks open, or a new one; `None` to look again (a
+    /// connection was freed, or the idle one found was closed or worn out).
+    async fn checkout<'a>(
+        &self,
+        address: &str,
+        stats: &'a Arc<UpstreamStats>,
+        pending: &mut Option<Pending<'a>>,
+        fresh_only: bool,
+    ) -> Result<Option<Http1Connection>, UpstreamError> {
+        let freed = stats.connection_freed.notified();
+        tokio::pin!(freed);
+        if pending.is_some() {
+            // Registered before looking, so a connection freed meanwhile is not missed.
+            freed.as_mut().enable();
+        }
+        let idle = if fresh_only {
+            None
+        } else {
+            locked(&self.idle).http1.pop()
+        };
+        if let Some(mut c) = idle {
+            if c.is_closed() || self.expired(c.opened, c.requests, Instant::now()) {
+                return Ok(None);
+            }
+            *pending = None;
+            c.requests += 1;
+            return Ok(Some(c));
+        }
+        match self.reserve(stats) {
+            Some(slot) => {
+                // As in Envoy, a request waiting for its connection is pending.
+                let _connecting = match pending.take() {
+                    Some(p) => p,
+                    None => Pending::enter(stats, &self.limits)?,
+                };
+                let io = connect(address, stats, &self.limits, slot).await?;
+                let mut conn = Http1Connection::new(io);
+                conn.requests = 1;
+                Ok(Some(conn))
+            }
+            None => {
+                if pending.is_none() {
+                    stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
+                    *pending = Some(Pending::enter(stats, &self.limits)?);
+                    return Ok(None);
+                }
+                freed.await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// An upgrade request (WebSocket) on a new connection through hyper, which hands the
+    /// connection to the tunnel after a `101`. It never returns to the pool.
+    async fn send_upgrade(
         &self,
         address: &str,
         stats: &Arc<UpstreamStats>,
-        slot: ConnectionSlot,
-    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
+        let slot = self.reserve(stats).ok_or_else(|| {
+            stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
+            UpstreamError::Overflow(Breaker::Connections)
+        })?;
         let io = connect(address, stats, &self.limits, slot).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(sender)
+        let slot = RequestSlot::acquire(stats, &self.limits)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        Ok((resp.map(UpstreamResponseBody::Hyper), PoolReturn { _slot: slot }))
     }
 
     /// The pooled HTTP/2 connection, if it may take another request; counts the request.
@@ -407,7 +427,7 @@ impl EndpointPool {
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, PoolReturn), UpstreamError> {
+    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
         let mut pending: Option<Pending<'_>> = None;
         let mut sender = loop {
             let freed = stats.connection_freed.notified();
@@ -434,7 +454,7 @@ impl EndpointPool {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
             tokio::spawn(async move {
@@ -458,13 +478,7 @@ impl EndpointPool {
         let slot = RequestSlot::acquire(stats, &self.limits)?;
         sender.ready().await.map_err(UpstreamError::from_http2)?;
         let resp = sender.send_request(req).await.map_err(UpstreamError::from_http2)?;
-        Ok((
-            resp,
-            PoolReturn {
-                conn: None,
-                _slot: slot,
-            },
-        ))
+        Ok((resp.map(UpstreamResponseBody::Hyper), PoolReturn { _slot: slot }))
     }
 }
 
@@ -473,7 +487,7 @@ async fn connect(
     stats: &Arc<UpstreamStats>,
     limits: &ConnectionPoolSettings,
     slot: ConnectionSlot,
-) -> Result<TokioIo<CountedStream>, UpstreamError> {
+) -> Result<CountedStream, UpstreamError> {
     let connecting = tokio::time::timeout(limits.connect_timeout, TcpStream::connect(address));
     match connecting.await {
         Ok(Ok(stream)) => {
@@ -481,7 +495,7 @@ async fn connect(
             if let Some(k) = &limits.tcp_keepalive {
                 set_keepalive(&stream, k);
             }
-            Ok(TokioIo::new(CountedStream::new(stream, slot)))
+            Ok(CountedStream::new(stream, slot))
         }
         Ok(Err(e)) => {
             stats.connect_failures.fetch_add(1, Relaxed);

@@ -1,0 +1,788 @@
+//! The HTTP/1.1 client side of the proxy, run inside the downstream request's own task.
+//!
+//! hyper's client keeps each upstream connection in a task of its own and talks to it over
+//! channels, so every proxied request crossed tasks four times (request, response head, body
+//! frames, connection back to the pool). Here the request's future writes the request and
+//! reads the response head itself, and the response body reads from the socket when the
+//! downstream side polls it: one task, no channels. A response whose body is already in the
+//! buffer with its head (the common small response) hands its connection back to the pool
+//! before the downstream write even starts.
+//!
+//! Framing follows RFC 9112 and hyper's client rules, so what upstreams receive does not
+//! change: `Content-Length` when the length is known, else chunked (none for bodiless GET,
+//! HEAD and CONNECT); responses by `Transfer-Encoding`, then `Content-Length`, else read to
+//! the connection's end. Upgrades (WebSocket) still go through hyper, which owns the tunnel.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::connector::CountedStream;
+use super::pool::ReturnTo;
+use crate::body::{BodyError, UpstreamBody};
+
+/// Response head bytes accepted from an upstream (Envoy's `max_request_headers_kb` default).
+const MAX_HEAD_BYTES: usize = 60 * 1024;
+/// Header fields accepted in one response head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line longer than this (extensions included) is a protocol error.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+/// Request body bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// An upstream HTTP/1.1 connection: the socket and the bytes read but not consumed yet.
+pub struct Http1Connection {
+    io: CountedStream,
+    buf: ReadBuffer,
+    pub opened: Instant,
+    /// Requests sent on it so far (for `maxRequestsPerConnection`).
+    pub requests: u32,
+    /// When it last went idle (for `idleTimeout`).
+    pub idle_since: Instant,
+}
+
+impl Http1Connection {
+    pub fn new(io: CountedStream) -> Self {
+        let now = Instant::now();
+        Http1Connection {
+            io,
+            buf: ReadBuffer::default(),
+            opened: now,
+            requests: 0,
+            idle_since: now,
+        }
+    }
+
+    /// Whether an idle connection can no longer carry a request: anything readable on it (the
+    /// upstream's FIN or reset, or bytes nobody asked for) means so. Reads only the readiness
+    /// the runtime recorded, so checking costs no system call. (A read that drained the socket
+    /// cleared that readiness, so a healthy idle connection shows none.)
+    pub fn is_closed(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let readiness = std::pin::pin!(self.io.tcp().ready(tokio::io::Interest::READABLE));
+        !self.buf.is_empty() || readiness.poll(&mut cx).is_ready()
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at the connection's end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.poll_fill(self.io.tcp_mut(), cx)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self.io.tcp_mut()).poll_write(cx, bytes)
+    }
+}
+
+/// Bytes read from a connection and not consumed yet, in front of zeroed spare room.
+///
+/// The spare room is initialised once per allocation (not per read), which lets reads go
+/// through tokio's `poll_read`: it notes a short read as the socket drained, so the next
+/// read waits for the runtime's readiness instead of trying the socket first. Consumed bytes
+/// leave as `Bytes` sharing the allocation, so small bodies are never copied.
+#[derive(Default)]
+struct ReadBuffer {
+    /// Filled bytes, then zeroed spare room.
+    bytes: BytesMut,
+    filled: usize,
+}
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.filled]
+    }
+}
+
+impl ReadBuffer {
+    fn poll_fill(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.bytes.len() - self.filled < READ_SIZE / 4 {
+            let mut fresh = BytesMut::zeroed(READ_SIZE.max(self.filled * 2));
+            fresh[..self.filled].copy_from_slice(&self.bytes[..self.filled]);
+            self.bytes = fresh;
+        }
+        let mut room = ReadBuf::new(&mut self.bytes[self.filled..]);
+        ready!(Pin::new(io).poll_read(cx, &mut room))?;
+        let n = room.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// The first `n` filled bytes, removed.
+    fn split_to(&mut self, n: usize) -> BytesMut {
+        debug_assert!(n <= self.filled);
+        self.filled -= n;
+        self.bytes.split_to(n)
+    }
+
+    /// Everything filled, removed.
+    fn split(&mut self) -> BytesMut {
+        self.split_to(self.filled)
+    }
+
+    fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.filled);
+        self.filled -= n;
+        self.bytes.advance(n);
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RequestFraming {
+    /// No body goes out (also a bodiless GET whose body's length was unknown, as hyper does).
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes the request head (`Host` and framing headers settled) and decides the framing.
+/// The URI must be in origin form.
+pub fn encode_head(req: &mut Request<UpstreamBody>, address: &str) -> (Vec<u8>, RequestFraming) {
+    let framing = request_framing(req);
+    let headers = req.headers();
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let path = if path.is_empty() { "/" } else { path };
+    let mut head = Vec::with_capacity(256 + headers.len() * 32);
+    head.extend_from_slice(req.method().as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        head.extend_from_slice(b"host: ");
+        head.extend_from_slice(address.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    (head, framing)
+}
+
+/// hyper's client rules: a `Transfer-Encoding` the request carries wins (ending in
+/// `chunked`), then a valid `Content-Length`, then the body's known length; an unknown length
+/// is chunked, except for GET, HEAD and CONNECT, which are sent without a body.
+fn request_framing(req: &mut Request<UpstreamBody>) -> RequestFraming {
+    let empty = req.body().is_end_stream();
+    let exact = req.body().size_hint().exact();
+    let method = req.method().clone();
+    let headers = req.headers_mut();
+    if empty {
+        headers.remove(header::TRANSFER_ENCODING);
+        return RequestFraming::Empty;
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        return RequestFraming::Chunked;
+    }
+    if let Some(len) = content_length(headers) {
+        return RequestFraming::Length(len);
+    }
+    if let Some(len) = exact {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        return RequestFraming::Length(len);
+    }
+    if matches!(method, Method::GET | Method::HEAD | Method::CONNECT) {
+        return RequestFraming::Empty;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    RequestFraming::Chunked
+}
+
+/// The `Content-Length` all of the header's values agree on, if valid.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.to_str().ok()?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = part.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
+}
+
+/// Why an exchange failed.
+pub enum ExchangeError {
+    /// A reused connection turned out closed before any of the request could be written (the
+    /// upstream closed it while idle). Nothing of the body was read, so the request can go
+    /// again on a fresh connection, as hyper's pool does; the body comes back. A request that
+    /// went out is not sent again here: only a route's retry policy may do that.
+    Stale(UpstreamBody),
+    Failed(String),
+}
+
+/// What is known of the request while it goes out.
+struct Outgoing {
+    body: UpstreamBody,
+    framing: RequestFraming,
+    /// Body bytes still to send for `Length` framing.
+    remaining: u64,
+    /// Bytes gathered for the socket, and how many of them were written.
+    out: Vec<u8>,
+    written: usize,
+    /// The body (and chunked terminator) is all in `out`.
+    body_done: bool,
+    /// The body was polled: from here on the request cannot be sent again.
+    body_touched: bool,
+}
+
+impl Outgoing {
+    /// Pulls ready body frames into `out`, in the request's framing.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Result<(), String> {
+        while !self.body_done && self.out.len() - self.written < WRITE_BATCH {
+            self.body_touched = true;
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Some(Err(e))) => return Err(format!("request body: {e}")),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.push_data(&data)?,
+                    Err(frame) => {
+                        if let (RequestFraming::Chunked, Ok(trailers)) = (self.framing, frame.into_trailers()) {
+                            self.finish(Some(&trailers))?;
+                        }
+                    }
+                },
+                Poll::Ready(None) => self.finish(None)?,
+            }
+            if !self.body_done && self.body.is_end_stream() {
+                self.finish(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn push_data(&mut self, data: &[u8]) -> Result<(), String> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.framing {
+            RequestFraming::Empty => {}
+            RequestFraming::Length(_) => {
+                if data.len() as u64 > self.remaining {
+                    return Err("request body longer than its Content-Length".to_string());
+                }
+                self.remaining -= data.len() as u64;
+                self.out.extend_from_slice(data);
+            }
+            RequestFraming::Chunked => {
+                self.out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
+                self.out.extend_from_slice(data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, trailers: Option<&HeaderMap>) -> Result<(), String> {
+        if self.body_done {
+            return Ok(());
+        }
+        self.body_done = true;
+        match self.framing {
+            RequestFraming::Empty => Ok(()),
+            RequestFraming::Length(_) if self.remaining > 0 => {
+                Err("request body shorter than its Content-Length".to_string())
+            }
+            RequestFraming::Length(_) => Ok(()),
+            RequestFraming::Chunked => {
+                self.out.extend_from_slice(b"0\r\n");
+                if let Some(trailers) = trailers {
+                    write_trailers(&mut self.out, trailers);
+                }
+                self.out.extend_from_slice(b"\r\n");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes a chunked body's trailer fields.
+fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    for (name, value) in trailers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Sends the request on `conn` and reads the response head. The response's body reads the
+/// rest from the connection, which goes back to `home` once the body has ended cleanly.
+pub async fn exchange(
+    mut conn: Http1Connection,
+    head: &[u8],
+    framing: RequestFraming,
+    body: UpstreamBody,
+    head_request: bool,
+    home: ReturnTo,
+) -> Result<Response<Http1Body>, ExchangeError> {
+    let reused = conn.requests > 1;
+    let mut outgoing = Outgoing {
+        remaining: match framing {
+            RequestFraming::Length(n) => n,
+            _ => 0,
+        },
+        body_done: framing == RequestFraming::Empty,
+        body,
+        framing,
+        // A body is gathered behind the head, so a small one leaves in the same write.
+        out: if framing == RequestFraming::Empty {
+            Vec::new()
+        } else {
+            head.to_vec()
+        },
+        written: 0,
+        body_touched: false,
+    };
+    // Bytes of the request written so far.
+    let mut sent = 0usize;
+    let mut head_written = if framing == RequestFraming::Empty {
+        0
+    } else {
+        head.len()
+    };
+    let result = poll_fn(|cx| {
+        // Send what there is to send; keep reading meanwhile, since an upstream may answer
+        // (and stop reading) before the request body is complete.
+        loop {
+            if let Err(e) = outgoing.gather(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let unsent = if head_written < head.len() {
+                &head[head_written..]
+            } else {
+                &outgoing.out[outgoing.written..]
+            };
+            if unsent.is_empty() {
+                break;
+            }
+            let written = conn.poll_write(cx, unsent);
+            if let Poll::Ready(Ok(n)) = written {
+                sent += n;
+            }
+            match written {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err("upstream connection closed".to_string())),
+                Poll::Ready(Ok(n)) if head_written < head.len() => head_written += n,
+                Poll::Ready(Ok(n)) => {
+                    outgoing.written += n;
+                    if outgoing.written == outgoing.out.len() {
+                        outgoing.out.clear();
+                        outgoing.written = 0;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match parse_head(&mut conn.buf, head_request) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
+                Ok(None) => {}
+            }
+            if conn.buf.len() > MAX_HEAD_BYTES {
+                return Poll::Ready(Err("upstream response headers too large".to_string()));
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err("upstream connection closed before response".to_string())),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e.to_string())),
+            }
+        }
+    })
+    .await;
+    let (parts, framing, keep_alive) = match result {
+        Ok(parsed) => parsed,
+        Err(e) if reused && sent == 0 && !outgoing.body_touched => {
+            tracing::debug!(error = %e, "pooled upstream connection was closed; using a new one");
+            return Err(ExchangeError::Stale(outgoing.body));
+        }
+        Err(e) => return Err(ExchangeError::Failed(e)),
+    };
+    // An upstream that answered before the whole request went out gets no further requests
+    // on this connection: the rest of the body is not sent.
+    let reusable =
+        keep_alive && outgoing.body_done && head_written == head.len() && outgoing.written == outgoing.out.len();
+    let body = Http1Body::start(conn, framing, reusable, home);
+    Ok(Response::from_parts(parts, body))
+}
+
+/// How the response body is delimited.
+#[derive(Debug)]
+enum ResponseFraming {
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    /// Trailers were handed out; nothing follows.
+    End,
+}
+
+type ParsedHead = (http::response::Parts, ResponseFraming, bool);
+
+/// Parses a complete response head off the front of `buf`, skipping interim (1xx) responses.
+fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedHead>, String> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let head_len = match response.parse(&buf[..]) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("invalid upstream response: {e}")),
+        };
+        let code = response.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| format!("invalid upstream status {code}"))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err("upstream switched protocols without an upgrade request".to_string());
+            }
+            buf.advance(head_len);
+            continue;
+        }
+        let http10 = response.version == Some(0);
+        // Where each field sits in the head, so values can share its bytes.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = response.headers.len();
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (name, name + field.name.len(), value, value + field.value.len());
+        }
+        let head = buf.split_to(head_len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid upstream header name".to_string())?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| format!("invalid value of upstream header {name}"))?;
+            headers.append(name, value);
+        }
+        let mut keep_alive = !http10;
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if http10 && token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        }
+        let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            ResponseFraming::Length(0)
+        } else if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+            // RFC 9112 §6.3: with both, Transfer-Encoding wins and the connection must close.
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                keep_alive = false;
+            }
+            let last = te.to_str().unwrap_or("").rsplit(',').next().unwrap_or("").trim();
+            if last.eq_ignore_ascii_case("chunked") {
+                ResponseFraming::Chunked(ChunkState::Size)
+            } else {
+                keep_alive = false;
+                ResponseFraming::UntilClose
+            }
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            match content_length(&headers) {
+                Some(n) => ResponseFraming::Length(n),
+                None => return Err("invalid upstream Content-Length".to_string()),
+            }
+        } else {
+            keep_alive = false;
+            ResponseFraming::UntilClose
+        };
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
+        parts.headers = headers;
+        return Ok(Some((parts, framing, keep_alive)));
+    }
+}
+
+/// An upstream response body read straight from its connection.
+pub struct Http1Body {
+    state: BodyState,
+}
+
+enum BodyState {
+    /// The whole body came with the head; the connection is already back in its pool.
+    Whole(Option<Bytes>),
+    Reading(Box<Reading>),
+    Done,
+}
+
+struct Reading {
+    conn: Http1Connection,
+    framing: ResponseFraming,
+    reusable: bool,
+    home: ReturnTo,
+}
+
+impl Http1Body {
+    fn start(mut conn: Http1Connection, framing: ResponseFraming, reusable: bool, home: ReturnTo) -> Self {
+        if let ResponseFraming::Length(n) = framing
+            && conn.buf.len() as u64 >= n
+        {
+            let whole = conn.buf.split_to(n as usize).freeze();
+            // Bytes beyond the response are not a response to anything: no reuse.
+            if reusable && conn.buf.is_empty() {
+                home.put_back(conn);
+            }
+            return Http1Body {
+                state: BodyState::Whole((!whole.is_empty()).then_some(whole)),
+            };
+        }
+        Http1Body {
+            state: BodyState::Reading(Box::new(Reading {
+                conn,
+                framing,
+                reusable,
+                home,
+            })),
+        }
+    }
+}
+
+impl Reading {
+    /// The next frame; `Ok(None)` at the body's clean end.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, String>> {
+        loop {
+            let buf = &mut self.conn.buf;
+            match &mut self.framing {
+                ResponseFraming::Length(0) => return Poll::Ready(Ok(None)),
+                ResponseFraming::Length(left) if !buf.is_empty() => {
+                    let n = (*left).min(buf.len() as u64);
+                    *left -= n;
+                    return Poll::Ready(Ok(Some(Frame::data(buf.split_to(n as usize).freeze()))));
+                }
+                ResponseFraming::UntilClose if !buf.is_empty() => {
+                    return Poll::Ready(Ok(Some(Frame::data(buf.split().freeze()))));
+                }
+                ResponseFraming::Chunked(state) => match decode_chunked(state, buf)? {
+                    Decoded::Frame(frame) => return Poll::Ready(Ok(Some(frame))),
+                    Decoded::End => return Poll::Ready(Ok(None)),
+                    Decoded::NeedMore => {}
+                },
+                _ => {}
+            }
+            match ready!(self.conn.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(match self.framing {
+                        ResponseFraming::UntilClose => Ok(None),
+                        _ => Err("upstream closed the connection mid-body".to_string()),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+enum Decoded {
+    Frame(Frame<Bytes>),
+    End,
+    NeedMore,
+}
+
+/// Steps the chunked decoder over what `buf` holds.
+fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Result<Decoded, String> {
+    loop {
+        match *state {
+            ChunkState::Size => {
+                let Some(line_end) = find_crlf(buf) else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err("upstream chunk size line too long".to_string());
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let line = &buf[..line_end];
+                let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits == 0 || digits > 15 {
+                    return Err("invalid upstream chunk size".to_string());
+                }
+                let rest = &line[digits..];
+                if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
+                    return Err("invalid upstream chunk size".to_string());
+                }
+                let size = std::str::from_utf8(&line[..digits])
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s, 16).ok())
+                    .ok_or_else(|| "invalid upstream chunk size".to_string())?;
+                buf.advance(line_end + 2);
+                *state = if size == 0 {
+                    ChunkState::Trailers
+                } else {
+                    ChunkState::Data(size)
+                };
+            }
+            ChunkState::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = left.min(buf.len() as u64);
+                let data = buf.split_to(n as usize).freeze();
+                *state = if n == left {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left - n)
+                };
+                return Ok(Decoded::Frame(Frame::data(data)));
+            }
+            ChunkState::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("upstream chunk not followed by CRLF".to_string());
+                }
+                buf.advance(2);
+                *state = ChunkState::Size;
+            }
+            ChunkState::End => return Ok(Decoded::End),
+            ChunkState::Trailers => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    return Ok(Decoded::End);
+                }
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if buf.len() > MAX_HEAD_BYTES {
+                        return Err("upstream trailers too large".to_string());
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let block = buf.split_to(end + 4);
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let trailers = match httparse::parse_headers(&block, &mut fields) {
+                    Ok(httparse::Status::Complete((_, fields))) => {
+                        let mut map = HeaderMap::with_capacity(fields.len());
+                        for f in fields {
+                            let name = HeaderName::from_bytes(f.name.as_bytes())
+                                .map_err(|_| "invalid upstream trailer name".to_string())?;
+                            let value = HeaderValue::from_bytes(f.value)
+                                .map_err(|_| "invalid upstream trailer value".to_string())?;
+                            map.append(name, value);
+                        }
+                        map
+                    }
+                    _ => return Err("invalid upstream trailers".to_string()),
+                };
+                *state = ChunkState::End;
+                return Ok(Decoded::Frame(Frame::trailers(trailers)));
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Body for Http1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match &mut this.state {
+            BodyState::Whole(data) => {
+                let frame = data.take().map(|d| Ok(Frame::data(d)));
+                this.state = BodyState::Done;
+                Poll::Ready(frame)
+            }
+            BodyState::Reading(reading) => match ready!(reading.poll_next(cx)) {
+                Ok(Some(frame)) => {
+                    if reading.at_end() {
+                        this.finish();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Ok(None) => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+                Err(e) => {
+                    // The connection closes with the body: it cannot serve another request.
+                    this.state = BodyState::Done;
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            },
+            BodyState::Done => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Whole(data) => data.is_none(),
+            BodyState::Reading(r) => r.at_end(),
+            BodyState::Done => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            BodyState::Reading(r) => match r.framing {
+                ResponseFraming::Length(left) => SizeHint::with_exact(left),
+                _ => SizeHint::default(),
+            },
+            BodyState::Done => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Reading {
+    /// The body ended with nothing left to read (a length-delimited body fully read).
+    fn at_end(&self) -> bool {
+        matches!(self.framing, ResponseFraming::Length(0))
+    }
+}
+
+impl Http1Body {
+    /// The body ended cleanly: its connection goes back to its pool if it may serve again.
+    fn finish(&mut self) {
+        if let BodyState::Reading(reading) = std::mem::replace(&mut self.state, BodyState::Done) {
+            let Reading {
+                conn, reusable, home, ..
+            } = *reading;
+            if reusable && conn.buf.is_empty() {
+                home.put_back(conn);
+            }
+        }
+    }
+}
