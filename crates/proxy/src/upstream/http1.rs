@@ -767,9 +767,13 @@ impl Body for Http1Body {
 }
 
 impl Reading {
-    /// The body ended with nothing left to read (a length-delimited body fully read).
+    /// The body ended with nothing left to read: a length-delimited body read whole, or a
+    /// chunked body whose trailers were handed out (a sender may stop polling after them).
     fn at_end(&self) -> bool {
-        matches!(self.framing, ResponseFraming::Length(0))
+        matches!(
+            self.framing,
+            ResponseFraming::Length(0) | ResponseFraming::Chunked(ChunkState::End)
+        )
     }
 }
 
