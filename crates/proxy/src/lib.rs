@@ -95,7 +95,10 @@ impl Shared {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            // As Envoy (`request_headers_timeout` unset): no per-request header timer, which
+            // hyper would otherwise arm (a clock read, an allocation, a timer-wheel insert
+            // and removal) for every request on every keep-alive connection.
+            .header_read_timeout(None)
             .max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
         http.http2()
             .timer(TokioTimer::new())

@@ -306,13 +306,15 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
     let plugin_effects = match &route.plugins {
-        Some(chain) => match plugins::access(
+        // Boxed, as every rarely taken await below: a future is as large as its largest
+        // branch, and each request moves this one into place.
+        Some(chain) => match Box::pin(plugins::access(
             chain,
             &req,
             conn.remote.ip().to_canonical(),
             &route.name,
             &conn.shared.plugin_state,
-        )
+        ))
         .await
         {
             Ok(effects) => Some(effects),
@@ -359,7 +361,7 @@ async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result
                 if let Some(delay) = &fault.delay
                     && chance(delay.per_million)
                 {
-                    tokio::time::sleep(delay.duration).await;
+                    Box::pin(tokio::time::sleep(delay.duration)).await;
                     injected = ResponseFlags::DELAY_INJECTED;
                 }
                 if let Some((abort, per_million)) = fault.abort
@@ -555,11 +557,11 @@ async fn forward_request(
     remove_hop_by_hop(headers, upgrade);
     append_forwarded_for(headers, &conn.remote_ip);
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if conn.edge || !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id());
+    if conn.edge || !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id());
     }
     // The Host sent upstream: a rewrite, else what the client sent (`:authority` for HTTP/2).
     match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
@@ -625,8 +627,7 @@ async fn forward_request(
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let upstream_req = Request::from_parts(parts, body);
-            let outcome = send_try(conn, cluster, &target, use_http2, upstream_req, timeout).await;
+            let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
             return finish(outcome, cluster, stats, downstream_upgrade);
         }
     };
@@ -651,11 +652,11 @@ async fn forward_request(
     };
     let mut target = target;
     loop {
-        let upstream_req = Request::from_parts(clone_parts(&parts), retrying.body.next_try());
         let Some(timeout) = retrying.try_timeout() else {
             return route_timeout(stats);
         };
-        let outcome = send_try(conn, cluster, &target, use_http2, upstream_req, timeout).await;
+        let body = retrying.body.next_try();
+        let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
         let retriable = match &outcome {
             Ok((resp, _)) => policy.retries_response(resp.status().as_u16(), grpc_status(resp.headers())),
             Err(TryError::Timeout) if retrying.deadline_passed() => return route_timeout(stats),
@@ -683,7 +684,7 @@ async fn forward_request(
         // The failed response is dropped unread, which closes its connection, as Envoy resets
         // the upstream stream of a try it retries.
         drop(outcome);
-        if retrying.back_off().await.is_err() {
+        if Box::pin(retrying.back_off()).await.is_err() {
             return route_timeout(stats);
         }
         if let Some(i) = target.endpoint {
@@ -728,36 +729,37 @@ enum TryError {
 type TryResult = Result<(Response<UpstreamResponseBody>, Option<PoolReturn>), TryError>;
 
 /// Sends one try upstream and waits for its response headers. With access logs on, the
-/// response records where it came from.
+/// response records where it came from. The request head is borrowed, so tries after the
+/// first need no copy of it for HTTP/1.1.
 async fn send_try(
     conn: &Connection,
     cluster: &ClusterRuntime,
     target: &Target,
     use_http2: bool,
-    req: Request<UpstreamBody>,
+    parts: &mut http::request::Parts,
+    body: UpstreamBody,
     timeout: Option<Duration>,
 ) -> TryResult {
     cluster.stats.requests.fetch_add(1, Relaxed);
     let _in_flight = InFlight::start(cluster, target.endpoint);
     let logged = conn.shared.access_log.is_some().then(|| UpstreamHost {
         address: target.address.clone(),
-        request_id: req
-            .headers()
-            .get("x-request-id")
+        request_id: parts
+            .headers
+            .get(X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     });
     let sent = async {
         if use_http2 {
-            target
-                .pool
-                .send_http2(&target.address, &cluster.stats, req)
+            let req = Request::from_parts(clone_parts(parts), body);
+            Box::pin(target.pool.send_http2(&target.address, &cluster.stats, req))
                 .await
                 .map(|(r, ret)| (r, Some(ret)))
         } else {
             target
                 .pool
-                .send_http1(&target.address, &cluster.stats, req)
+                .send_http1(&target.address, &cluster.stats, parts, body)
                 .await
                 .map(|(r, ret)| (r, Some(ret)))
         }
@@ -1138,10 +1140,14 @@ fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             parts.headers.remove(header::TRANSFER_ENCODING);
         }
-        let req = Request::from_parts(parts, UpstreamBody::Buffered(http_body_util::Full::new(body.clone())));
+        let body = UpstreamBody::Buffered(http_body_util::Full::new(body.clone()));
         tokio::spawn(async move {
             cluster.stats.requests.fetch_add(1, Relaxed);
-            let sent = tokio::time::timeout(MIRROR_TIMEOUT, pool.send_http1(&address, &cluster.stats, req)).await;
+            let sent = tokio::time::timeout(
+                MIRROR_TIMEOUT,
+                pool.send_http1(&address, &cluster.stats, &mut parts, body),
+            )
+            .await;
             match sent {
                 Ok(Ok((resp, ret))) => {
                     // Drain the mirror's response so its connection can be reused.
@@ -1243,12 +1249,34 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .flat_map(|v| v.split(',').map(str::trim).filter(|t| !t.is_empty()))
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `name` is one of the hop-by-hop headers RFC 9110 §7.6.1 names.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers: those RFC 9110 §7.6.1 names and any listed in `Connection`.
 /// `TE: trailers` survives (gRPC needs it); an upgrade keeps `Connection`/`Upgrade`.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            // `close` and `keep-alive` name no header worth a lookup (the latter goes below).
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| n != header::TE)
             .collect();
@@ -1261,7 +1289,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(header::CONNECTION);
         }
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+    for name in [KEEP_ALIVE, PROXY_CONNECTION, header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
     if !keep_upgrade {
@@ -1283,14 +1311,14 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, remote_ip: &HeaderValue) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.is_empty() => {
             let joined = format!("{existing}, {}", remote_ip.to_str().unwrap_or(""));
             HeaderValue::from_str(&joined).unwrap_or_else(|_| remote_ip.clone())
         }
         _ => remote_ip.clone(),
     };
-    headers.insert("x-forwarded-for", value);
+    headers.insert(X_FORWARDED_FOR, value);
 }
 
 /// A random (version 4) UUID, the form Envoy generates for `x-request-id`.

@@ -20,7 +20,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -149,13 +150,13 @@ pub enum RequestFraming {
 
 /// Writes the request head (`Host` and framing headers settled) and decides the framing.
 /// The URI must be in origin form.
-pub fn encode_head(req: &mut Request<UpstreamBody>, address: &str) -> (Vec<u8>, RequestFraming) {
-    let framing = request_framing(req);
-    let headers = req.headers();
-    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+pub fn encode_head(parts: &mut Parts, body: &UpstreamBody, address: &str) -> (Vec<u8>, RequestFraming) {
+    let framing = request_framing(parts, body);
+    let headers = &parts.headers;
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let path = if path.is_empty() { "/" } else { path };
     let mut head = Vec::with_capacity(256 + headers.len() * 32);
-    head.extend_from_slice(req.method().as_str().as_bytes());
+    head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
@@ -177,11 +178,11 @@ pub fn encode_head(req: &mut Request<UpstreamBody>, address: &str) -> (Vec<u8>, 
 /// hyper's client rules: a `Transfer-Encoding` the request carries wins (ending in
 /// `chunked`), then a valid `Content-Length`, then the body's known length; an unknown length
 /// is chunked, except for GET, HEAD and CONNECT, which are sent without a body.
-fn request_framing(req: &mut Request<UpstreamBody>) -> RequestFraming {
-    let empty = req.body().is_end_stream();
-    let exact = req.body().size_hint().exact();
-    let method = req.method().clone();
-    let headers = req.headers_mut();
+fn request_framing(parts: &mut Parts, body: &UpstreamBody) -> RequestFraming {
+    let empty = body.is_end_stream();
+    let exact = body.size_hint().exact();
+    let method = &parts.method;
+    let headers = &mut parts.headers;
     if empty {
         headers.remove(header::TRANSFER_ENCODING);
         return RequestFraming::Empty;
@@ -198,7 +199,7 @@ fn request_framing(req: &mut Request<UpstreamBody>) -> RequestFraming {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         return RequestFraming::Length(len);
     }
-    if matches!(method, Method::GET | Method::HEAD | Method::CONNECT) {
+    if matches!(*method, Method::GET | Method::HEAD | Method::CONNECT) {
         return RequestFraming::Empty;
     }
     headers.remove(header::CONTENT_LENGTH);

@@ -192,20 +192,22 @@ impl EndpointPool {
         }
     }
 
-    fn expired(&self, opened: Instant, requests: u32, now: Instant) -> bool {
+    /// Whether a connection has served its `maxRequestsPerConnection` or outlived
+    /// `maxConnectionDuration`; the clock is read only when the latter is set.
+    fn expired(&self, opened: Instant, requests: u32) -> bool {
         let max = self.limits.max_requests_per_connection;
         (max != 0 && requests >= max)
             || self
                 .limits
                 .max_connection_duration
-                .is_some_and(|d| now.saturating_duration_since(opened) >= d)
+                .is_some_and(|d| opened.elapsed() >= d)
     }
 
     /// Pools an HTTP/1.1 connection whose response was read whole, unless it has served its
     /// `maxRequestsPerConnection` or outlived `maxConnectionDuration` (then it closes).
     fn put_back(self: &Arc<Self>, mut conn: Http1Connection, stats: &UpstreamStats) {
         let now = Instant::now();
-        if self.expired(conn.opened, conn.requests, now) {
+        if self.expired(conn.opened, conn.requests) {
             return;
         }
         conn.idle_since = now;
@@ -285,14 +287,19 @@ impl EndpointPool {
         self: &Arc<Self>,
         address: &str,
         stats: &Arc<UpstreamStats>,
-        mut req: Request<UpstreamBody>,
+        parts: &mut http::request::Parts,
+        mut body: UpstreamBody,
     ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
-        if req.headers().contains_key(http::header::UPGRADE) {
-            return self.send_upgrade(address, stats, req).await;
+        if parts.headers.contains_key(http::header::UPGRADE) {
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.headers_mut() = parts.headers.clone();
+            *req.extensions_mut() = std::mem::take(&mut parts.extensions);
+            return Box::pin(self.send_upgrade(address, stats, req)).await;
         }
-        let (head, framing) = http1::encode_head(&mut req, address);
-        let head_request = req.method() == http::Method::HEAD;
-        let mut body = req.into_body();
+        let (head, framing) = http1::encode_head(parts, &body, address);
+        let head_request = parts.method == http::Method::HEAD;
         let mut pending: Option<Pending<'_>> = None;
         let mut fresh_only = false;
         loop {
@@ -342,7 +349,7 @@ impl EndpointPool {
             locked(&self.idle).http1.pop()
         };
         if let Some(mut c) = idle {
-            if c.is_closed() || self.expired(c.opened, c.requests, Instant::now()) {
+            if c.is_closed() || self.expired(c.opened, c.requests) {
                 return Ok(None);
             }
             *pending = None;
@@ -356,7 +363,7 @@ impl EndpointPool {
                     Some(p) => p,
                     None => Pending::enter(stats, &self.limits)?,
                 };
-                let io = connect(address, stats, &self.limits, slot).await?;
+                let io = Box::pin(connect(address, stats, &self.limits, slot)).await?;
                 let mut conn = Http1Connection::new(io);
                 conn.requests = 1;
                 Ok(Some(conn))
@@ -406,14 +413,14 @@ impl EndpointPool {
         let mut idle = locked(&self.idle);
         let now = Instant::now();
         let conn = idle.http2.as_mut()?;
-        if conn.sender.is_closed() || self.expired(conn.opened, conn.requests, now) {
+        if conn.sender.is_closed() || self.expired(conn.opened, conn.requests) {
             idle.http2 = None;
             return None;
         }
         conn.requests += 1;
         conn.last_used = now;
         let sender = conn.sender.clone();
-        if self.expired(conn.opened, conn.requests, now) {
+        if self.expired(conn.opened, conn.requests) {
             // Its last request: the next one opens a new connection; this one closes once
             // its streams end.
             idle.http2 = None;
@@ -468,7 +475,7 @@ impl EndpointPool {
                 requests: 1,
                 last_used: now,
             };
-            if !self.expired(conn.opened, conn.requests, now) {
+            if !self.expired(conn.opened, conn.requests) {
                 idle.http2 = Some(conn);
                 self.start_sweeper(&mut idle);
             }
