@@ -72,7 +72,15 @@ pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Res
         }),
         answered: false,
     };
-    let mut resp = answer(req, &conn).await;
+    // The request's work is one heap allocation: hyper moves the future it gets from here
+    // (into its dispatcher, or into a task per HTTP/2 stream), and a small one moves cheaply.
+    let mut resp = match Box::pin(route_request(req, &conn)).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    };
+    if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
+        timing.add_headers(resp.headers_mut());
+    }
     watch.answered = true;
     let flags = ResponseFlags::of(&resp);
     if !flags.is_empty() {
@@ -160,17 +168,6 @@ fn log_request(
 }
 
 /// `route_request`, whose error type is uninhabited.
-async fn answer(req: Request<Incoming>, conn: &Arc<Connection>) -> Response<ResponseBody> {
-    let mut resp = match route_request(req, conn).await {
-        Ok(resp) => resp,
-        Err(never) => match never {},
-    };
-    if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
-        timing.add_headers(resp.headers_mut());
-    }
-    resp
-}
-
 /// Marks a response of a Kong listener, for Kong's latency headers (its default
 /// `headers = latency_tokens`): `X-Kong-Proxy-Latency` and `X-Kong-Upstream-Latency` on
 /// proxied responses, `X-Kong-Response-Latency` on those meshgate answered itself; in ms.
@@ -750,25 +747,23 @@ async fn send_try(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     });
-    let sent = async {
-        if use_http2 {
-            let req = Request::from_parts(clone_parts(parts), body);
-            Box::pin(target.pool.send_http2(&target.address, &cluster.stats, req))
-                .await
-                .map(|(r, ret)| (r, Some(ret)))
-        } else {
-            target
-                .pool
-                .send_http1(&target.address, &cluster.stats, parts, body)
-                .await
-                .map(|(r, ret)| (r, Some(ret)))
+    // `None`: the try's time ran out. The branches are spelled out rather than wrapped in one
+    // async block, which would nest (and copy) the send future once more.
+    let result = if use_http2 {
+        let req = Request::from_parts(clone_parts(parts), body);
+        let sent = Box::pin(target.pool.send_http2(&target.address, &cluster.stats, req));
+        match timeout {
+            Some(t) => tokio::time::timeout(t, sent).await.ok(),
+            None => Some(sent.await),
         }
-    };
-    // `None`: the try's time ran out.
-    let result = match timeout {
-        Some(t) => tokio::time::timeout(t, sent).await.ok(),
-        None => Some(sent.await),
-    };
+    } else {
+        let sent = target.pool.send_http1(&target.address, &cluster.stats, parts, body);
+        match timeout {
+            Some(t) => tokio::time::timeout(t, sent).await.ok(),
+            None => Some(sent.await),
+        }
+    }
+    .map(|sent| sent.map(|(r, ret)| (r, Some(ret))));
     if let (Some(outlier), Some(endpoint)) = (&cluster.outlier, target.endpoint) {
         let outcome = match &result {
             Some(Ok((resp, _))) => Some(TryOutcome::Status(resp.status().as_u16())),

@@ -226,6 +226,39 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     length
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What the `Content-Length` fields of a response say, as they are read one by one.
+#[derive(Clone, Copy, PartialEq)]
+enum Length {
+    Absent,
+    Valid(u64),
+    /// Not a number, or fields that disagree.
+    Invalid,
+}
+
+impl Length {
+    /// Adds one field's value (which may list several, comma-separated).
+    fn and(self, raw: &[u8]) -> Length {
+        let mut seen = self;
+        for part in raw.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Length::Invalid;
+            } else {
+                part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+            };
+            seen = match seen {
+                Length::Absent => Length::Valid(n),
+                Length::Valid(m) if m == n => seen,
+                _ => return Length::Invalid,
+            };
+        }
+        seen
+    }
+}
+
 /// Why an exchange failed.
 pub enum ExchangeError {
     /// A reused connection turned out closed before any of the request could be written (the
@@ -456,9 +489,15 @@ type ParsedHead = (http::response::Parts, ResponseFraming, bool);
 /// Parses a complete response head off the front of `buf`, skipping interim (1xx) responses.
 fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedHead>, String> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let head_len = match response.parse(&buf[..]) {
+        // Left uninitialised: httparse writes only the fields it finds, so a parse does not
+        // begin by zeroing a hundred of them.
+        let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            &buf[..],
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("invalid upstream response: {e}")),
@@ -475,54 +514,80 @@ fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedH
         let http10 = response.version == Some(0);
         // Where each field sits in the head, so values can share its bytes.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = response.headers.len();
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *span = (name, name + field.name.len(), value, value + field.value.len());
-        }
+        let spans: Vec<(usize, usize, usize, usize)> = response
+            .headers
+            .iter()
+            .map(|field| {
+                let name = field.name.as_ptr() as usize - base;
+                let value = field.value.as_ptr() as usize - base;
+                (name, name + field.name.len(), value, value + field.value.len())
+            })
+            .collect();
         let head = buf.split_to(head_len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, ne, vs, ve) in &spans[..count] {
+        // One pass: the connection-management fields decide keep-alive and framing here and
+        // are not kept, since they are hop-by-hop (RFC 9110 §7.6.1) and the proxy would only
+        // remove them again.
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut keep_alive = !http10;
+        let mut chunked = None;
+        let mut length = Length::Absent;
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for &(ns, ne, vs, ve) in &spans {
             let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid upstream header name".to_string())?;
+            let raw = &head[vs..ve];
+            if name == header::CONNECTION {
+                for token in std::str::from_utf8(raw).unwrap_or("").split(',') {
+                    let token = token.trim();
+                    if token.eq_ignore_ascii_case("close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case("keep-alive") {
+                        keep_alive |= http10;
+                    } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                        listed.push(n);
+                    }
+                }
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                let last = std::str::from_utf8(raw).unwrap_or("").rsplit(',').next().unwrap_or("");
+                chunked = Some(last.trim().eq_ignore_ascii_case("chunked"));
+                continue;
+            }
+            if name == header::UPGRADE || name == header::TE || name == KEEP_ALIVE || name == PROXY_CONNECTION {
+                continue;
+            }
+            if name == header::CONTENT_LENGTH {
+                length = length.and(raw);
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| format!("invalid value of upstream header {name}"))?;
             headers.append(name, value);
         }
-        let mut keep_alive = !http10;
-        for value in headers.get_all(header::CONNECTION) {
-            for token in value.to_str().unwrap_or("").split(',') {
-                let token = token.trim();
-                if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if http10 && token.eq_ignore_ascii_case("keep-alive") {
-                    keep_alive = true;
-                }
-            }
+        for name in listed {
+            headers.remove(name);
         }
         let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             ResponseFraming::Length(0)
-        } else if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+        } else if let Some(chunked) = chunked {
             // RFC 9112 §6.3: with both, Transfer-Encoding wins and the connection must close.
-            if headers.contains_key(header::CONTENT_LENGTH) {
+            if length != Length::Absent {
                 keep_alive = false;
             }
-            let last = te.to_str().unwrap_or("").rsplit(',').next().unwrap_or("").trim();
-            if last.eq_ignore_ascii_case("chunked") {
+            if chunked {
                 ResponseFraming::Chunked(ChunkState::Size)
             } else {
                 keep_alive = false;
                 ResponseFraming::UntilClose
             }
-        } else if headers.contains_key(header::CONTENT_LENGTH) {
-            match content_length(&headers) {
-                Some(n) => ResponseFraming::Length(n),
-                None => return Err("invalid upstream Content-Length".to_string()),
-            }
         } else {
-            keep_alive = false;
-            ResponseFraming::UntilClose
+            match length {
+                Length::Valid(n) => ResponseFraming::Length(n),
+                Length::Invalid => return Err("invalid upstream Content-Length".to_string()),
+                Length::Absent => {
+                    keep_alive = false;
+                    ResponseFraming::UntilClose
+                }
+            }
         };
         let mut parts = Response::new(()).into_parts().0;
         parts.status = status;
