@@ -1,5 +1,6 @@
 //! `meshgate`: one binary for the API gateway and the service mesh.
 
+mod allocator;
 mod demo;
 
 use std::collections::BTreeMap;
@@ -299,7 +300,5 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         .context("proxy")
 }
 
-/// mimalloc: the request path allocates and frees many small, short-lived buffers per
-/// request; mimalloc's thread-local free lists serve them without glibc's arena locking.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
