@@ -28,10 +28,22 @@ pub struct Active {
     pub snapshot: Snapshot,
     pub listeners: Vec<ListenerRuntime>,
     pub listener_by_addr: HashMap<SocketAddr, usize>,
+    /// Each listener's address, indexed like `listeners`.
+    listener_addrs: Vec<SocketAddr>,
     pub clusters: Vec<Arc<ClusterRuntime>>,
 }
 
 impl Active {
+    /// The listener bound to `addr`, looked up on every request: a scan of a handful of
+    /// addresses costs less than hashing one with the map's SipHash.
+    pub fn listener_index(&self, addr: &SocketAddr) -> Option<usize> {
+        if self.listener_addrs.len() <= 16 {
+            self.listener_addrs.iter().position(|a| a == addr)
+        } else {
+            self.listener_by_addr.get(addr).copied()
+        }
+    }
+
     /// An empty configuration, served before the first successful load.
     pub fn empty() -> Self {
         Active {
@@ -39,6 +51,7 @@ impl Active {
             snapshot: Snapshot::default(),
             listeners: Vec::new(),
             listener_by_addr: HashMap::new(),
+            listener_addrs: Vec::new(),
             clusters: Vec::new(),
         }
     }
@@ -122,6 +135,13 @@ impl Active {
             version,
             snapshot,
             listeners,
+            listener_addrs: {
+                let mut addrs = vec![SocketAddr::from(([0, 0, 0, 0], 0)); listener_by_addr.len()];
+                for (addr, &i) in &listener_by_addr {
+                    addrs[i] = *addr;
+                }
+                addrs
+            },
             listener_by_addr,
             clusters,
         })

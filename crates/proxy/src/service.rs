@@ -260,7 +260,7 @@ impl Drop for RequestInFlight<'_> {
 
 async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let active = conn.shared.active.load_full();
-    let Some(&li) = active.listener_by_addr.get(&conn.listener) else {
+    let Some(li) = active.listener_index(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
         return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
     };
@@ -510,7 +510,7 @@ async fn forward_request(
     };
     let target = if cluster.is_original_destination() {
         original_destination(&req).map(|address| Target {
-            pool: cluster.pool_for_address(&address),
+            pool: cluster.pool_for_address(address.as_str()),
             address,
             endpoint: None,
         })
@@ -587,7 +587,7 @@ async fn forward_request(
         let authority = headers
             .get(header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| cluster_authority(&target.address));
+            .unwrap_or_else(|| cluster_authority(target.address.as_str()));
         let mut uri_parts = http::uri::Parts::default();
         uri_parts.scheme = Some(Scheme::HTTP);
         uri_parts.authority = Some(authority);
@@ -700,8 +700,8 @@ async fn forward_request(
 /// Where a try goes.
 struct Target {
     pool: Arc<EndpointPool>,
-    /// `host:port` to connect to.
-    address: String,
+    /// `host:port` to connect to (cloned from the endpoint without an allocation).
+    address: http::uri::Authority,
     /// Index in the cluster's endpoints; `None` for original-destination clusters.
     endpoint: Option<usize>,
 }
@@ -710,7 +710,7 @@ impl Target {
     fn endpoint(cluster: &ClusterRuntime, i: usize) -> Self {
         Target {
             pool: cluster.pool(i).clone(),
-            address: cluster.endpoints[i].authority.as_str().to_string(),
+            address: cluster.endpoints[i].authority.clone(),
             endpoint: Some(i),
         }
     }
@@ -740,7 +740,7 @@ async fn send_try(
     cluster.stats.requests.fetch_add(1, Relaxed);
     let _in_flight = InFlight::start(cluster, target.endpoint);
     let logged = conn.shared.access_log.is_some().then(|| UpstreamHost {
-        address: target.address.clone(),
+        address: target.address.as_str().to_string(),
         request_id: parts
             .headers
             .get(X_REQUEST_ID)
@@ -751,13 +751,15 @@ async fn send_try(
     // async block, which would nest (and copy) the send future once more.
     let result = if use_http2 {
         let req = Request::from_parts(clone_parts(parts), body);
-        let sent = Box::pin(target.pool.send_http2(&target.address, &cluster.stats, req));
+        let sent = Box::pin(target.pool.send_http2(target.address.as_str(), &cluster.stats, req));
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
         }
     } else {
-        let sent = target.pool.send_http1(&target.address, &cluster.stats, parts, body);
+        let sent = target
+            .pool
+            .send_http1(target.address.as_str(), &cluster.stats, parts, body);
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
@@ -1162,7 +1164,7 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where an original-destination (PASSTHROUGH) request goes: the authority the client asked
 /// for, port 80 by default. (Envoy's `x-envoy-original-dst-host` header is not honoured: any
 /// client could use it to reach any host.)
-fn original_destination<B>(req: &Request<B>) -> Option<String> {
+fn original_destination<B>(req: &Request<B>) -> Option<http::uri::Authority> {
     let target = request_authority(req)?;
     let has_port = target
         .rsplit_once(':')
@@ -1172,8 +1174,7 @@ fn original_destination<B>(req: &Request<B>) -> Option<String> {
     } else {
         format!("{target}:80")
     };
-    http::uri::Authority::try_from(target.as_str()).ok()?;
-    Some(target)
+    http::uri::Authority::try_from(target).ok()
 }
 
 fn cluster_authority(address: &str) -> http::uri::Authority {

@@ -46,6 +46,8 @@ const WRITE_BATCH: usize = 64 * 1024;
 pub struct Http1Connection {
     io: CountedStream,
     buf: ReadBuffer,
+    /// Where each field of a response head sits, kept to save an allocation per response.
+    spans: Vec<FieldSpan>,
     pub opened: Instant,
     /// Requests sent on it so far (for `maxRequestsPerConnection`).
     pub requests: u32,
@@ -59,6 +61,7 @@ impl Http1Connection {
         Http1Connection {
             io,
             buf: ReadBuffer::default(),
+            spans: Vec::new(),
             opened: now,
             requests: 0,
             idle_since: now,
@@ -433,7 +436,7 @@ pub async fn exchange(
             }
         }
         loop {
-            match parse_head(&mut conn.buf, head_request) {
+            match parse_head(&mut conn.buf, &mut conn.spans, head_request) {
                 Err(e) => return Poll::Ready(Err(e)),
                 Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
                 Ok(None) => {}
@@ -487,7 +490,14 @@ enum ChunkState {
 type ParsedHead = (http::response::Parts, ResponseFraming, bool);
 
 /// Parses a complete response head off the front of `buf`, skipping interim (1xx) responses.
-fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedHead>, String> {
+/// A header field's name and value as byte ranges of the head.
+type FieldSpan = (usize, usize, usize, usize);
+
+fn parse_head(
+    buf: &mut ReadBuffer,
+    spans: &mut Vec<FieldSpan>,
+    head_request: bool,
+) -> Result<Option<ParsedHead>, String> {
     loop {
         // Left uninitialised: httparse writes only the fields it finds, so a parse does not
         // begin by zeroing a hundred of them.
@@ -514,15 +524,12 @@ fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedH
         let http10 = response.version == Some(0);
         // Where each field sits in the head, so values can share its bytes.
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(usize, usize, usize, usize)> = response
-            .headers
-            .iter()
-            .map(|field| {
-                let name = field.name.as_ptr() as usize - base;
-                let value = field.value.as_ptr() as usize - base;
-                (name, name + field.name.len(), value, value + field.value.len())
-            })
-            .collect();
+        spans.clear();
+        spans.extend(response.headers.iter().map(|field| {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            (name, name + field.name.len(), value, value + field.value.len())
+        }));
         let head = buf.split_to(head_len).freeze();
         // One pass: the connection-management fields decide keep-alive and framing here and
         // are not kept, since they are hop-by-hop (RFC 9110 §7.6.1) and the proxy would only
@@ -532,7 +539,7 @@ fn parse_head(buf: &mut ReadBuffer, head_request: bool) -> Result<Option<ParsedH
         let mut chunked = None;
         let mut length = Length::Absent;
         let mut listed: Vec<HeaderName> = Vec::new();
-        for &(ns, ne, vs, ve) in &spans {
+        for &(ns, ne, vs, ve) in spans.iter() {
             let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid upstream header name".to_string())?;
             let raw = &head[vs..ve];
             if name == header::CONNECTION {
