@@ -95,10 +95,11 @@ impl Shared {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            // As Envoy (`request_headers_timeout` unset): no per-request header timer, which
-            // hyper would otherwise arm (a clock read, an allocation, a timer-wheel insert
-            // and removal) for every request on every keep-alive connection.
-            .header_read_timeout(None)
+            // Slow-header (slowloris) protection. It costs a timer per request (a clock read,
+            // an allocation, a timer-wheel insert and removal), about 2% of a small request's
+            // instructions; Envoy leaves `request_headers_timeout` unset, but an edge proxy
+            // should not hold connections for clients that never finish their headers.
+            .header_read_timeout(Duration::from_secs(30))
             .max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
         http.http2()
             .timer(TokioTimer::new())
