@@ -134,6 +134,18 @@ fn serve(mut stream: StdStream, requests: &Mutex<Vec<String>>) {
                 return;
             }
             "/garbage" => write(&mut stream, b"SMTP ready\r\n\r\n"),
+            "/two-lengths" => write(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+            ),
+            "/te-and-cl" => write(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            ),
+            "/listed" => write(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-private\r\nx-private: secret\r\nx-kept: yes\r\nkeep-alive: timeout=5\r\ncontent-length: 2\r\n\r\nok",
+            ),
             "/huge-head" => {
                 let big = "x".repeat(70 * 1024);
                 write(&mut stream, format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\nok").as_bytes())
@@ -209,6 +221,12 @@ async fn response_framings_arrive_whole() {
     );
     let r = get_path(port, "/no-content").await;
     assert_eq!((r.status, r.body.as_str()), (204, ""));
+    // Hop-by-hop fields, and those `Connection` lists, stop at the proxy.
+    let r = get_path(port, "/listed").await;
+    assert_eq!((r.status, r.header("x-kept")), (200, Some("yes")));
+    for name in ["x-private", "connection", "keep-alive"] {
+        assert!(r.header(name).is_none(), "{name} reached the client");
+    }
 
     // The chunked body's trailers reach an HTTP/2 client.
     let h2 = client(true);
@@ -257,13 +275,22 @@ async fn connections_are_reused_unless_the_upstream_ends_them() {
     assert_eq!(get_path(port, "/echo").await.status, 200);
     assert_eq!(upstream.accepted(), 3, "a body read to the close ends the connection");
 
+    // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, and the connection closes.
+    assert_eq!(get_path(port, "/te-and-cl").await.body, "ok");
+    assert_eq!(get_path(port, "/echo").await.status, 200);
+    assert_eq!(
+        upstream.accepted(),
+        4,
+        "a response with both framings ends the connection"
+    );
+
     // The upstream closes an idle connection without a word: the next request notices and
     // goes out on a new one instead of failing.
     assert_eq!(get_path(port, "/fin-after").await.body, "ok");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = get_path(port, "/echo").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(upstream.accepted(), 4);
+    assert_eq!(upstream.accepted(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,6 +365,8 @@ async fn broken_upstream_responses_fail_cleanly() {
     assert_eq!(r.status, 503, "not HTTP: {}", r.body);
     let r = get_path(port, "/huge-head").await;
     assert_eq!(r.status, 503, "head over the limit: {}", r.body);
+    let r = get_path(port, "/two-lengths").await;
+    assert_eq!(r.status, 503, "Content-Length values that disagree: {}", r.body);
 
     // A body cut short: the downstream connection ends before a whole response.
     let (status, _, body) = raw_get(addr, "/short", "app.test").expect("short");

@@ -576,8 +576,10 @@ fn parse_head(
         let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             ResponseFraming::Length(0)
         } else if let Some(chunked) = chunked {
-            // RFC 9112 §6.3: with both, Transfer-Encoding wins and the connection must close.
+            // RFC 9112 §6.3: with both, Transfer-Encoding wins, the Content-Length goes before
+            // the message is forwarded, and the connection must close.
             if length != Length::Absent {
+                headers.remove(header::CONTENT_LENGTH);
                 keep_alive = false;
             }
             if chunked {
