@@ -69,7 +69,9 @@ fn read_request(stream: &mut StdStream, pending: &mut Vec<u8>) -> Option<(String
     pending.drain(..head_end);
     let lower = head.to_ascii_lowercase();
     let mut body = Vec::new();
-    if lower.contains("transfer-encoding: chunked") {
+    if lower.starts_with("post /duplex ") {
+        // Answers from the head alone; `serve` reads the body while it responds.
+    } else if lower.contains("transfer-encoding: chunked") {
         // Up to the last chunk and the empty trailer section.
         loop {
             if let Some(i) = pending.windows(5).position(|w| w == b"0\r\n\r\n") {
@@ -119,6 +121,27 @@ fn serve(mut stream: StdStream, requests: &Mutex<Vec<String>>) {
                 })
             }
             "/no-content" => write(&mut stream, b"HTTP/1.1 204 No Content\r\n\r\n"),
+            "/duplex" => {
+                // Full duplex: the response starts before the request body is read, and ends
+                // with what the body turned out to be.
+                write(&mut stream, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\nstarted \r\n");
+                let len: usize = head
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut chunk = [0u8; 4096];
+                while pending.len() < len {
+                    match stream.read(&mut chunk) {
+                        Ok(n) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let got: Vec<u8> = pending.drain(..len).collect();
+                let tail = format!("got {} bytes", got.len());
+                write(&mut stream, format!("{:X}\r\n{tail}\r\n0\r\n\r\n", tail.len()).as_bytes())
+            }
             "/close-delimited" => {
                 write(&mut stream, b"HTTP/1.1 200 OK\r\n\r\nuntil the end");
                 return;
@@ -352,6 +375,29 @@ async fn request_bodies_are_framed_for_the_upstream() {
         seen.ends_with("from h2") || seen.contains("from h2\r\n0\r\n\r\n"),
         "{seen}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_keeps_flowing_after_an_early_response() {
+    let upstream = ScriptedUpstream::start();
+    let port = free_port();
+    let _proxy = Proxy::start(&config(port, upstream.addr.port()));
+    // 16 MiB, more than loopback socket buffers hold, so the proxy must keep sending it
+    // while it relays the response the upstream already started.
+    let body = Bytes::from(vec![b'x'; 16 << 20]);
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/duplex"))
+        .header("host", "app.test")
+        .body(Full::new(body))
+        .expect("request");
+    let reply = tokio::time::timeout(Duration::from_secs(10), send(&client(false), req))
+        .await
+        .expect("no deadlock")
+        .expect("POST");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "started got 16777216 bytes");
+    // The connection finished its request cleanly, so it is reused.
+    assert_eq!(get_path(port, "/echo").await.status, 200);
+    assert_eq!(upstream.accepted(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -288,6 +288,43 @@ struct Outgoing {
 }
 
 impl Outgoing {
+    /// Sends body bytes as they come, until the body is all out (`Ready(Ok)`) or the body or
+    /// the socket has nothing ready (`Pending`). `sent` counts the bytes written.
+    fn poll_send(
+        &mut self,
+        conn: &mut Http1Connection,
+        sent: &mut usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), String>> {
+        loop {
+            self.gather(cx)?;
+            if self.written == self.out.len() {
+                return if self.body_done {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            match ready!(conn.poll_write(cx, &self.out[self.written..])) {
+                Ok(0) => return Poll::Ready(Err("upstream connection closed".to_string())),
+                Ok(n) => {
+                    *sent += n;
+                    self.written += n;
+                    if self.written == self.out.len() {
+                        self.out.clear();
+                        self.written = 0;
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e.to_string())),
+            }
+        }
+    }
+
+    /// Everything went out: the body ended and nothing waits in `out`.
+    fn is_done(&self) -> bool {
+        self.body_done && self.written == self.out.len()
+    }
+
     /// Pulls ready body frames into `out`, in the request's framing.
     fn gather(&mut self, cx: &mut Context<'_>) -> Result<(), String> {
         while !self.body_done && self.out.len() - self.written < WRITE_BATCH {
@@ -403,37 +440,21 @@ pub async fn exchange(
         head.len()
     };
     let result = poll_fn(|cx| {
-        // Send what there is to send; keep reading meanwhile, since an upstream may answer
-        // (and stop reading) before the request body is complete.
-        loop {
-            if let Err(e) = outgoing.gather(cx) {
-                return Poll::Ready(Err(e));
-            }
-            let unsent = if head_written < head.len() {
-                &head[head_written..]
-            } else {
-                &outgoing.out[outgoing.written..]
-            };
-            if unsent.is_empty() {
-                break;
-            }
-            let written = conn.poll_write(cx, unsent);
-            if let Poll::Ready(Ok(n)) = written {
-                sent += n;
-            }
-            match written {
+        // The head first (a bodiless request is only its head), then the body as it comes;
+        // the response is read meanwhile, since an upstream may answer before the body is in.
+        while head_written < head.len() {
+            match conn.poll_write(cx, &head[head_written..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err("upstream connection closed".to_string())),
-                Poll::Ready(Ok(n)) if head_written < head.len() => head_written += n,
                 Poll::Ready(Ok(n)) => {
-                    outgoing.written += n;
-                    if outgoing.written == outgoing.out.len() {
-                        outgoing.out.clear();
-                        outgoing.written = 0;
-                    }
+                    head_written += n;
+                    sent += n;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
-                Poll::Pending => break,
+                Poll::Pending => return Poll::Pending,
             }
+        }
+        if let Poll::Ready(Err(e)) = outgoing.poll_send(&mut conn, &mut sent, cx) {
+            return Poll::Ready(Err(e));
         }
         loop {
             match parse_head(&mut conn.buf, &mut conn.spans, head_request) {
@@ -460,11 +481,10 @@ pub async fn exchange(
         }
         Err(e) => return Err(ExchangeError::Failed(e)),
     };
-    // An upstream that answered before the whole request went out gets no further requests
-    // on this connection: the rest of the body is not sent.
-    let reusable =
-        keep_alive && outgoing.body_done && head_written == head.len() && outgoing.written == outgoing.out.len();
-    let body = Http1Body::start(conn, framing, reusable, home);
+    // An upstream may answer before the whole request body went out (and go on reading it
+    // while it responds): the body keeps being sent as the response is read.
+    let sending = (!outgoing.is_done()).then(|| Box::new(outgoing));
+    let body = Http1Body::start(conn, framing, keep_alive, sending, home);
     Ok(Response::from_parts(parts, body))
 }
 
@@ -622,13 +642,22 @@ struct Reading {
     conn: Http1Connection,
     framing: ResponseFraming,
     reusable: bool,
+    /// The rest of a request body the upstream answered early.
+    sending: Option<Box<Outgoing>>,
     home: ReturnTo,
 }
 
 impl Http1Body {
-    fn start(mut conn: Http1Connection, framing: ResponseFraming, reusable: bool, home: ReturnTo) -> Self {
+    fn start(
+        mut conn: Http1Connection,
+        framing: ResponseFraming,
+        reusable: bool,
+        sending: Option<Box<Outgoing>>,
+        home: ReturnTo,
+    ) -> Self {
         if let ResponseFraming::Length(n) = framing
             && conn.buf.len() as u64 >= n
+            && sending.is_none()
         {
             let whole = conn.buf.split_to(n as usize).freeze();
             // Bytes beyond the response are not a response to anything: no reuse.
@@ -644,6 +673,7 @@ impl Http1Body {
                 conn,
                 framing,
                 reusable,
+                sending,
                 home,
             })),
         }
@@ -653,6 +683,19 @@ impl Http1Body {
 impl Reading {
     /// The next frame; `Ok(None)` at the body's clean end.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, String>> {
+        if let Some(sending) = &mut self.sending {
+            let mut sent = 0;
+            match sending.poll_send(&mut self.conn, &mut sent, cx) {
+                Poll::Ready(Ok(())) => self.sending = None,
+                Poll::Pending => {}
+                // The upstream stopped reading: its response still counts, but the
+                // connection, with a request half sent, cannot serve another.
+                Poll::Ready(Err(_)) => {
+                    self.sending = None;
+                    self.reusable = false;
+                }
+            }
+        }
         loop {
             let buf = &mut self.conn.buf;
             match &mut self.framing {
@@ -857,9 +900,14 @@ impl Http1Body {
     fn finish(&mut self) {
         if let BodyState::Reading(reading) = std::mem::replace(&mut self.state, BodyState::Done) {
             let Reading {
-                conn, reusable, home, ..
+                conn,
+                reusable,
+                sending,
+                home,
+                ..
             } = *reading;
-            if reusable && conn.buf.is_empty() {
+            // A request body still unsent leaves the connection mid-request.
+            if reusable && sending.is_none() && conn.buf.is_empty() {
                 home.put_back(conn);
             }
         }
