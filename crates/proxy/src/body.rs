@@ -14,14 +14,15 @@ use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::upstream::http1::Http1Body;
-use crate::upstream::pool::PoolReturn;
+use crate::upstream::pool::RequestSlot;
 
 /// Body of a response sent downstream.
 pub enum ResponseBody {
-    /// The upstream's body, streamed; its connection goes back to the pool at the end.
+    /// The upstream's body, streamed. `slot` counts the request against the cluster's
+    /// `max_requests` until the body ends (HTTP/1.1 bodies return their connection themselves).
     Upstream {
         body: UpstreamResponseBody,
-        on_end: Option<PoolReturn>,
+        slot: Option<RequestSlot>,
     },
     /// A reply the proxy produced itself.
     Local(Full<Bytes>),
@@ -58,16 +59,11 @@ impl CachingBody {
 }
 
 impl ResponseBody {
-    /// Wraps an upstream body; an already-finished one (HEAD, 204, 304) frees its
-    /// connection at once, since nobody will poll it to the end.
-    pub fn upstream(body: UpstreamResponseBody, on_end: Option<PoolReturn>) -> Self {
-        if body.is_end_stream() {
-            if let Some(r) = on_end {
-                r.release();
-            }
-            return ResponseBody::Upstream { body, on_end: None };
-        }
-        ResponseBody::Upstream { body, on_end }
+    /// Wraps an upstream body; an already-finished one (HEAD, 204, 304) ends its request's
+    /// count at once, since nobody will poll it to the end.
+    pub fn upstream(body: UpstreamResponseBody, slot: Option<RequestSlot>) -> Self {
+        let slot = if body.is_end_stream() { None } else { slot };
+        ResponseBody::Upstream { body, slot }
     }
 }
 
@@ -77,17 +73,15 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            ResponseBody::Upstream { body, on_end } => {
+            ResponseBody::Upstream { body, slot } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) | Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        if let Some(r) = on_end.take() {
-                            r.release();
-                        }
-                    }
-                    // A broken body must not hand its connection to the next request.
-                    Poll::Ready(Some(Err(_))) => *on_end = None,
-                    _ => {}
+                let ended = match &polled {
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    Poll::Pending => false,
+                };
+                if ended {
+                    *slot = None;
                 }
                 polled
             }

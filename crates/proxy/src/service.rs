@@ -31,7 +31,7 @@ use crate::response_flags::ResponseFlags;
 use crate::stats::{Breaker, RouteStats};
 use crate::upstream::cluster::ClusterRuntime;
 use crate::upstream::outlier::TryOutcome;
-use crate::upstream::pool::{EndpointPool, PoolReturn, UpstreamError};
+use crate::upstream::pool::{EndpointPool, RequestSlot, UpstreamError};
 
 /// What the request path knows about the connection a request arrived on.
 pub struct Connection {
@@ -723,7 +723,7 @@ enum TryError {
     Timeout,
 }
 
-type TryResult = Result<(Response<UpstreamResponseBody>, Option<PoolReturn>), TryError>;
+type TryResult = Result<(Response<UpstreamResponseBody>, Option<RequestSlot>), TryError>;
 
 /// Sends one try upstream and waits for its response headers. With access logs on, the
 /// response records where it came from. The request head is borrowed, so tries after the

@@ -195,7 +195,11 @@ fn request_framing(parts: &mut Parts, body: &UpstreamBody) -> RequestFraming {
         headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         return RequestFraming::Chunked;
     }
-    if let Some(len) = content_length(headers) {
+    let declared = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .fold(Length::Absent, |length, value| length.and(value.as_bytes()));
+    if let Length::Valid(len) = declared {
         return RequestFraming::Length(len);
     }
     if let Some(len) = exact {
@@ -210,29 +214,10 @@ fn request_framing(parts: &mut Parts, body: &UpstreamBody) -> RequestFraming {
     RequestFraming::Chunked
 }
 
-/// The `Content-Length` all of the header's values agree on, if valid.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let n: u64 = part.parse().ok()?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
-        }
-    }
-    length
-}
-
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// What the `Content-Length` fields of a response say, as they are read one by one.
+/// What the `Content-Length` fields of a message say, as they are read one by one.
 #[derive(Clone, Copy, PartialEq)]
 enum Length {
     Absent,

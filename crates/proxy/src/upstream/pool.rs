@@ -162,15 +162,6 @@ pub(crate) fn connection_freed(stats: &UpstreamStats) {
     }
 }
 
-/// Ends the request's `max_requests` count when the response body ends (or is dropped).
-pub struct PoolReturn {
-    _slot: RequestSlot,
-}
-
-impl PoolReturn {
-    pub fn release(self) {}
-}
-
 /// Where an HTTP/1.1 connection goes back to once its response has been read whole.
 pub struct ReturnTo {
     pool: Arc<EndpointPool>,
@@ -289,7 +280,7 @@ impl EndpointPool {
         stats: &Arc<UpstreamStats>,
         parts: &mut http::request::Parts,
         mut body: UpstreamBody,
-    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
+    ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         if parts.headers.contains_key(http::header::UPGRADE) {
             let mut req = Request::new(body);
             *req.method_mut() = parts.method.clone();
@@ -318,7 +309,7 @@ impl EndpointPool {
                 stats: stats.clone(),
             };
             match http1::exchange(conn, &head, framing, body, head_request, home).await {
-                Ok(resp) => return Ok((resp.map(UpstreamResponseBody::Http1), PoolReturn { _slot: slot })),
+                Ok(resp) => return Ok((resp.map(UpstreamResponseBody::Http1), slot)),
                 Err(ExchangeError::Stale(unsent)) => {
                     body = unsent;
                     fresh_only = true;
@@ -387,7 +378,7 @@ impl EndpointPool {
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
+    ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         let slot = self.reserve(stats).ok_or_else(|| {
             stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
             UpstreamError::Overflow(Breaker::Connections)
@@ -405,7 +396,7 @@ impl EndpointPool {
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Reset(e.to_string()))?;
-        Ok((resp.map(UpstreamResponseBody::Hyper), PoolReturn { _slot: slot }))
+        Ok((resp.map(UpstreamResponseBody::Hyper), slot))
     }
 
     /// The pooled HTTP/2 connection, if it may take another request; counts the request.
@@ -434,7 +425,7 @@ impl EndpointPool {
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<UpstreamResponseBody>, PoolReturn), UpstreamError> {
+    ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         let mut pending: Option<Pending<'_>> = None;
         let mut sender = loop {
             let freed = stats.connection_freed.notified();
@@ -485,7 +476,7 @@ impl EndpointPool {
         let slot = RequestSlot::acquire(stats, &self.limits)?;
         sender.ready().await.map_err(UpstreamError::from_http2)?;
         let resp = sender.send_request(req).await.map_err(UpstreamError::from_http2)?;
-        Ok((resp.map(UpstreamResponseBody::Hyper), PoolReturn { _slot: slot }))
+        Ok((resp.map(UpstreamResponseBody::Hyper), slot))
     }
 }
 
