@@ -10,6 +10,7 @@ pub mod active;
 pub mod admin;
 pub mod body;
 pub mod cors;
+mod downstream_socket;
 pub mod kong_admin;
 pub mod kong_store;
 pub mod listener;

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
 use crate::Shared;
+use crate::downstream_socket::DownstreamSocket;
 use crate::service::{self, Connection};
 use crate::stats::ListenerStats;
 use crate::worker;
@@ -125,51 +126,6 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, shared: Arc<Shared
     }
 }
 
-/// A downstream TCP stream whose writes go out through `send(2)`, not `writev(2)`.
-///
-/// hyper and h2 gather what they write into one buffer when told the stream has no vectored
-/// writes, and writev's own cost in the kernel (file lookup, iovec import, VFS checks) came
-/// to about 2% of the CPU of a small proxied request in `perf` profiles.
-struct PlainWrites(TcpStream);
-
-impl tokio::io::AsyncRead for PlainWrites {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for PlainWrites {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-}
-
 /// Decrements the active-connection gauge however the connection ends.
 struct OpenConnection(Arc<ListenerStats>);
 
@@ -210,13 +166,15 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             let service = service_fn(move |req| service::handle(req, conn.clone()));
             shared
                 .http
-                .serve_connection_with_upgrades(TokioIo::new(PlainWrites(stream)), service)
+                .serve_connection_with_upgrades(TokioIo::new(DownstreamSocket::new(stream)), service)
                 .await
         }
         Some(config) => {
-            let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream);
+            let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(DownstreamSocket::new(stream));
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(tls_stream)) => {
+                Ok(Ok(mut tls_stream)) => {
+                    let (socket, session) = tls_stream.get_mut();
+                    socket.set_http2(session.alpn_protocol() == Some(b"h2"));
                     let sni = tls_stream
                         .get_ref()
                         .1
