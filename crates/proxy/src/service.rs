@@ -859,7 +859,7 @@ fn fault_abort(abort: FaultAbort) -> Response<ResponseBody> {
             let mut resp = Response::new(body::empty());
             let headers = resp.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            headers.insert("grpc-status", HeaderValue::from(code));
+            headers.insert(GRPC_STATUS, HeaderValue::from(code));
             headers.insert("grpc-message", HeaderValue::from_static(BODY));
             resp
         }
@@ -899,7 +899,7 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
 
 /// The gRPC status of a trailers-only response (the status in the headers).
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// The request body as tries send it.
@@ -1245,6 +1245,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .flat_map(|v| v.split(',').map(str::trim).filter(|t| !t.is_empty()))
 }
 
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
