@@ -111,6 +111,12 @@ struct ProxyArgs {
     /// this long (e.g. `10s`, `500ms`) before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+    /// Close an HTTP/1.1 connection whose client takes longer than this to send a request
+    /// head, counting from when the connection starts waiting for one (idle keep-alive time
+    /// included), as Envoy's `request_headers_timeout`; `0s` turns it off. Checked every half
+    /// second.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    request_headers_timeout: std::time::Duration,
     /// Write an access log line per request to this file (`-` for standard output), in
     /// Envoy's default format, or JSON with `--access-log-format json`.
     #[arg(long)]
@@ -286,6 +292,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         workers,
         compile,
         drain_timeout: args.drain_timeout,
+        request_headers_timeout: (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout),
         kong_admin,
         access_log: args.access_log.map(|path| AccessLogOptions {
             path,

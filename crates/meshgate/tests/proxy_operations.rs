@@ -329,6 +329,54 @@ fn malformed_requests_never_reach_the_upstream() {
     assert!(!proxy.log_text().contains("panicked"));
 }
 
+/// Slowloris: a client that never finishes its request head, or a keep-alive connection left
+/// idle, is closed after `--request-headers-timeout`; a prompt client is served as usual.
+#[test]
+fn connections_that_do_not_send_a_request_head_in_time_are_closed() {
+    use std::io::{Read, Write};
+    let a = Echo::start("a");
+    let port = free_port();
+    let proxy = Proxy::start_with(
+        &routed_to(port, &[("a", a.port())], "a", None),
+        &["--request-headers-timeout", "1s"],
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // Read until the proxy closes the connection (or 5 s pass): what it sent, and when.
+    let closed_after = |stream: &mut std::net::TcpStream| {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let started = Instant::now();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Some((started.elapsed(), String::from_utf8_lossy(&received).into_owned())),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Some((started.elapsed(), String::from_utf8_lossy(&received).into_owned()));
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+
+    let mut slow = std::net::TcpStream::connect(addr).expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .expect("partial head");
+    let mut idle = std::net::TcpStream::connect(addr).expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    // A client that sends its request in time is served while the slow one waits.
+    assert_eq!(raw_get(addr, "/", "x").expect("prompt request").0, 200);
+
+    let (waited, sent) = closed_after(&mut slow).expect("the slow client's connection is closed within 5 s");
+    assert!(waited <= Duration::from_millis(2500), "closed after {waited:?}");
+    assert!(sent.is_empty() || sent.starts_with("HTTP/1.1 408"), "{sent}");
+    // The keep-alive connection got its response, then was closed once it sat idle.
+    let (_, sent) = closed_after(&mut idle).expect("the idle connection is closed within 5 s");
+    assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+    assert_eq!(a.count(), 2, "the unfinished request never reached the upstream");
+    assert!(!proxy.log_text().contains("panicked"));
+}
+
 /// RFC 9112 §6.3: with both headers, Transfer-Encoding wins and the connection must be closed
 /// after the response, so nothing smuggled after the chunked body is read as a request.
 #[test]

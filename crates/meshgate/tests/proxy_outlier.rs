@@ -342,3 +342,68 @@ spec:
     let _ = flaky.kill();
     let _ = flaky.wait();
 }
+
+#[test]
+fn health_checks_added_by_a_reload_start_probing() {
+    let steady = Echo::start("steady-reload-hc");
+    // Nothing listens on the second endpoint: without health checks (and without retries)
+    // some requests go there and fail.
+    let dead_port = free_port();
+    let port = free_port();
+    let config = |annotation: &str| {
+        format!(
+            r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop}}
+spec:
+  hosts: [shop.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {dead_port}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: shop
+{annotation}spec:
+  host: shop.test
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: shop.test}}}}]
+    retries: {{attempts: 0}}
+"#,
+            gw = gateway("gw", port),
+            steady = steady.port(),
+        )
+    };
+    let proxy = Proxy::start(&config(""));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let failures = |n: usize| {
+        (0..n)
+            .filter(|_| raw_get(addr, "/", "shop.test").expect("request").0 != 200)
+            .count()
+    };
+    assert!(failures(10) > 0, "without health checks the dead endpoint gets traffic");
+
+    proxy.reload_with(&config(
+        "  annotations:\n    meshgate.io/health-check: '{\"path\": \"/\", \"interval\": \"100ms\", \"timeout\": \"200ms\", \"unhealthyThreshold\": 1}'\n",
+    ));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(failures(20), 0, "the reload's health checks took the dead endpoint out");
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("meshgate_upstream_health_check_failures_total{cluster=\"outbound|80||shop.test\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

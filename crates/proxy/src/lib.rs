@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod active;
 pub mod admin;
 pub mod body;
+mod coarse_timer;
 pub mod cors;
 mod downstream_socket;
 pub mod kong_admin;
@@ -55,6 +56,10 @@ pub struct ProxyOptions {
     pub compile: CompileOptions,
     /// On SIGTERM/SIGINT, how long requests in flight may take to finish before exit.
     pub drain_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request head, counted from when the
+    /// connection starts waiting for it (so it also bounds idle keep-alive time); `None`: no
+    /// limit. Checked every half second.
+    pub request_headers_timeout: Option<Duration>,
     /// Where and how to write access logs; `None`: no access log.
     pub access_log: Option<access_log::AccessLogOptions>,
     /// The Kong-compatible Admin API, when enabled; its stored state is compiled with the
@@ -94,14 +99,14 @@ impl Shared {
             None => None,
         };
         let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            // Slow-header (slowloris) protection. It costs a timer per request (a clock read,
-            // an allocation, a timer-wheel insert and removal), about 2% of a small request's
-            // instructions; Envoy leaves `request_headers_timeout` unset, but an edge proxy
-            // should not hold connections for clients that never finish their headers.
-            .header_read_timeout(Duration::from_secs(30))
-            .max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
+        let mut h1 = http.http1();
+        h1.max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
+        // Slow-header (slowloris) protection. Envoy leaves `request_headers_timeout` unset, but
+        // an edge proxy should not hold connections for clients that never finish their
+        // headers. hyper arms one timer per request for it: a coarse one (see coarse_timer).
+        if let Some(timeout) = options.request_headers_timeout {
+            h1.timer(coarse_timer::CoarseTimer).header_read_timeout(timeout);
+        }
         http.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_REQUEST_HEADERS_BYTES as u32);

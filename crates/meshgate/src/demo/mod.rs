@@ -68,6 +68,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         workers: args.workers,
         drain_timeout: std::time::Duration::from_secs(1),
+        request_headers_timeout: Some(std::time::Duration::from_secs(30)),
         access_log: None,
         kong_admin: Some(meshgate_proxy::kong_admin::KongAdminOptions {
             addr: kong_admin,

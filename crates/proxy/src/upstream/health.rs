@@ -104,11 +104,19 @@ impl HealthState {
 }
 
 /// Probes the endpoints of every cluster of the active configuration that has health checks.
+/// While no cluster has them, it sleeps until the next reload instead of ticking, so an idle
+/// proxy (a sidecar, most of the time) is not woken ten times a second for nothing.
 pub async fn run(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(TICK);
+    let mut versions = shared.version.subscribe();
     loop {
-        tick.tick().await;
         let active = shared.active.load_full();
+        if !active.clusters.iter().any(|c| c.health.is_some()) {
+            drop(active);
+            if versions.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         for cluster in &active.clusters {
             let Some(health) = &cluster.health else { continue };
             let now = health.epoch.elapsed().as_millis() as u64;
@@ -127,6 +135,8 @@ pub async fn run(shared: Arc<Shared>) {
                 });
             }
         }
+        drop(active);
+        tokio::time::sleep(TICK).await;
     }
 }
 
