@@ -10,7 +10,8 @@
 # connections with 10 streams each), and prints instructions per request and the functions
 # with the most instructions, inlined callees included. Needs valgrind and h2load
 # (nghttp2-client).
-# Ports 18190 (upstream) and 18191 (proxy) must be free.
+# Ports 18190 (upstream) and 18191 (proxy) must be free. CALLGRIND_OPTS adds valgrind options
+# (e.g. --dump-instr=yes to see which call sites in a function cost the most).
 
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,7 +35,7 @@ upstream_pid=$!
 
 # The candidate script writes the config and execs meshgate; run the same config under valgrind.
 MESHGATE_BIN=/bin/true "$here/meshgate-candidate.sh" "$listen_port" "$upstream_port" 1 "$work" >/dev/null
-valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p" \
+valgrind --tool=callgrind ${CALLGRIND_OPTS:-} --callgrind-out-file="$work/callgrind.%p" \
   "$bin" --log-level warn proxy --config "$work/meshgate-bench.yaml" --bind-address 127.0.0.1 \
   --workers 1 --admin-addr 127.0.0.1:0 >"$work/valgrind.log" 2>&1 &
 proxy_pid=$!
