@@ -85,7 +85,10 @@ impl Future for CoarseSleep {
             }
             return Poll::Pending;
         }
-        let table = TABLE.with(Arc::clone);
+        let Ok(table) = TABLE.try_with(Arc::clone) else {
+            // The thread is exiting: nothing would ever check the deadline, so end now.
+            return Poll::Ready(());
+        };
         let (index, start_ticker) = {
             let mut t = lock(&table);
             let slot = Slot {
