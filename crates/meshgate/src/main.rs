@@ -112,9 +112,9 @@ struct ProxyArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
     /// Close an HTTP/1.1 connection whose client takes longer than this to send a request
-    /// head, counting from when the connection starts waiting for one (idle keep-alive time
-    /// included), as Envoy's `request_headers_timeout`; `0s` turns it off. Checked every half
-    /// second.
+    /// head, counting from when the connection starts waiting for one, so idle keep-alive time
+    /// counts too (Envoy's `request_headers_timeout` starts at the first byte instead); `0s`
+    /// turns it off. Checked every half second.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     request_headers_timeout: std::time::Duration,
     /// Write an access log line per request to this file (`-` for standard output), in
