@@ -274,41 +274,11 @@ fn active_health_checks_take_a_dead_endpoint_out_and_bring_it_back() {
     std::fs::write(dir.join("healthz"), "ok").expect("healthz file");
     let mut flaky = support::file_server(flaky_port, &dir);
     let port = free_port();
-    let yaml = format!(
-        r#"{gw}apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: shop}}
-spec:
-  hosts: [shop.test]
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {flaky}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: shop
-  annotations:
-    meshgate.io/health-check: '{{"path": "/healthz", "interval": "200ms", "timeout": "200ms", "healthyThreshold": 1, "unhealthyThreshold": 1}}'
-spec:
-  host: shop.test
-  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: shop}}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  http:
-  - route: [{{destination: {{host: shop.test}}}}]
-    retries: {{attempts: 0}}
-"#,
-        gw = gateway("gw", port),
-        steady = steady.port(),
-        flaky = flaky_port,
+    let yaml = two_endpoint_shop(
+        port,
+        steady.port(),
+        flaky_port,
+        r#"{"path": "/healthz", "interval": "200ms", "timeout": "200ms", "healthyThreshold": 1, "unhealthyThreshold": 1}"#,
     );
     let proxy = Proxy::start(&yaml);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -350,9 +320,40 @@ fn health_checks_added_by_a_reload_start_probing() {
     // some requests go there and fail.
     let dead_port = free_port();
     let port = free_port();
-    let config = |annotation: &str| {
-        format!(
-            r#"{gw}apiVersion: networking.istio.io/v1
+    let config = |health_check: &str| two_endpoint_shop(port, steady.port(), dead_port, health_check);
+    let proxy = Proxy::start(&config(""));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let failures = |n: usize| {
+        (0..n)
+            .filter(|_| raw_get(addr, "/", "shop.test").expect("request").0 != 200)
+            .count()
+    };
+    assert!(failures(10) > 0, "without health checks the dead endpoint gets traffic");
+
+    proxy.reload_with(&config(
+        r#"{"path": "/", "interval": "100ms", "timeout": "200ms", "unhealthyThreshold": 1}"#,
+    ));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(failures(20), 0, "the reload's health checks took the dead endpoint out");
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("meshgate_upstream_health_check_failures_total{cluster=\"outbound|80||shop.test\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// A gateway on `port` routing `shop.test` round-robin, without retries, to two endpoints on
+/// 127.0.0.1; `health_check` is the `meshgate.io/health-check` annotation (none when empty).
+fn two_endpoint_shop(port: u16, first: u16, second: u16, health_check: &str) -> String {
+    let annotations = if health_check.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n    meshgate.io/health-check: '{health_check}'\n")
+    };
+    format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: shop}}
 spec:
@@ -360,14 +361,14 @@ spec:
   resolution: STATIC
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {dead_port}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {first}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {second}}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
   name: shop
-{annotation}spec:
+{annotations}spec:
   host: shop.test
   trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
 ---
@@ -381,29 +382,6 @@ spec:
   - route: [{{destination: {{host: shop.test}}}}]
     retries: {{attempts: 0}}
 "#,
-            gw = gateway("gw", port),
-            steady = steady.port(),
-        )
-    };
-    let proxy = Proxy::start(&config(""));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let failures = |n: usize| {
-        (0..n)
-            .filter(|_| raw_get(addr, "/", "shop.test").expect("request").0 != 200)
-            .count()
-    };
-    assert!(failures(10) > 0, "without health checks the dead endpoint gets traffic");
-
-    proxy.reload_with(&config(
-        "  annotations:\n    meshgate.io/health-check: '{\"path\": \"/\", \"interval\": \"100ms\", \"timeout\": \"200ms\", \"unhealthyThreshold\": 1}'\n",
-    ));
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(failures(20), 0, "the reload's health checks took the dead endpoint out");
-    let (_, metrics) = proxy.admin_get("/stats/prometheus");
-    assert!(
-        metrics.lines().any(|l| l
-            .starts_with("meshgate_upstream_health_check_failures_total{cluster=\"outbound|80||shop.test\"}")
-            && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+        gw = gateway("gw", port),
+    )
 }

@@ -44,9 +44,9 @@ struct Table {
 
 #[derive(Default)]
 struct Slot {
-    in_use: bool,
-    fired: bool,
+    /// `None` while the slot is free.
     deadline: Option<Instant>,
+    fired: bool,
     waker: Option<Waker>,
 }
 
@@ -92,9 +92,8 @@ impl Future for CoarseSleep {
         let (index, start_ticker) = {
             let mut t = lock(&table);
             let slot = Slot {
-                in_use: true,
-                fired: false,
                 deadline: Some(this.deadline),
+                fired: false,
                 waker: Some(cx.waker().clone()),
             };
             let index = match t.free.pop() {
@@ -171,7 +170,7 @@ async fn tick(table: SharedTable) {
             let mut t = lock(&ticking.table);
             let mut fired = 0;
             for slot in t.slots.iter_mut() {
-                if slot.in_use && !slot.fired && slot.deadline.is_some_and(|d| d <= now) {
+                if !slot.fired && slot.deadline.is_some_and(|d| d <= now) {
                     slot.fired = true;
                     fired += 1;
                     due.extend(slot.waker.take());
