@@ -5,7 +5,8 @@
 #   CANDIDATE_NAME=meshgate \
 #   CANDIDATE_CMD="$PWD/bench/meshgate-candidate.sh {LISTEN} {UPSTREAM} {WORKERS} {RUNDIR}" \
 #   RUNS=3 ../shared/bench/compare.sh
-# MESHGATE_BIN overrides the binary (default: the release build in CARGO_TARGET_DIR).
+# MESHGATE_BIN overrides the binary (default: the release build in CARGO_TARGET_DIR);
+# scripts/build-pgo prints the path of a profile-guided build (docs/performance.md).
 
 set -euo pipefail
 listen=$1 upstream=$2 workers=$3 rundir=$4
