@@ -63,18 +63,7 @@ fn a_failing_endpoint_is_ejected_and_clients_do_not_notice() {
     let bad = Failing::start();
     let port = free_port();
     let yaml = format!(
-        r#"{gw}apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: shop}}
-spec:
-  hosts: [shop.test]
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {a}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {b}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {bad}}}}}
----
+        r#"{gw}{shop}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: shop}}
@@ -99,9 +88,7 @@ spec:
     retries: {{attempts: 3, retryOn: 5xx}}
 "#,
         gw = gateway("gw", port),
-        a = a.port(),
-        b = b.port(),
-        bad = bad.port,
+        shop = shop_service_entry(&[a.port(), b.port(), bad.port]),
     );
     let proxy = Proxy::start(&yaml);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -171,17 +158,7 @@ fn killing_an_endpoint_mid_load_hangs_nothing_and_failures_are_retried() {
     }
     let port = free_port();
     let yaml = format!(
-        r#"{gw}apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: shop}}
-spec:
-  hosts: [shop.test]
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {steady}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {doomed}}}}}
----
+        r#"{gw}{shop}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: shop}}
@@ -202,8 +179,7 @@ spec:
     retries: {{attempts: 3, retryOn: "connect-failure,reset,5xx"}}
 "#,
         gw = gateway("gw", port),
-        steady = steady.port(),
-        doomed = doomed_port,
+        shop = shop_service_entry(&[steady.port(), doomed_port]),
     );
     let proxy = Proxy::start(&yaml);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
@@ -353,17 +329,7 @@ fn two_endpoint_shop(port: u16, first: u16, second: u16, health_check: &str) -> 
         format!("  annotations:\n    meshgate.io/health-check: '{health_check}'\n")
     };
     format!(
-        r#"{gw}apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: shop}}
-spec:
-  hosts: [shop.test]
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {first}}}}}
-  - {{address: 127.0.0.1, ports: {{http: {second}}}}}
----
+        r#"{gw}{shop}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
@@ -383,5 +349,25 @@ spec:
     retries: {{attempts: 0}}
 "#,
         gw = gateway("gw", port),
+        shop = shop_service_entry(&[first, second]),
+    )
+}
+
+/// A ServiceEntry `shop.test` (port 80, STATIC) with one endpoint on 127.0.0.1 per port.
+fn shop_service_entry(ports: &[u16]) -> String {
+    let endpoints: String = ports
+        .iter()
+        .map(|p| format!("  - {{address: 127.0.0.1, ports: {{http: {p}}}}}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop}}
+spec:
+  hosts: [shop.test]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+{endpoints}"#
     )
 }
