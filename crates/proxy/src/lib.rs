@@ -12,6 +12,7 @@ pub mod body;
 mod coarse_timer;
 pub mod cors;
 mod downstream_socket;
+pub mod http2;
 pub mod kong_admin;
 pub mod kong_store;
 pub mod listener;
