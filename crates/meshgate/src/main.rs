@@ -117,6 +117,10 @@ struct ProxyArgs {
     /// turns it off. Checked every half second.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     request_headers_timeout: std::time::Duration,
+    /// What serves HTTP/2 to clients: meshgate's own codec, or hyper with the `h2` crate
+    /// (the implementation used before; kept as a fallback).
+    #[arg(long, value_enum, default_value = "meshgate")]
+    http2_server: Http2ServerArg,
     /// Write an access log line per request to this file (`-` for standard output), in
     /// Envoy's default format, or JSON with `--access-log-format json`.
     #[arg(long)]
@@ -140,6 +144,12 @@ struct ProxyArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Http2ServerArg {
+    Meshgate,
+    Hyper,
 }
 
 #[derive(clap::Args)]
@@ -293,6 +303,10 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         compile,
         drain_timeout: args.drain_timeout,
         request_headers_timeout: (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout),
+        http2_server: match args.http2_server {
+            Http2ServerArg::Meshgate => meshgate_proxy::Http2Server::Meshgate,
+            Http2ServerArg::Hyper => meshgate_proxy::Http2Server::Hyper,
+        },
         kong_admin,
         access_log: args.access_log.map(|path| AccessLogOptions {
             path,

@@ -280,16 +280,6 @@ fn websocket_upgrade_is_tunnelled() {
     }
 }
 
-/// Reads the proxy's peak resident memory (VmHWM) in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_streams_up_and_down_with_flat_memory() {
     const GIB: u64 = 1 << 30;
@@ -315,14 +305,7 @@ async fn one_gib_streams_up_and_down_with_flat_memory() {
         .expect("request");
     let resp = client.request(down).await.expect("download");
     assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Some(d) = frame.expect("frame").data_ref() {
-            total += d.len() as u64;
-        }
-    }
-    assert_eq!(total, GIB);
+    assert_eq!(body_len(resp.into_body()).await, GIB);
     let peak = peak_rss_kib(proxy.child.id());
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB after moving 2 GiB");
 }

@@ -173,15 +173,47 @@ impl Body for UpstreamResponseBody {
     }
 }
 
+/// Body of a request from downstream: hyper's for HTTP/1.1, meshgate's own for HTTP/2.
+pub enum DownstreamBody {
+    Hyper(Incoming),
+    Http2(crate::http2::RequestBody),
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            DownstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownstreamBody::Hyper(b) => b.is_end_stream(),
+            DownstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownstreamBody::Hyper(b) => b.size_hint(),
+            DownstreamBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Body of a request sent upstream.
 pub enum UpstreamBody {
     /// The downstream body, streamed as it arrives.
-    Streaming(Incoming),
+    Streaming(DownstreamBody),
     /// A frame already read from the downstream body (to validate its framing before
     /// anything goes upstream), then the rest of it.
     Prefixed {
         first: Option<Frame<Bytes>>,
-        rest: Incoming,
+        rest: DownstreamBody,
     },
     /// A body the proxy holds whole.
     Buffered(Full<Bytes>),

@@ -66,6 +66,18 @@ pub struct ProxyOptions {
     /// The Kong-compatible Admin API, when enabled; its stored state is compiled with the
     /// config files.
     pub kong_admin: Option<kong_admin::KongAdminOptions>,
+    /// Which implementation serves HTTP/2 to clients.
+    pub http2_server: Http2Server,
+}
+
+/// The implementation of downstream HTTP/2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Http2Server {
+    /// meshgate's own codec (`http2`).
+    #[default]
+    Meshgate,
+    /// hyper with the `h2` crate, what meshgate used before its own codec.
+    Hyper,
 }
 
 /// State shared by the workers, the admin listener and the reloader.

@@ -11,17 +11,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::Shared;
+use crate::body::DownstreamBody;
 use crate::downstream_socket::DownstreamSocket;
+use crate::http2;
 use crate::service::{self, Connection};
 use crate::stats::ListenerStats;
 use crate::worker;
+use crate::{Http2Server, MAX_REQUEST_HEADERS_BYTES, Shared};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,10 +164,15 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             edge,
         })
     };
+    let own_http2 = shared.options.http2_server == Http2Server::Meshgate;
     let result = match &tls {
         None => {
             let conn = connection(None);
-            let service = service_fn(move |req| service::handle(req, conn.clone()));
+            if own_http2 && starts_with_http2_preface(&stream).await {
+                return serve_http2(stream, conn, remote).await;
+            }
+            let service =
+                service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
             shared
                 .http
                 .serve_connection_with_upgrades(TokioIo::new(DownstreamSocket::new(stream)), service)
@@ -173,15 +182,20 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(DownstreamSocket::new(stream));
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(mut tls_stream)) => {
-                    let (socket, session) = tls_stream.get_mut();
-                    socket.set_http2(session.alpn_protocol() == Some(b"h2"));
+                    let http2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     let sni = tls_stream
                         .get_ref()
                         .1
                         .server_name()
                         .map(|n| n.to_ascii_lowercase().into());
                     let conn = connection(sni);
-                    let service = service_fn(move |req| service::handle(req, conn.clone()));
+                    if own_http2 && http2 {
+                        return serve_http2(tls_stream, conn, remote).await;
+                    }
+                    tls_stream.get_mut().0.set_http2(http2);
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        service::handle(req.map(DownstreamBody::Hyper), conn.clone())
+                    });
                     shared
                         .http
                         .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
@@ -197,5 +211,51 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     };
     if let Err(e) = result {
         tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
+
+/// Whether a plain-text connection opens with the HTTP/2 preface (h2c with prior knowledge),
+/// looked at without consuming it. Only `PRI ` is needed to tell it from HTTP/1.1 methods.
+async fn starts_with_http2_preface(stream: &TcpStream) -> bool {
+    const DECISIVE: usize = 4;
+    let mut first = [0u8; DECISIVE];
+    // A first segment shorter than 4 octets is rare: look again shortly, a bounded number of times.
+    for _ in 0..50 {
+        let n = match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if first[..n] != http2::frame::PREFACE[..n] {
+            return false;
+        }
+        if n == DECISIVE {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+/// Serves a connection with meshgate's HTTP/2 codec.
+async fn serve_http2<IO>(io: IO, conn: Arc<Connection>, remote: SocketAddr)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let settings = http2::ServerSettings {
+        max_header_list_size: MAX_REQUEST_HEADERS_BYTES as u32,
+        ..http2::ServerSettings::default()
+    };
+    let result = http2::serve(io, settings, move |req| {
+        let conn = conn.clone();
+        Box::pin(async move {
+            match service::handle(req.map(DownstreamBody::Http2), conn).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "HTTP/2 connection ended with an error");
     }
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
     FaultAbort, Forward, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort,
@@ -24,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::Shared;
 use crate::access_log::{self, UpstreamHost, UpstreamInfo};
-use crate::body::{self, ReplayableBody, ResponseBody, UpstreamBody, UpstreamResponseBody};
+use crate::body::{self, DownstreamBody, ReplayableBody, ResponseBody, UpstreamBody, UpstreamResponseBody};
 use crate::cors;
 use crate::plugins;
 use crate::response_flags::ResponseFlags;
@@ -59,7 +58,7 @@ const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 /// Envoy's reply when a circuit breaker refuses the request (response flag `UO`).
 const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
-pub async fn handle(req: Request<Incoming>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
     let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
     let mut watch = DownstreamWatch {
         conn: &conn,
@@ -258,7 +257,10 @@ impl Drop for RequestInFlight<'_> {
     }
 }
 
-async fn route_request(req: Request<Incoming>, conn: &Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
+async fn route_request(
+    req: Request<DownstreamBody>,
+    conn: &Arc<Connection>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let active = conn.shared.active.load_full();
     let Some(li) = active.listener_index(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
@@ -491,7 +493,7 @@ fn pick_destination(forward: &Forward) -> usize {
 
 #[allow(clippy::too_many_arguments)]
 async fn forward_request(
-    mut req: Request<Incoming>,
+    mut req: Request<DownstreamBody>,
     conn: &Connection,
     forward: &Forward,
     pick: usize,
@@ -1184,7 +1186,7 @@ fn cluster_authority(address: &str) -> http::uri::Authority {
 /// For a chunked HTTP/1 request, reads the first body frame before anything is sent
 /// upstream, so broken chunk framing is answered with 400 instead of reaching the upstream.
 /// Bodies with a length, and HTTP/2 bodies, are streamed without waiting.
-async fn checked_chunked_body(parts: &http::request::Parts, mut body: Incoming) -> Result<UpstreamBody, ()> {
+async fn checked_chunked_body(parts: &http::request::Parts, mut body: DownstreamBody) -> Result<UpstreamBody, ()> {
     use hyper::body::Body;
     let chunked = parts.version <= Version::HTTP_11 && parts.headers.contains_key(header::TRANSFER_ENCODING);
     if !chunked || body.is_end_stream() {

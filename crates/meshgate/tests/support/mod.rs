@@ -683,3 +683,25 @@ impl KongNode {
         }
     }
 }
+
+/// Reads a process's peak resident memory (VmHWM) in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// Reads a response body to its end, frame by frame (never holding it whole), and counts it.
+pub async fn body_len(mut body: hyper::body::Incoming) -> u64 {
+    use http_body_util::BodyExt;
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.expect("frame").data_ref() {
+            total += d.len() as u64;
+        }
+    }
+    total
+}

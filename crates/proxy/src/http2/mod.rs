@@ -5,6 +5,13 @@
 //! (stream store locking, flow-control bookkeeping, an HPACK encoder that hashes every field
 //! with SipHash, and the task per stream that hyper adds), and that is where meshgate trails
 //! HAProxy in the HTTP/2 benchmark (`docs/performance.md`). The codec is built in layers,
-//! each tested on its own: HPACK first.
+//! each tested on its own: frames (`frame`), HPACK (`hpack`), request bodies (`request_body`)
+//! and the connection (`server`).
 
+pub mod frame;
 pub mod hpack;
+pub mod request_body;
+pub mod server;
+
+pub use request_body::RequestBody;
+pub use server::{ServerSettings, serve};

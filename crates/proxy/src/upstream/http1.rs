@@ -18,17 +18,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
 use super::connector::CountedStream;
 use super::pool::ReturnTo;
+use super::read_buffer::ReadBuffer;
 use crate::body::{BodyError, UpstreamBody};
 
 /// Response head bytes accepted from an upstream (Envoy's `max_request_headers_kb` default).
@@ -37,8 +37,6 @@ const MAX_HEAD_BYTES: usize = 60 * 1024;
 const MAX_HEADERS: usize = 100;
 /// A chunk-size line longer than this (extensions included) is a protocol error.
 const MAX_CHUNK_LINE: usize = 1024;
-/// Bytes asked of the socket per read.
-const READ_SIZE: usize = 16 * 1024;
 /// Request body bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -85,60 +83,6 @@ impl Http1Connection {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(self.io.tcp_mut()).poll_write(cx, bytes)
-    }
-}
-
-/// Bytes read from a connection and not consumed yet, in front of zeroed spare room.
-///
-/// The spare room is initialised once per allocation (not per read), which lets reads go
-/// through tokio's `poll_read`: it notes a short read as the socket drained, so the next
-/// read waits for the runtime's readiness instead of trying the socket first. Consumed bytes
-/// leave as `Bytes` sharing the allocation, so small bodies are never copied.
-#[derive(Default)]
-struct ReadBuffer {
-    /// Filled bytes, then zeroed spare room.
-    bytes: BytesMut,
-    filled: usize,
-}
-
-impl std::ops::Deref for ReadBuffer {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.bytes[..self.filled]
-    }
-}
-
-impl ReadBuffer {
-    fn poll_fill(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.bytes.len() - self.filled < READ_SIZE / 4 {
-            let mut fresh = BytesMut::zeroed(READ_SIZE.max(self.filled * 2));
-            fresh[..self.filled].copy_from_slice(&self.bytes[..self.filled]);
-            self.bytes = fresh;
-        }
-        let mut room = ReadBuf::new(&mut self.bytes[self.filled..]);
-        ready!(Pin::new(io).poll_read(cx, &mut room))?;
-        let n = room.filled().len();
-        self.filled += n;
-        Poll::Ready(Ok(n))
-    }
-
-    /// The first `n` filled bytes, removed.
-    fn split_to(&mut self, n: usize) -> BytesMut {
-        debug_assert!(n <= self.filled);
-        self.filled -= n;
-        self.bytes.split_to(n)
-    }
-
-    /// Everything filled, removed.
-    fn split(&mut self) -> BytesMut {
-        self.split_to(self.filled)
-    }
-
-    fn advance(&mut self, n: usize) {
-        debug_assert!(n <= self.filled);
-        self.filled -= n;
-        self.bytes.advance(n);
     }
 }
 

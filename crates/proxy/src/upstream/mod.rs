@@ -6,3 +6,4 @@ pub mod health;
 pub mod http1;
 pub mod outlier;
 pub mod pool;
+pub(crate) mod read_buffer;

@@ -6,8 +6,9 @@
 //! client sends again as an index (most of a request's fields after the first) costs a clone
 //! of shared bytes, with no parsing or validation.
 //!
-//! The encoder uses the static table and literals that are not indexed, and never inserts into
-//! the peer's dynamic table: no per-field hashing or table search, as in HAProxy's encoder.
+//! The encoder indexes the response fields that repeat (server, content type, date) in the
+//! peer's dynamic table, so later responses send them as one octet each, and sends string
+//! literals raw: no per-field hashing and no Huffman coding.
 
 mod huffman;
 
@@ -189,6 +190,8 @@ fn pseudo_field(name: &'static str, value: Bytes) -> Field {
             other => Scheme::try_from(other).ok().map(Field::Scheme),
         },
         ":authority" => Authority::from_maybe_shared(value).ok().map(Field::Authority),
+        // §8.3.1: never empty.
+        ":path" if value.is_empty() => None,
         ":path" => PathAndQuery::from_maybe_shared(value).ok().map(Field::Path),
         ":status" => Some(Field::Status(value)),
         _ => Some(Field::Protocol(value)),
@@ -488,24 +491,70 @@ fn static_name_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-/// Encodes header blocks. It never adds to the peer's dynamic table, so it keeps no state
-/// but whether the peer changed SETTINGS_HEADER_TABLE_SIZE since the last block.
-#[derive(Default)]
+/// The largest dynamic table the encoder keeps, whatever larger size the peer allows: enough
+/// for the fields a response repeats (server, content type, date, CORS, cache control).
+const ENCODER_TABLE_LIMIT: usize = 4096;
+
+/// Fields whose values rarely repeat, so indexing them would only push useful entries out
+/// (the list nghttp2 uses).
+fn worth_indexing(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::CONTENT_LENGTH
+            | header::LOCATION
+            | header::SET_COOKIE
+            | header::ETAG
+            | header::IF_MODIFIED_SINCE
+            | header::IF_NONE_MATCH
+            | header::LAST_MODIFIED
+            | header::AGE
+    )
+}
+
+/// Encodes header blocks. Repeated response fields go into the peer's dynamic table and are
+/// then sent as one-octet indexes; the table is searched linearly, which is cheap for the few
+/// dozen entries a response's fields fill.
 pub struct Encoder {
+    /// Newest entry first, as the peer's decoder numbers them.
+    table: VecDeque<(HeaderName, HeaderValue, usize)>,
+    size: usize,
+    max: usize,
     size_update_due: bool,
 }
 
+impl Default for Encoder {
+    fn default() -> Self {
+        Encoder {
+            table: VecDeque::new(),
+            size: 0,
+            max: ENCODER_TABLE_LIMIT,
+            size_update_due: false,
+        }
+    }
+}
+
 impl Encoder {
-    /// The peer sent SETTINGS_HEADER_TABLE_SIZE: RFC 7541 §4.2 wants the next block to start
-    /// with a size update. Announcing 0 is valid under any setting and says the table is not
-    /// used.
-    pub fn peer_table_size_changed(&mut self) {
+    /// The peer sent SETTINGS_HEADER_TABLE_SIZE (its decoder's limit). RFC 7541 §4.2: a
+    /// change of the table size this encoder uses is announced at the start of the next block.
+    pub fn peer_table_size_changed(&mut self, peer_max: usize) {
+        let max = peer_max.min(ENCODER_TABLE_LIMIT);
+        self.max = max;
+        self.evict_to(max);
         self.size_update_due = true;
+    }
+
+    fn evict_to(&mut self, limit: usize) {
+        while self.size > limit {
+            match self.table.pop_back() {
+                Some((_, _, size)) => self.size -= size,
+                None => break,
+            }
+        }
     }
 
     fn start_block(&mut self, out: &mut Vec<u8>) {
         if std::mem::take(&mut self.size_update_due) {
-            encode_int(0, 5, 0x20, out);
+            encode_int(self.max, 5, 0x20, out);
         }
     }
 
@@ -539,20 +588,43 @@ impl Encoder {
         self.encode_fields(headers, out);
     }
 
-    fn encode_fields(&self, headers: &HeaderMap, out: &mut Vec<u8>) {
+    fn encode_fields(&mut self, headers: &HeaderMap, out: &mut Vec<u8>) {
         for (name, value) in headers {
-            // Never indexed (0001) for sensitive values (§7.1.3), so no intermediary indexes
-            // them either; without indexing (0000) otherwise.
-            let flags = if value.is_sensitive() { 0x10 } else { 0x00 };
-            match static_name_index(name) {
-                Some(i) => encode_int(i, 4, flags, out),
-                None => {
-                    out.push(flags);
-                    encode_string(name.as_str().as_bytes(), out);
-                }
-            }
-            encode_string(value.as_bytes(), out);
+            self.encode_field(name, value, out);
         }
+    }
+
+    fn encode_field(&mut self, name: &HeaderName, value: &HeaderValue, out: &mut Vec<u8>) {
+        if value.is_sensitive() {
+            // Never indexed (§7.1.3), so no intermediary indexes it either.
+            self.encode_literal(name, value, 0x10, 4, out);
+            return;
+        }
+        if let Some(i) = self.table.iter().position(|(n, v, _)| n == name && v == value) {
+            encode_int(62 + i, 7, 0x80, out);
+            return;
+        }
+        let size = name.as_str().len() + value.len() + ENTRY_OVERHEAD;
+        if size <= self.max / 2 && worth_indexing(name) {
+            // Literal with incremental indexing (§6.2.1): both tables add it.
+            self.encode_literal(name, value, 0x40, 6, out);
+            self.evict_to(self.max - size);
+            self.size += size;
+            self.table.push_front((name.clone(), value.clone(), size));
+        } else {
+            self.encode_literal(name, value, 0x00, 4, out);
+        }
+    }
+
+    fn encode_literal(&self, name: &HeaderName, value: &HeaderValue, flags: u8, prefix: u8, out: &mut Vec<u8>) {
+        match static_name_index(name) {
+            Some(i) => encode_int(i, prefix, flags, out),
+            None => {
+                out.push(flags);
+                encode_string(name.as_str().as_bytes(), out);
+            }
+        }
+        encode_string(value.as_bytes(), out);
     }
 }
 

@@ -247,6 +247,7 @@ fn encoded_responses_decode_to_the_same_fields() {
     for status in [StatusCode::OK, StatusCode::IM_A_TEAPOT, StatusCode::NOT_FOUND] {
         let mut out = Vec::new();
         Encoder::default().encode_response(status, &headers, &mut out);
+        // x-custom and server are indexed on the way, set-cookie never is.
         let mut fields = Vec::new();
         Decoder::new(4096).decode(&out.into(), |f, _| fields.push(f)).unwrap();
         assert_eq!(
@@ -270,11 +271,47 @@ fn encoded_responses_decode_to_the_same_fields() {
 #[test]
 fn a_changed_peer_table_size_is_acknowledged_once() {
     let mut encoder = Encoder::default();
-    encoder.peer_table_size_changed();
+    encoder.peer_table_size_changed(0);
     let mut out = Vec::new();
     encoder.encode_response(StatusCode::OK, &HeaderMap::new(), &mut out);
     assert_eq!(out, [0x20, 0x88]);
     out.clear();
     encoder.encode_response(StatusCode::OK, &HeaderMap::new(), &mut out);
     assert_eq!(out, [0x88]);
+    // With no table allowed, nothing is indexed.
+    let mut headers = HeaderMap::new();
+    headers.insert(header::SERVER, HeaderValue::from_static("meshgate"));
+    out.clear();
+    encoder.encode_response(StatusCode::OK, &headers, &mut out);
+    assert_eq!(out[1], 0x0f, "literal without indexing, name index 54");
+    assert!(encoder.table.is_empty());
+}
+
+/// Repeated fields become one-octet indexes, and the peer's decoder (ours, here) stays in
+/// step through evictions in a small table.
+#[test]
+fn repeated_fields_are_indexed_and_tables_stay_in_step() {
+    let mut encoder = Encoder::default();
+    encoder.peer_table_size_changed(120);
+    let mut decoder = Decoder::new(120);
+    let mut sizes = Vec::new();
+    for round in 0..6 {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SERVER, HeaderValue::from_static("nginx/1.22.1"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(round));
+        // A value that changes every other round evicts older entries from the small table.
+        headers.insert("x-round", HeaderValue::from(round / 2));
+        let mut out = Vec::new();
+        encoder.encode_response(StatusCode::OK, &headers, &mut out);
+        sizes.push(out.len());
+        let mut fields = Vec::new();
+        decoder.decode(&out.into(), |f, _| fields.push(f)).unwrap();
+        let expected: Vec<Field> = std::iter::once(Field::Status(Bytes::from_static(b"200")))
+            .chain(headers.iter().map(|(n, v)| Field::Header(n.clone(), v.clone())))
+            .collect();
+        assert_eq!(fields, expected, "round {round}");
+        assert_eq!(decoder.table.size, encoder.size, "round {round}");
+    }
+    assert!(sizes[1] < sizes[0], "indexed fields are one octet: {sizes:?}");
 }
