@@ -14,8 +14,12 @@ struct Block {
     text: String,
 }
 
+/// The runtime value first: a test binary reused from a build in another checkout (a shared
+/// target folder) would otherwise read that checkout's docs.
 fn docs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs")
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.join("../../docs")
 }
 
 fn yaml_blocks() -> Vec<Block> {
