@@ -168,7 +168,13 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     let result = match &tls {
         None => {
             let conn = connection(None);
-            if own_http2 && starts_with_http2_preface(&stream).await {
+            // A client that sends nothing is held no longer than a slow HTTP/1.1 head would be.
+            let sniff = starts_with_http2_preface(&stream);
+            let http2 = match shared.options.request_headers_timeout {
+                Some(limit) => tokio::time::timeout(limit, sniff).await.unwrap_or(false),
+                None => sniff.await,
+            };
+            if own_http2 && http2 {
                 return serve_http2(stream, conn, remote).await;
             }
             let service =

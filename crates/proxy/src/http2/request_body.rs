@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
 
@@ -23,9 +23,16 @@ const REPORT_STEP: usize = 32 * 1024;
 #[error("HTTP/2 request body: {0}")]
 pub struct RecvError(pub &'static str);
 
+/// DATA payloads smaller than this are copied into `tail` instead of queued: a tiny frame's
+/// slice would keep its whole read buffer alive, and a queue entry per frame costs more than
+/// the frame (a client sending 1-octet frames could pin tens of megabytes per stream).
+const SMALL_CHUNK: usize = 1024;
+
 #[derive(Default)]
 struct RecvState {
     chunks: VecDeque<Bytes>,
+    /// Small payloads gathered after `chunks`.
+    tail: BytesMut,
     trailers: Option<HeaderMap>,
     ended: bool,
     error: Option<&'static str>,
@@ -63,7 +70,15 @@ impl Recv {
         if state.reader_gone {
             return false;
         }
-        state.chunks.push_back(data);
+        if data.len() < SMALL_CHUNK {
+            state.tail.extend_from_slice(&data);
+        } else {
+            if !state.tail.is_empty() {
+                let gathered = state.tail.split().freeze();
+                state.chunks.push_back(gathered);
+            }
+            state.chunks.push_back(data);
+        }
         if let Some(w) = state.reader.take() {
             drop(state);
             w.wake();
@@ -85,7 +100,7 @@ impl Recv {
     /// The stream was reset or the connection closed before the body ended.
     pub(crate) fn fail(&self, reason: &'static str) {
         let mut state = self.lock();
-        if state.ended && state.chunks.is_empty() {
+        if state.ended && state.chunks.is_empty() && state.tail.is_empty() {
             return;
         }
         state.error = Some(reason);
@@ -136,10 +151,16 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         };
         let mut state = recv.lock();
-        if let Some(data) = state.chunks.pop_front() {
+        let next = match state.chunks.pop_front() {
+            Some(data) => Some(data),
+            None if !state.tail.is_empty() => Some(state.tail.split().freeze()),
+            None => None,
+        };
+        if let Some(data) = next {
             let before = state.consumed;
             state.consumed += data.len();
-            let report = before / REPORT_STEP != state.consumed / REPORT_STEP || state.chunks.is_empty();
+            let report = before / REPORT_STEP != state.consumed / REPORT_STEP
+                || (state.chunks.is_empty() && state.tail.is_empty());
             drop(state);
             if report {
                 recv.connection.wake_by_ref();
@@ -167,7 +188,7 @@ impl Body for RequestBody {
             None => true,
             Some(recv) => {
                 let state = recv.lock();
-                state.ended && state.chunks.is_empty() && state.trailers.is_none()
+                state.ended && state.chunks.is_empty() && state.tail.is_empty() && state.trailers.is_none()
             }
         }
     }
@@ -185,7 +206,8 @@ impl Drop for RequestBody {
         if let Some(recv) = &self.recv {
             let mut state = recv.lock();
             state.reader_gone = true;
-            let unread: usize = state.chunks.drain(..).map(|c| c.len()).sum();
+            let unread: usize = state.chunks.drain(..).map(|c| c.len()).sum::<usize>() + state.tail.len();
+            state.tail.clear();
             state.consumed += unread;
             drop(state);
             recv.connection.wake_by_ref();

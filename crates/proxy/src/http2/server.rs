@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -42,7 +42,7 @@ const ROUNDS_PER_POLL: usize = 16;
 const RESET_FLOOD_MIN: u64 = 1_000;
 /// Stream ids reset by this end that are remembered, so frames the client sent before it saw
 /// the reset are ignored rather than treated as errors.
-const RECENT_RESETS: usize = 64;
+const RECENT_RESETS: usize = 256;
 
 /// The settings this end announces.
 #[derive(Clone, Copy, Debug)]
@@ -274,6 +274,7 @@ impl RequestHead {
             uri.path_and_query = Some(path);
         }
         let content_length = content_length(&self.headers)?;
+        join_cookies(&mut self.headers);
         let uri = Uri::from_parts(uri).map_err(|_| "invalid request target")?;
         let mut parts = Request::new(()).into_parts().0;
         parts.method = method;
@@ -291,6 +292,23 @@ impl RequestHead {
             return Err("pseudo-header in trailers");
         }
         Ok(self.headers)
+    }
+}
+
+/// RFC 9113 §8.2.3: clients may split `cookie` into several fields (browsers do, for better
+/// compression); they are joined with "; " before the request leaves HTTP/2.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -362,6 +380,10 @@ struct Connection<IO, F> {
     /// for them; written the moment they complete, a client of many connections woke about
     /// three times as often (h2load's `epoll_wait`s). `true` once this burst has waited.
     write_held: bool,
+    /// Output was written but not yet flushed.
+    flush_pending: bool,
+    /// The error to report once the connection has closed.
+    error: Option<ConnectionError>,
 }
 
 impl<IO, F> Connection<IO, F>
@@ -416,6 +438,8 @@ where
             streams_opened: 0,
             peer_resets: 0,
             write_held: false,
+            flush_pending: false,
+            error: None,
         }
     }
 
@@ -455,22 +479,35 @@ where
     }
 
     /// Gives `n` body bytes back to the client on the connection window once enough add up.
+    /// Credit goes back in batches of half the window, or as soon as the client has less than
+    /// half left, so that a reader stalled on one stream cannot starve the others.
     fn release_connection(&mut self, n: usize) {
         self.unreleased = self.unreleased.saturating_add(n as u32);
-        if self.unreleased >= self.settings.connection_window / 2 {
+        let half = self.settings.connection_window / 2;
+        if self.unreleased > 0 && (self.unreleased >= half || self.recv_window <= i64::from(half)) {
             frame::write_window_update(&mut self.out, 0, self.unreleased);
             self.recv_window += i64::from(self.unreleased);
             self.unreleased = 0;
         }
     }
 
-    /// Resets a stream this end still knows, or one it never accepted.
+    /// Resets a stream this end still knows, or one it never accepted. Errors a client
+    /// provokes on open streams count with its own resets ("MadeYouReset", CVE-2025-8671).
     fn reset(&mut self, id: u32, reason: Reason) {
         frame::write_rst_stream(&mut self.out, id, reason);
         if let Some(&slot) = self.ids.get(&id) {
             self.remove(slot, "stream reset");
+            if reason != Reason::NO_ERROR && reason != Reason::REFUSED_STREAM && self.count_reset() {
+                let _ = self.fail(Reason::ENHANCE_YOUR_CALM, "too many streams reset");
+            }
         }
         self.remember_reset(id);
+    }
+
+    /// Counts a stream cancelled early; true once the connection is mostly that.
+    fn count_reset(&mut self) -> bool {
+        self.peer_resets += 1;
+        self.peer_resets >= RESET_FLOOD_MIN && self.peer_resets * 2 > self.streams_opened
     }
 
     fn remember_reset(&mut self, id: u32) {
@@ -573,9 +610,8 @@ where
                     return Err(self.fail(Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
                 }
                 if let Some(&slot) = self.ids.get(&head.stream) {
-                    self.peer_resets += 1;
                     self.remove(slot, "stream reset by the client");
-                    if self.peer_resets >= RESET_FLOOD_MIN && self.peer_resets * 2 > self.streams_opened {
+                    if self.count_reset() {
                         return Err(self.fail(Reason::ENHANCE_YOUR_CALM, "too many streams reset"));
                     }
                 }
@@ -735,11 +771,12 @@ where
                 return Err(self.fail(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
             }
             self.release_connection(flow);
-            if !self.recent_resets.contains(&head.stream) {
-                frame::write_rst_stream(&mut self.out, head.stream, Reason::STREAM_CLOSED);
-                self.remember_reset(head.stream);
+            // Frames the client sent before it saw a reset are ignored; on a stream both sides
+            // closed, DATA is a connection error (§5.1, "closed").
+            if self.recent_resets.contains(&head.stream) {
+                return Ok(());
             }
-            return Ok(());
+            return Err(self.fail(Reason::STREAM_CLOSED, "DATA on a closed stream"));
         };
         let stream = &mut self.streams[slot];
         stream.outstanding += flow;
@@ -1054,7 +1091,7 @@ where
                 let stream = &mut self.streams[slot];
                 let window = stream.send_window.min(self.send_window).max(0) as usize;
                 if window == 0 {
-                    if self.send_window <= 0 {
+                    if self.send_window <= 0 && !self.blocked.contains(&slot) {
                         self.blocked.push(slot);
                     }
                     return Some(Phase::Sending { body, pending, last });
@@ -1125,8 +1162,12 @@ where
         if !self.out.is_empty() {
             self.out.clear();
             self.out_written = 0;
-            // TLS streams hold written records until flushed.
-            return Pin::new(&mut self.io).poll_flush(cx);
+            self.flush_pending = true;
+        }
+        // TLS streams can hold written records until flushed; a flush may take several polls.
+        if self.flush_pending {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.flush_pending = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -1152,7 +1193,8 @@ where
         let mut waiting_tick = false;
         for _ in 0..ROUNDS_PER_POLL {
             let mut progressed = false;
-            if this.state != State::Closing && !this.read_closed && this.output_backlog() < 4 * OUTPUT_HIGH_WATER {
+            let read_allowed = this.output_backlog() < 4 * OUTPUT_HIGH_WATER;
+            if this.state != State::Closing && !this.read_closed && read_allowed {
                 match this.poll_read(cx) {
                     Poll::Ready(Ok(0)) => {
                         this.read_closed = true;
@@ -1212,6 +1254,11 @@ where
             match written {
                 Poll::Ready(Ok(())) => {
                     this.write_held = false;
+                    // Reading waited for this write: go round again so it resumes (and
+                    // registers for the next readiness).
+                    if !read_allowed {
+                        progressed = true;
+                    }
                     if !this.deferred.is_empty() {
                         this.to_poll.append(&mut this.deferred);
                         progressed = true;
@@ -1225,8 +1272,13 @@ where
             }
             let finished =
                 this.state == State::Closing || this.read_closed || (this.peer_goaway && this.streams.is_empty());
-            if finished && this.output_backlog() == 0 {
-                let _ = Pin::new(&mut this.io).poll_shutdown(cx);
+            if finished && this.output_backlog() == 0 && !this.flush_pending {
+                // The close (and for TLS its close_notify) must go out too.
+                if Pin::new(&mut this.io).poll_shutdown(cx).is_pending() {
+                    this.error = this.error.take().or(error);
+                    return Poll::Pending;
+                }
+                let error = this.error.take().or(error);
                 return Poll::Ready(match error {
                     Some(e) => Err(e),
                     None => Ok(()),

@@ -8,7 +8,7 @@
 //! costs a few bytes on the wire and no CPU.
 
 /// The 257 symbols (256 octets and EOS) in code order: by code length, then by value.
-const SYMBOLS: [u16; 257] = [
+pub(super) const SYMBOLS: [u16; 257] = [
     48, 49, 50, 97, 99, 101, 105, 111, 115, 116, 32, 37, 45, 46, 47, 51, 52, 53, 54, 55, 56, 57, 61, 65, 95, 98, 100,
     102, 103, 104, 108, 109, 110, 112, 114, 117, 58, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81,
     82, 83, 84, 85, 86, 87, 89, 106, 107, 113, 118, 119, 120, 121, 122, 38, 42, 44, 59, 88, 90, 33, 34, 40, 41, 63, 39,
@@ -23,7 +23,7 @@ const SYMBOLS: [u16; 257] = [
 ];
 
 /// How many codes have each length (index = length in bits, 0..=30).
-const CODES_OF_LENGTH: [u16; 31] = [
+pub(super) const CODES_OF_LENGTH: [u16; 31] = [
     0, 0, 0, 0, 0, 10, 26, 32, 6, 0, 5, 3, 2, 6, 2, 3, 0, 0, 0, 3, 8, 13, 26, 29, 12, 4, 15, 19, 29, 0, 4,
 ];
 
@@ -71,7 +71,8 @@ pub fn decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
     let mut next = input.iter();
     out.reserve(input.len() * 8 / 5);
     loop {
-        while count <= 32 - 8 {
+        // Up to 64 bits: a 30-bit code must be complete whenever input remains.
+        while count <= 64 - 8 {
             match next.next() {
                 Some(&b) => {
                     bits = (bits << 8) | u64::from(b);

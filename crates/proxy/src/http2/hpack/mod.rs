@@ -330,6 +330,13 @@ impl Decoder {
                     self.name_at(index)?
                 };
                 let value = self.string(block, &mut pos)?;
+                // A value kept in the table gets its own copy: a slice would keep the whole
+                // read buffer it came in alive for as long as the entry lives.
+                let value = if index_it {
+                    Bytes::copy_from_slice(&value)
+                } else {
+                    value
+                };
                 let size = name.len() + value.len() + ENTRY_OVERHEAD;
                 let field = name.with_value(value);
                 if index_it {
@@ -519,7 +526,8 @@ pub struct Encoder {
     table: VecDeque<(HeaderName, HeaderValue, usize)>,
     size: usize,
     max: usize,
-    size_update_due: bool,
+    /// The smallest size used since the last block, when a size update is due.
+    size_update_due: Option<usize>,
 }
 
 impl Default for Encoder {
@@ -528,7 +536,7 @@ impl Default for Encoder {
             table: VecDeque::new(),
             size: 0,
             max: ENCODER_TABLE_LIMIT,
-            size_update_due: false,
+            size_update_due: None,
         }
     }
 }
@@ -540,7 +548,7 @@ impl Encoder {
         let max = peer_max.min(ENCODER_TABLE_LIMIT);
         self.max = max;
         self.evict_to(max);
-        self.size_update_due = true;
+        self.size_update_due = Some(self.size_update_due.map_or(max, |smallest| smallest.min(max)));
     }
 
     fn evict_to(&mut self, limit: usize) {
@@ -552,8 +560,12 @@ impl Encoder {
         }
     }
 
+    /// §4.2: after several changes, the smallest size comes first, then the final one.
     fn start_block(&mut self, out: &mut Vec<u8>) {
-        if std::mem::take(&mut self.size_update_due) {
+        if let Some(smallest) = self.size_update_due.take() {
+            if smallest < self.max {
+                encode_int(smallest, 5, 0x20, out);
+            }
             encode_int(self.max, 5, 0x20, out);
         }
     }

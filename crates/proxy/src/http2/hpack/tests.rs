@@ -315,3 +315,60 @@ fn repeated_fields_are_indexed_and_tables_stay_in_step() {
     }
     assert!(sizes[1] < sizes[0], "indexed fields are one octet: {sizes:?}");
 }
+
+/// Encodes with the canonical code rebuilt from the decoder's own tables (RFC 7541 App. B).
+fn huffman_encode(input: &[u8]) -> Vec<u8> {
+    let mut codes = [(0u32, 0usize); 257];
+    let mut code = 0u32;
+    let mut at = 0usize;
+    for len in 1..=30 {
+        for _ in 0..huffman::CODES_OF_LENGTH[len] {
+            codes[usize::from(huffman::SYMBOLS[at])] = (code, len);
+            code += 1;
+            at += 1;
+        }
+        code <<= 1;
+    }
+    let (mut bits, mut count, mut out) = (0u64, 0usize, Vec::new());
+    for &b in input {
+        let (code, len) = codes[usize::from(b)];
+        bits = (bits << len) | u64::from(code);
+        count += len;
+        while count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    if count > 0 {
+        out.push(((bits << (8 - count)) | ((1 << (8 - count)) - 1)) as u8);
+    }
+    out
+}
+
+#[test]
+fn huffman_decodes_every_octet_at_every_bit_offset() {
+    // The codes of 'a' (5 bits) shift each octet's code through every alignment, and a long
+    // code after a few short ones must not be mistaken for padding.
+    for octet in 0..=255u8 {
+        for lead in 0..8 {
+            let mut input = vec![b'a'; lead];
+            input.push(octet);
+            input.extend_from_slice(b"%a");
+            let mut out = Vec::new();
+            huffman::decode(&huffman_encode(&input), &mut out)
+                .unwrap_or_else(|e| panic!("{octet:#x} after {lead}: {e}"));
+            assert_eq!(out, input);
+        }
+    }
+}
+
+#[test]
+fn the_smallest_table_size_is_announced_first() {
+    let mut encoder = Encoder::default();
+    encoder.peer_table_size_changed(0);
+    encoder.peer_table_size_changed(4096);
+    let mut out = Vec::new();
+    encoder.encode_trailers(&HeaderMap::new(), &mut out);
+    // 0, then 4096 (0x3f 0xe1 0x1f).
+    assert_eq!(out, [0x20, 0x3f, 0xe1, 0x1f]);
+}
