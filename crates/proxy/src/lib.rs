@@ -19,6 +19,7 @@ pub mod listener;
 pub mod plugins;
 pub mod redis;
 pub mod reload;
+pub mod resident;
 pub mod response_flags;
 pub mod service;
 pub mod stats;
@@ -189,10 +190,22 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         }
         tokio::spawn(reload::watch(shared.clone()));
         tokio::spawn(upstream::health::run(shared.clone()));
+        tokio::spawn(release_start_up_code(shared.clone()));
         wait_for_shutdown().await;
         drain(&shared).await;
         Ok(())
     })
+}
+
+/// Once every listener serves, start-up's code need not stay resident (`resident`).
+async fn release_start_up_code(shared: Arc<Shared>) {
+    for _ in 0..600 {
+        if shared.is_ready() {
+            resident::release_code_pages();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Stops reporting ready (so load balancers move traffic away) and waits for the requests in
