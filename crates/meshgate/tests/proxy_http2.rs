@@ -497,3 +497,45 @@ async fn the_hyper_http2_server_is_still_available() {
         .expect("h2c request");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn sigterm_sends_goaway_and_lets_streams_in_flight_finish() {
+    let echo = Echo::start("h2");
+    let port = free_port();
+    let proxy = Proxy::start(&config(port, &echo));
+    let mut c = RawClient::connect(port);
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &request_block("/delay/400", &[]),
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    std::process::Command::new("kill")
+        .args(["-TERM", &proxy.child.id().to_string()])
+        .status()
+        .expect("kill");
+    // GOAWAY first: NO_ERROR, and stream 1 is the last one the proxy will process (§6.8).
+    let goaway = c.expect(GOAWAY, None);
+    assert_eq!(&goaway.payload[..8], &[0, 0, 0, 1, 0, 0, 0, 0]);
+    // A stream opened after it is refused; the one in flight is answered.
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        3,
+        &request_block("/late", &[]),
+    ));
+    let mut answered = false;
+    let mut refused = false;
+    while let Some(f) = c.next() {
+        match (f.kind, f.stream) {
+            (HEADERS, 1) => answered = true,
+            (RST_STREAM, 3) => refused = rst_code(&f) == 0x7,
+            (DATA, 1) if f.flags & END_STREAM != 0 => {}
+            _ => {}
+        }
+    }
+    assert!(answered, "the stream in flight got its response");
+    assert!(refused, "the stream opened after GOAWAY was refused (REFUSED_STREAM)");
+    assert_eq!(echo.count(), 1);
+}

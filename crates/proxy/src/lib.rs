@@ -95,6 +95,8 @@ pub struct Shared {
     pub http: auto::Builder<TokioExecutor>,
     /// Set on SIGTERM: `/ready` fails while requests in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Becomes `true` on SIGTERM, so HTTP/2 connections send GOAWAY and take no new streams.
+    pub drain_signal: watch::Sender<bool>,
     pub access_log: Option<access_log::AccessLog>,
     /// Kong plugin state kept across requests and reloads (rate-limit counters).
     pub plugin_state: plugins::PluginState,
@@ -133,6 +135,7 @@ impl Shared {
             ready,
             http,
             draining: std::sync::atomic::AtomicBool::new(false),
+            drain_signal: watch::channel(false).0,
             access_log,
             plugin_state: plugins::PluginState::default(),
             admin_api_documents: ArcSwap::from_pointee(Vec::new()),
@@ -212,6 +215,7 @@ async fn release_start_up_code(shared: Arc<Shared>) {
 /// flight to be answered, at most `drain_timeout`, before the process exits.
 async fn drain(shared: &Shared) {
     shared.draining.store(true, Relaxed);
+    shared.drain_signal.send_replace(true);
     let deadline = tokio::time::Instant::now() + shared.options.drain_timeout;
     let in_flight = || shared.stats.requests_in_flight.load(Relaxed);
     tracing::info!(in_flight = in_flight(), "shutting down: draining requests in flight");

@@ -251,7 +251,11 @@ where
         max_header_list_size: MAX_REQUEST_HEADERS_BYTES as u32,
         ..http2::ServerSettings::default()
     };
-    let result = http2::serve(io, settings, move |req| {
+    let mut drain = conn.shared.drain_signal.subscribe();
+    let draining = Box::pin(async move {
+        let _ = drain.wait_for(|draining| *draining).await;
+    });
+    let result = http2::serve(io, settings, draining, move |req| {
         let conn = conn.clone();
         Box::pin(async move {
             match service::handle(req.map(DownstreamBody::Http2), conn).await {

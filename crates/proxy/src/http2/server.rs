@@ -77,14 +77,25 @@ pub enum ConnectionError {
     Protocol(Reason, &'static str),
 }
 
+/// A future that completes when the server starts shutting down.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Serves HTTP/2 on `io`, whose client has not sent anything yet (or only what `io` replays),
-/// until the client closes the connection.
-pub async fn serve<IO, F>(io: IO, settings: ServerSettings, service: F) -> Result<(), ConnectionError>
+/// until the client closes the connection, or until `shutdown` completes and the streams in
+/// flight are done: then GOAWAY tells the client to take new requests elsewhere (§6.8).
+pub async fn serve<IO, F>(
+    io: IO,
+    settings: ServerSettings,
+    shutdown: Shutdown,
+    service: F,
+) -> Result<(), ConnectionError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Request<RequestBody>) -> ResponseFuture + Unpin,
 {
-    Connection::new(io, settings, service).await
+    let mut connection = Connection::new(io, settings, service);
+    connection.shutdown = Some(shutdown);
+    connection.await
 }
 
 /// Stream ids are distinct odd numbers: multiplying spreads them well enough.
@@ -384,6 +395,10 @@ struct Connection<IO, F> {
     flush_pending: bool,
     /// The error to report once the connection has closed.
     error: Option<ConnectionError>,
+    /// Completes when the server drains; then GOAWAY is sent.
+    shutdown: Option<Shutdown>,
+    /// This end sent GOAWAY: no new streams, close once the open ones are done.
+    going_away: bool,
 }
 
 impl<IO, F> Connection<IO, F>
@@ -440,6 +455,8 @@ where
             write_held: false,
             flush_pending: false,
             error: None,
+            shutdown: None,
+            going_away: false,
         }
     }
 
@@ -923,7 +940,7 @@ where
             self.reset(id, Reason::PROTOCOL_ERROR);
             return Ok(());
         }
-        if self.peer_goaway || self.streams.len() >= self.settings.max_concurrent_streams as usize {
+        if self.peer_goaway || self.going_away || self.streams.len() >= self.settings.max_concurrent_streams as usize {
             self.reset(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
@@ -1189,6 +1206,18 @@ where
                 ready.1 = Some(cx.waker().clone());
             }
         }
+        if let Some(shutdown) = &mut this.shutdown
+            && shutdown.as_mut().poll(cx).is_ready()
+        {
+            this.shutdown = None;
+            if this.state == State::Preface {
+                this.state = State::Closing;
+            } else if this.state != State::Closing {
+                // §6.8: the last stream this end will process, then no new ones.
+                frame::write_goaway(&mut this.out, this.last_stream_id, Reason::NO_ERROR, b"draining");
+                this.going_away = true;
+            }
+        }
         let mut error = None;
         let mut waiting_tick = false;
         for _ in 0..ROUNDS_PER_POLL {
@@ -1270,8 +1299,9 @@ where
                 }
                 Poll::Pending => {}
             }
-            let finished =
-                this.state == State::Closing || this.read_closed || (this.peer_goaway && this.streams.is_empty());
+            let finished = this.state == State::Closing
+                || this.read_closed
+                || ((this.peer_goaway || this.going_away) && this.streams.is_empty());
             if finished && this.output_backlog() == 0 && !this.flush_pending {
                 // The close (and for TLS its close_notify) must go out too.
                 if Pin::new(&mut this.io).poll_shutdown(cx).is_pending() {
@@ -1380,7 +1410,7 @@ mod tests {
     /// A server whose service holds each request (and so its body) unread forever.
     async fn start(settings: ServerSettings) -> DuplexStream {
         let (client, server) = tokio::io::duplex(1 << 20);
-        tokio::spawn(serve(server, settings, |req| {
+        tokio::spawn(serve(server, settings, Box::pin(std::future::pending()), |req| {
             Box::pin(async move {
                 let _held = req;
                 std::future::pending::<Response<ResponseBody>>().await
