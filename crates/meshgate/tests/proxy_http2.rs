@@ -425,23 +425,7 @@ async fn large_bodies_stream_both_ways_with_flat_memory() {
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http();
-    let up = http::Request::post(format!("http://127.0.0.1:{port}/upload"))
-        .header("host", "echo.test")
-        .body(sized_body(SIZE))
-        .expect("request");
-    let resp = h2.request(up).await.expect("upload");
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
-    assert_eq!(j["body_len"], SIZE);
-
-    let down = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{SIZE}"))
-        .header("host", "echo.test")
-        .body(sized_body(0))
-        .expect("request");
-    let resp = h2.request(down).await.expect("download");
-    assert_eq!(resp.status(), 200);
-    assert_eq!(body_len(resp.into_body()).await, SIZE);
+    stream_both_ways(&h2, port, SIZE, false, sized_body).await;
     let peak = peak_rss_kib(proxy.child.id());
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB after moving 512 MiB over HTTP/2");
 }

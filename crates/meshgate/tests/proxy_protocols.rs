@@ -288,24 +288,7 @@ async fn one_gib_streams_up_and_down_with_flat_memory() {
     let proxy = Proxy::start(&simple_config(port, &echo, "HTTP"));
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
 
-    let up = http::Request::post(format!("http://127.0.0.1:{port}/upload"))
-        .header("host", "echo.test")
-        .header("content-length", GIB.to_string())
-        .body(sized_body(GIB))
-        .expect("request");
-    let resp = client.request(up).await.expect("upload");
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
-    assert_eq!(j["body_len"], GIB);
-
-    let down = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{GIB}"))
-        .header("host", "echo.test")
-        .body(sized_body(0))
-        .expect("request");
-    let resp = client.request(down).await.expect("download");
-    assert_eq!(resp.status(), 200);
-    assert_eq!(body_len(resp.into_body()).await, GIB);
+    stream_both_ways(&client, port, GIB, true, sized_body).await;
     let peak = peak_rss_kib(proxy.child.id());
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB after moving 2 GiB");
 }

@@ -1266,7 +1266,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers: those RFC 9110 §7.6.1 names and any listed in `Connection`.
 /// `TE: trailers` survives (gRPC needs it); an upgrade keeps `Connection`/`Upgrade`.
-fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass over the names instead of a lookup per name.
     if !headers.keys().any(is_hop_by_hop) {
         return;

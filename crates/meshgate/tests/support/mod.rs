@@ -684,6 +684,44 @@ impl KongNode {
     }
 }
 
+/// Streams `size` bytes up (`/upload`, the echo counts them) and `size` bytes down
+/// (`/bytes/N`, counted here without holding them), through the proxy on `port`.
+/// `declare_length` sends the upload's `content-length`.
+pub async fn stream_both_ways<C, B>(
+    client: &hyper_util::client::legacy::Client<C, B>,
+    port: u16,
+    size: u64,
+    declare_length: bool,
+    body: fn(u64) -> B,
+) where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let mut up = Request::post(format!("http://127.0.0.1:{port}/upload")).header("host", "echo.test");
+    if declare_length {
+        up = up.header("content-length", size.to_string());
+    }
+    let resp = client
+        .request(up.body(body(size)).expect("request"))
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    let echoed = resp.into_body().collect().await.expect("body").to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&echoed).expect("json");
+    assert_eq!(j["body_len"], size);
+
+    let down = Request::get(format!("http://127.0.0.1:{port}/bytes/{size}"))
+        .header("host", "echo.test")
+        .body(body(0))
+        .expect("request");
+    let resp = client.request(down).await.expect("download");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_len(resp.into_body()).await, size);
+}
+
 /// Reads a process's peak resident memory (VmHWM) in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

@@ -1323,32 +1323,15 @@ where
     }
 }
 
-/// RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection cannot be sent
-/// (most responses have none, so they are looked for before anything is removed).
+/// RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection cannot be sent.
+/// The proxy's hop-by-hop removal does it (with its fast check for the usual case of none),
+/// and a response drops even `TE: trailers`.
 fn strip_connection_specific(headers: &mut HeaderMap) {
-    let present = headers.keys().any(|name| {
-        *name == header::CONNECTION
-            || *name == header::TRANSFER_ENCODING
-            || *name == header::UPGRADE
-            || *name == header::TE
-            || *name == "keep-alive"
-            || *name == "proxy-connection"
-    });
-    if !present {
-        return;
+    let te = headers.keys().any(|name| name == header::TE);
+    crate::service::remove_hop_by_hop(headers, false);
+    if te {
+        headers.remove(header::TE);
     }
-    if let Some(listed) = headers.remove(header::CONNECTION)
-        && let Ok(listed) = listed.to_str()
-    {
-        for name in listed.split(',') {
-            headers.remove(name.trim());
-        }
-    }
-    for name in [header::TRANSFER_ENCODING, header::UPGRADE, header::TE] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// The `Date` field for responses that lack one, formatted once per second per thread.
