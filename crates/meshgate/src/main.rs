@@ -117,6 +117,11 @@ struct ProxyArgs {
     /// turns it off. Checked every half second.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     request_headers_timeout: std::time::Duration,
+    /// Send GOAWAY to, and close, an HTTP/2 connection that has had no open stream for this
+    /// long (Envoy's `idle_timeout`, 1 hour by default there too); `0s` turns it off. An idle
+    /// HTTP/1.1 connection is bounded by --request-headers-timeout.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: std::time::Duration,
     /// What serves HTTP/2 to clients: meshgate's own codec, or hyper with the `h2` crate
     /// (the implementation used before; kept as a fallback).
     #[arg(long, value_enum, default_value = "meshgate")]
@@ -303,6 +308,7 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         compile,
         drain_timeout: args.drain_timeout,
         request_headers_timeout: (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout),
+        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         http2_server: match args.http2_server {
             Http2ServerArg::Meshgate => meshgate_proxy::Http2Server::Meshgate,
             Http2ServerArg::Hyper => meshgate_proxy::Http2Server::Hyper,

@@ -523,3 +523,53 @@ fn sigterm_sends_goaway_and_lets_streams_in_flight_finish() {
     assert!(refused, "the stream opened after GOAWAY was refused (REFUSED_STREAM)");
     assert_eq!(echo.count(), 1);
 }
+
+#[test]
+fn an_idle_connection_is_sent_goaway_and_closed_but_not_while_a_stream_is_open() {
+    let echo = Echo::start("h2");
+    let port = free_port();
+    let _proxy = Proxy::start_with(&config(port, &echo), &["--idle-timeout", "1s"]);
+    let mut c = RawClient::connect(port);
+    // A stream open for longer than the timeout keeps the connection.
+    let started = Instant::now();
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &request_block("/delay/1600", &[]),
+    ));
+    c.expect(HEADERS, Some(1));
+    assert!(started.elapsed() >= Duration::from_millis(1600));
+    // Idle from here: GOAWAY (NO_ERROR, last stream 1) after 1 s, at most a timer tick late.
+    let idle = Instant::now();
+    let goaway = c.expect(GOAWAY, None);
+    let waited = idle.elapsed();
+    assert_eq!(&goaway.payload[..8], &[0, 0, 0, 1, 0, 0, 0, 0]);
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "GOAWAY after {waited:?}"
+    );
+    assert!(c.next().is_none(), "the connection closes after GOAWAY");
+}
+
+#[test]
+fn a_client_that_never_sends_the_preface_is_disconnected() {
+    let echo = Echo::start("h2");
+    let port = free_port();
+    let _proxy = Proxy::start_with(&config(port, &echo), &["--request-headers-timeout", "1s"]);
+    // TLS clients choose HTTP/2 by ALPN before any frame; over h2c the preface's first octets
+    // choose it. Either way the rest of the preface must follow in time.
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    stream.write_all(&PREFACE[..8]).expect("partial preface");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "closed after {waited:?}"
+    );
+    // Whatever came first, it was no response: only the server's SETTINGS preface.
+    assert!(rest.len() < 64, "{} bytes", rest.len());
+}

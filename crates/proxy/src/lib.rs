@@ -62,6 +62,10 @@ pub struct ProxyOptions {
     /// connection starts waiting for it (so it also bounds idle keep-alive time); `None`: no
     /// limit. Checked every half second.
     pub request_headers_timeout: Option<Duration>,
+    /// Envoy's `idle_timeout` for HTTP/2 connections: one with no open stream for this long
+    /// is sent GOAWAY and closed; `None`: no limit. (An idle HTTP/1.1 connection is bounded
+    /// by `request_headers_timeout`.)
+    pub idle_timeout: Option<Duration>,
     /// Where and how to write access logs; `None`: no access log.
     pub access_log: Option<access_log::AccessLogOptions>,
     /// The Kong-compatible Admin API, when enabled; its stored state is compiled with the

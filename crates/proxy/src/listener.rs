@@ -249,6 +249,9 @@ where
 {
     let settings = http2::ServerSettings {
         max_header_list_size: MAX_REQUEST_HEADERS_BYTES as u32,
+        idle_timeout: conn.shared.options.idle_timeout,
+        // The preface is the HTTP/2 client's first request head: the same limit applies.
+        preface_timeout: conn.shared.options.request_headers_timeout,
         ..http2::ServerSettings::default()
     };
     let mut drain = conn.shared.drain_signal.subscribe();

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker, ready};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -28,6 +29,7 @@ use super::frame::{self, Head, Reason};
 use super::hpack::{self, Field};
 use super::request_body::{Recv, RequestBody};
 use crate::body::ResponseBody;
+use crate::coarse_timer::CoarseTimer;
 use crate::upstream::read_buffer::ReadBuffer;
 
 /// What the service returns for a request.
@@ -53,6 +55,12 @@ pub struct ServerSettings {
     /// The connection's receive window, raised from 65,535 by a WINDOW_UPDATE at start.
     pub connection_window: u32,
     pub max_header_list_size: u32,
+    /// Envoy's `idle_timeout`: a connection with no open stream for this long is sent GOAWAY
+    /// (NO_ERROR) and closed. `None`: kept open as long as the client keeps it.
+    pub idle_timeout: Option<Duration>,
+    /// How long a new connection may take to send its preface and first SETTINGS before it
+    /// is closed (slowloris protection for clients that open a connection and stay silent).
+    pub preface_timeout: Option<Duration>,
 }
 
 impl Default for ServerSettings {
@@ -63,6 +71,8 @@ impl Default for ServerSettings {
             stream_window: 1024 * 1024,
             connection_window: 1024 * 1024,
             max_header_list_size: 16 * 1024,
+            idle_timeout: None,
+            preface_timeout: None,
         }
     }
 }
@@ -95,6 +105,10 @@ where
 {
     let mut connection = Connection::new(io, settings, service);
     connection.shutdown = Some(shutdown);
+    let first = connection.settings.preface_timeout.or(connection.settings.idle_timeout);
+    if let Some(after) = first {
+        connection.arm_timer(Instant::now() + after);
+    }
     connection.await
 }
 
@@ -147,6 +161,25 @@ impl Wake for SlotWaker {
             if let Some(task) = &ready.1 {
                 task.wake_by_ref();
             }
+        }
+    }
+}
+
+/// Wakes the connection for its timer, flagging that the timer is what to look at.
+struct TimerWaker {
+    fired: AtomicBool,
+    ready: Arc<ReadyQueue>,
+}
+
+impl Wake for TimerWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        if let Some(task) = &self.ready.lock().1 {
+            task.wake_by_ref();
         }
     }
 }
@@ -399,6 +432,13 @@ struct Connection<IO, F> {
     shutdown: Option<Shutdown>,
     /// This end sent GOAWAY: no new streams, close once the open ones are done.
     going_away: bool,
+    /// The preface deadline, then the idle check (see `on_timer`); coarse, as these
+    /// timeouts are seconds to hours long.
+    timer: Option<Pin<Box<dyn hyper::rt::Sleep>>>,
+    /// The timer's waker: it flags the timer as gone off, then wakes this task.
+    timer_waker: Option<(Arc<TimerWaker>, Waker)>,
+    /// When the last open stream ended (or the connection opened).
+    idle_since: Instant,
 }
 
 impl<IO, F> Connection<IO, F>
@@ -457,7 +497,80 @@ where
             error: None,
             shutdown: None,
             going_away: false,
+            timer: None,
+            timer_waker: None,
+            idle_since: Instant::now(),
         }
+    }
+
+    /// Arms the timer for `deadline` and registers it to wake this task through its own
+    /// waker, so that the connection looks at the timer only when it went off.
+    fn arm_timer(&mut self, deadline: Instant) {
+        let waker = self
+            .timer_waker
+            .get_or_insert_with(|| {
+                let flag = Arc::new(TimerWaker {
+                    fired: AtomicBool::new(false),
+                    ready: self.ready.clone(),
+                });
+                (flag.clone(), Waker::from(flag))
+            })
+            .1
+            .clone();
+        let mut timer = hyper::rt::Timer::sleep_until(&CoarseTimer, deadline);
+        // The first poll registers the sleep; it never completes then.
+        let _ = timer.as_mut().poll(&mut Context::from_waker(&waker));
+        self.timer = Some(timer);
+    }
+
+    /// Acts on the timer if it went off since the last look.
+    fn check_timer(&mut self) {
+        let Some((flag, waker)) = &self.timer_waker else {
+            return;
+        };
+        if !flag.fired.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let waker = waker.clone();
+        if let Some(timer) = &mut self.timer
+            && timer.as_mut().poll(&mut Context::from_waker(&waker)).is_ready()
+        {
+            self.timer = None;
+            self.on_timer();
+        }
+    }
+
+    /// The timer fired: a client still owing its preface is cut off; an open connection
+    /// idle for `idle_timeout` is told to go away, or the check is put off to when it could be.
+    fn on_timer(&mut self) {
+        match self.state {
+            State::Preface | State::FirstSettings => {
+                tracing::debug!("HTTP/2 client sent no preface in time");
+                self.state = State::Closing;
+                return;
+            }
+            State::Closing => return,
+            State::Open => {}
+        }
+        let Some(idle_timeout) = self.settings.idle_timeout else {
+            return;
+        };
+        if self.going_away || self.peer_goaway {
+            return;
+        }
+        let now = Instant::now();
+        if !self.streams.is_empty() {
+            self.arm_timer(now + idle_timeout);
+            return;
+        }
+        let due = self.idle_since + idle_timeout;
+        if due > now {
+            self.arm_timer(due);
+            return;
+        }
+        tracing::debug!("HTTP/2 connection idle timeout");
+        frame::write_goaway(&mut self.out, self.last_stream_id, Reason::NO_ERROR, b"idle timeout");
+        self.going_away = true;
     }
 
     fn output_backlog(&self) -> usize {
@@ -539,6 +652,9 @@ where
             return;
         };
         self.ids.remove(&stream.id);
+        if self.streams.is_empty() && self.settings.idle_timeout.is_some() {
+            self.idle_since = Instant::now();
+        }
         // Dropping the phase drops the request's future (and so its body reader) first.
         let Stream {
             phase,
@@ -589,6 +705,13 @@ where
                     return Err(self.fail(Reason::PROTOCOL_ERROR, "first frame is not SETTINGS"));
                 }
                 self.state = State::Open;
+                // From now on the idle timeout applies rather than the preface's.
+                if let Some(idle) = self.settings.idle_timeout {
+                    self.idle_since = Instant::now();
+                    self.arm_timer(self.idle_since + idle);
+                } else {
+                    self.timer = None;
+                }
             }
             if let Some(partial) = &self.partial
                 && (head.kind != frame::CONTINUATION || head.stream != partial.stream)
@@ -1218,6 +1341,7 @@ where
                 this.going_away = true;
             }
         }
+        this.check_timer();
         let mut error = None;
         let mut waiting_tick = false;
         for _ in 0..ROUNDS_PER_POLL {
