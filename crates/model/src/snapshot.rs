@@ -606,6 +606,40 @@ pub struct Cluster {
     /// Active health: endpoints are probed, and those failing the probe are not used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// TLS to the endpoints (Istio `tls` modes SIMPLE and MUTUAL); `None`: plain text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS origination to a cluster's endpoints, as Istio's `ClientTLSSettings` configure Envoy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UpstreamTls {
+    /// `sni`: the server name sent; `None`: the upstream request's Host (Envoy's auto SNI).
+    pub sni: Option<String>,
+    /// `subjectAltNames`: the server's certificate must be valid for one of these; empty: for
+    /// the server name sent.
+    pub subject_alt_names: Vec<String>,
+    /// `insecureSkipVerify`: the server's certificate is not checked at all.
+    pub insecure_skip_verify: bool,
+    /// `caCertificates`: the roots to trust; `None`: the system's trusted roots.
+    pub ca_certificates: Option<PemFile>,
+    /// MUTUAL: the client certificate chain and its private key.
+    pub client_certificate: Option<(PemFile, PemFile)>,
+}
+
+/// A PEM file, read and checked to hold PEM blocks.
+#[derive(Clone, PartialEq, Serialize)]
+pub struct PemFile {
+    pub path: PathBuf,
+    #[serde(skip)]
+    pub pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for PemFile {
+    // Only the path: the contents may be a private key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PemFile").field(&self.path).finish()
+    }
 }
 
 /// Active HTTP health checks (Kong's `healthchecks.active`; for Istio clusters the

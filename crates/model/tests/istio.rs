@@ -978,3 +978,78 @@ fn health_check_annotation_is_read_and_checked() {
         );
     }
 }
+
+/// A ServiceEntry `api.test` on port 80 and a DestinationRule for it with `policy` (YAML).
+fn tls_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api}}\nspec:\n  hosts: [api.test]\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints: [{{address: 127.0.0.1}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api}}\nspec:\n  host: api.test\n{policy}---\n{}",
+        vs_with("  - route: [{destination: {host: api.test}}]\n").replace("hosts: [reviews]\n", "hosts: [api.test]\n")
+    )
+}
+
+#[test]
+fn upstream_tls_is_read_with_port_level_precedence_and_files_relative_to_the_yaml() {
+    let dir = temp_dir();
+    std::fs::write(
+        dir.join("ca.pem"),
+        b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let c = load_at(
+        &dir.join("dr.yaml"),
+        &tls_rule(
+            "  trafficPolicy:\n    tls: {mode: SIMPLE, sni: top.test}\n    portLevelSettings:\n    - port: {number: 80}\n      tls: {mode: SIMPLE, caCertificates: ca.pem, subjectAltNames: [api.test]}\n",
+        ),
+    )
+    .unwrap_or_else(|f| panic!("{f}"));
+    let cluster = c
+        .snapshot
+        .clusters
+        .iter()
+        .find(|c| c.service == "api.test")
+        .expect("cluster");
+    let tls = cluster.tls.as_ref().expect("tls");
+    assert_eq!(tls.sni, None, "the port's settings replace the rule's whole");
+    assert_eq!(tls.subject_alt_names, ["api.test"]);
+    assert_eq!(tls.ca_certificates.as_ref().unwrap().path, dir.join("ca.pem"));
+    assert!(tls.client_certificate.is_none());
+
+    let plain = ok(&tls_rule("  trafficPolicy:\n    tls: {mode: DISABLE}\n"));
+    assert!(plain.snapshot.clusters.iter().all(|c| c.tls.is_none()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn upstream_tls_problems_are_errors_or_warnings_with_their_paths() {
+    let e = errors(&tls_rule(
+        "  trafficPolicy:\n    tls: {mode: MUTUAL, privateKey: k.pem}\n",
+    ));
+    let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+    assert!(
+        fields.contains(&"spec.trafficPolicy.tls.clientCertificate"),
+        "{fields:?}"
+    );
+    assert!(fields.contains(&"spec.trafficPolicy.tls.privateKey"), "{fields:?}");
+
+    let e = errors(&tls_rule(
+        "  trafficPolicy:\n    tls: {mode: SIMPLE, credentialName: api-secret}\n",
+    ));
+    assert_eq!(e[0].field, "spec.trafficPolicy.tls.credentialName");
+    let e = errors(&tls_rule("  trafficPolicy:\n    tls: {mode: STRICT}\n"));
+    assert_eq!(e[0].field, "spec.trafficPolicy.tls.mode");
+    let e = errors(&tls_rule("  trafficPolicy:\n    tls: {mode: SIMPLE, verify: true}\n"));
+    assert!(e[0].field.starts_with("spec.trafficPolicy.tls"), "{}", e[0].field);
+
+    // Istio mTLS needs the mesh CA: a warning, and the cluster stays plain text.
+    let c = ok(&tls_rule(
+        "  subsets:\n  - name: v1\n    trafficPolicy:\n      tls: {mode: ISTIO_MUTUAL}\n",
+    ));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.field == "spec.subsets[0].trafficPolicy.tls.mode"),
+        "{:?}",
+        c.warnings
+    );
+    assert!(c.snapshot.clusters.iter().all(|c| c.tls.is_none()));
+}

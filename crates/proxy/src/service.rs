@@ -749,11 +749,26 @@ async fn send_try(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     });
+    let tls = match &cluster.tls {
+        None => None,
+        Some(_) => {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(target.address.as_str());
+            cluster.tls_target(use_http2, host).map_err(TryError::Upstream)?
+        }
+    };
     // `None`: the try's time ran out. The branches are spelled out rather than wrapped in one
     // async block, which would nest (and copy) the send future once more.
     let result = if use_http2 {
         let req = Request::from_parts(clone_parts(parts), body);
-        let sent = Box::pin(target.pool.send_http2(target.address.as_str(), &cluster.stats, req));
+        let sent = Box::pin(
+            target
+                .pool
+                .send_http2(target.address.as_str(), &cluster.stats, req, tls.as_ref()),
+        );
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
@@ -761,7 +776,7 @@ async fn send_try(
     } else {
         let sent = target
             .pool
-            .send_http1(target.address.as_str(), &cluster.stats, parts, body);
+            .send_http1(target.address.as_str(), &cluster.stats, parts, body, tls.as_ref());
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
@@ -1142,9 +1157,22 @@ fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
         let body = UpstreamBody::Buffered(http_body_util::Full::new(body.clone()));
         tokio::spawn(async move {
             cluster.stats.requests.fetch_add(1, Relaxed);
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(address.as_str())
+                .to_string();
+            let tls = match cluster.tls_target(false, &host) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(cluster = %cluster.config.name, error = ?e, "mirror request failed");
+                    return;
+                }
+            };
             let sent = tokio::time::timeout(
                 MIRROR_TIMEOUT,
-                pool.send_http1(&address, &cluster.stats, &mut parts, body),
+                pool.send_http1(&address, &cluster.stats, &mut parts, body, tls.as_ref()),
             )
             .await;
             match sent {
@@ -1600,6 +1628,7 @@ mod tests {
             pool: Default::default(),
             outlier: None,
             health_check: None,
+            tls: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("cluster")
     }

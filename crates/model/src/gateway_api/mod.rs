@@ -326,6 +326,7 @@ impl Ctx<'_, '_, '_> {
             pool: Default::default(),
             outlier: None,
             health_check: None,
+            tls: None,
         });
         self.invalid_cluster = Some(id);
         id
@@ -428,6 +429,7 @@ impl Ctx<'_, '_, '_> {
             pool: Default::default(),
             outlier: None,
             health_check: None,
+            tls: None,
         }))
     }
 

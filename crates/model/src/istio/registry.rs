@@ -367,6 +367,7 @@ impl<'r> Registry<'r> {
         let mut lb_chain: Vec<&LoadBalancerSettings> = Vec::new();
         let mut pool_chain: Vec<&ConnectionPool> = Vec::new();
         let mut outlier_chain: Vec<&serde_json::Value> = Vec::new();
+        let mut tls_chain: Vec<&serde_json::Value> = Vec::new();
         for tp in chain {
             if let Some(pl) = tp
                 .port_level_settings
@@ -377,11 +378,18 @@ impl<'r> Registry<'r> {
                 lb_chain.extend(pl.load_balancer.as_ref());
                 pool_chain.extend(pl.connection_pool.as_ref());
                 outlier_chain.extend(pl.outlier_detection.as_ref());
+                tls_chain.extend(pl.tls.as_ref());
             }
             lb_chain.extend(tp.load_balancer.as_ref());
             pool_chain.extend(tp.connection_pool.as_ref());
             outlier_chain.extend(tp.outlier_detection.as_ref());
+            tls_chain.extend(tp.tls.as_ref());
         }
+        // Problems were reported by the DestinationRule's validation; they leave TLS off.
+        let tls = rule.and_then(|r| {
+            let base = r.doc.file.parent().unwrap_or(std::path::Path::new("."));
+            super::upstream_tls::settings(tls_chain.first().copied(), base, &mut |_, _, _| {})
+        });
         let outlier = super::outlier::settings(outlier_chain.first().copied(), &mut |_, _| {});
         let (load_balancer, passthrough) = lb_chain
             .first()
@@ -421,6 +429,7 @@ impl<'r> Registry<'r> {
             pool,
             outlier,
             health_check: rule.and_then(|r| health_check_annotation(r.doc)),
+            tls,
         });
         self.cluster_ids.insert(name, id);
         Some(id)
@@ -633,12 +642,25 @@ fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Di
         });
     };
     check_outlier(path, tp.outlier_detection.as_ref(), diag);
+    let check_tls = |path: &str, value: Option<&serde_json::Value>, diag: &mut Diag| {
+        let tls_path = at(path, "tls");
+        let base = doc.file.parent().unwrap_or(std::path::Path::new("."));
+        super::upstream_tls::settings(value, base, &mut |field, level, message| {
+            let field = at(&tls_path, field);
+            match level {
+                super::upstream_tls::Level::Error => diag.error(doc, field, message),
+                super::upstream_tls::Level::Warning => diag.warn(doc, field, message),
+            }
+        });
+    };
+    check_tls(path, tp.tls.as_ref(), diag);
     for (i, pl) in tp.port_level_settings.iter().flatten().enumerate() {
         check_outlier(
             &format!("{path}.portLevelSettings[{i}]"),
             pl.outlier_detection.as_ref(),
             diag,
         );
+        check_tls(&format!("{path}.portLevelSettings[{i}]"), pl.tls.as_ref(), diag);
         let pl_path = format!("{path}.portLevelSettings[{i}]");
         if pl.port.as_ref().and_then(|p| p.number).is_none() {
             diag.error(doc, at(&pl_path, "port.number"), "port number is required");

@@ -47,7 +47,6 @@ const DESTINATION_RULE: &[&str] = &["exportTo", "workloadSelector"];
 /// Unsupported parts of a `TrafficPolicy` (also of its `portLevelSettings[]` entries and of
 /// subsets' policies).
 const TRAFFIC_POLICY: &[&str] = &[
-    "tls",
     "tunnel",
     "proxyProtocol",
     "retryBudget",

@@ -1605,6 +1605,7 @@ fn kong_cluster(
         pool,
         outlier: None,
         health_check: None,
+        tls: None,
     }
 }
 

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use http::uri::Authority;
 use meshgate_model::snapshot::{Cluster, Discovery, LoadBalancer};
 
-use super::pool::EndpointPool;
+use super::connector::TlsTarget;
+use super::pool::{EndpointPool, UpstreamError};
 use crate::stats::UpstreamStats;
 use crate::worker;
 
@@ -47,6 +48,8 @@ pub struct ClusterRuntime {
     pub outlier: Option<super::outlier::OutlierDetector>,
     /// Active health checks, when configured.
     pub health: Option<super::health::HealthState>,
+    /// TLS origination, when the DestinationRule asks for it.
+    pub tls: Option<crate::tls::UpstreamTlsConfig>,
 }
 
 impl ClusterRuntime {
@@ -75,9 +78,15 @@ impl ClusterRuntime {
             .health_check
             .clone()
             .map(|h| super::health::HealthState::new(h, endpoints.len()));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::UpstreamTlsConfig::new(t, &config.name))
+            .transpose()?;
         Ok(ClusterRuntime {
             outlier,
             health,
+            tls,
             config,
             endpoints,
             stats,
@@ -85,6 +94,22 @@ impl ClusterRuntime {
             next: AtomicUsize::new(fastrand::usize(..1024)),
             pools: (0..=workers).map(|_| OnceLock::new()).collect(),
         })
+    }
+
+    /// TLS for a connection that carries a request for `host` (its Host or `:authority`);
+    /// `Ok(None)` for a plain-text cluster. Fails when no server name can be made of `host`
+    /// and the DestinationRule gives no `sni`.
+    pub fn tls_target(&self, http2: bool, host: &str) -> Result<Option<TlsTarget>, UpstreamError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let server_name = tls
+            .server_name(host)
+            .ok_or_else(|| UpstreamError::Connect(format!("TLS: {host:?} is no server name to send (set tls.sni)")))?;
+        Ok(Some(TlsTarget {
+            config: tls.client_config(http2).clone(),
+            server_name,
+        }))
     }
 
     pub fn is_original_destination(&self) -> bool {
@@ -251,6 +276,7 @@ mod tests {
             pool: Default::default(),
             outlier: None,
             health_check: None,
+            tls: None,
         };
         ClusterRuntime::new(config, Default::default(), 1).expect("valid cluster")
     }

@@ -1,4 +1,4 @@
-//! TCP connections to upstream endpoints, counted per cluster.
+//! Connections to upstream endpoints (plain TCP or TLS), counted per cluster.
 
 use std::io;
 use std::pin::Pin;
@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::task::{Context, Poll};
 
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -35,25 +36,44 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// An upstream TCP stream that keeps its cluster's connection gauges right.
+/// TLS for a new connection: the cluster's client config (ALPN chosen for the protocol) and
+/// the server name for this request.
+pub struct TlsTarget {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
+/// What an upstream connection runs over.
+pub enum Transport {
+    Plain(TcpStream),
+    /// TLS origination (DestinationRule `tls`), boxed: rustls' state is large.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// An upstream connection that keeps its cluster's connection gauges right.
 pub struct CountedStream {
-    io: TcpStream,
+    io: Transport,
     slot: ConnectionSlot,
 }
 
 impl CountedStream {
-    pub fn new(io: TcpStream, slot: ConnectionSlot) -> Self {
+    pub fn new(io: Transport, slot: ConnectionSlot) -> Self {
         slot.stats.connections_opened.fetch_add(1, Relaxed);
         slot.stats.connections_active.fetch_add(1, Relaxed);
         CountedStream { io, slot }
     }
 
+    /// The TCP socket underneath.
     pub fn tcp(&self) -> &TcpStream {
-        &self.io
+        match &self.io {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref().0,
+        }
     }
 
-    pub fn tcp_mut(&mut self) -> &mut TcpStream {
-        &mut self.io
+    /// Whether writes may sit in a buffer until flushed (TLS records).
+    pub fn buffers_writes(&self) -> bool {
+        matches!(self.io, Transport::Tls(_))
     }
 }
 
@@ -65,25 +85,40 @@ impl Drop for CountedStream {
 
 impl AsyncRead for CountedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        match &mut self.get_mut().io {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for CountedStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Transport::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Transport::Plain(tcp) => tcp.is_write_vectored(),
+            Transport::Tls(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -91,6 +126,9 @@ impl AsyncWrite for CountedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Transport::Tls(tls) => Pin::new(&mut **tls).poll_write_vectored(cx, bufs),
+        }
     }
 }

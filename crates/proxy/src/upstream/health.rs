@@ -129,7 +129,9 @@ pub async fn run(shared: Arc<Shared>) {
                 let cluster = cluster.clone();
                 tokio::spawn(async move {
                     let Some(health) = &cluster.health else { return };
-                    let ok = probe(&health.config, cluster.endpoints[i].authority.as_str()).await;
+                    // Probes go over the cluster's TLS too, as Envoy's do, named for the service.
+                    let tls = cluster.tls_target(false, &cluster.config.service).ok().flatten();
+                    let ok = probe(&health.config, cluster.endpoints[i].authority.as_str(), tls).await;
                     health.record(i, ok, &cluster);
                     health.endpoints[i].probing.store(false, Relaxed);
                 });
@@ -141,14 +143,24 @@ pub async fn run(shared: Arc<Shared>) {
 }
 
 /// One probe: `GET path` on a new connection; healthy when the status is a healthy one.
-async fn probe(config: &HealthCheck, authority: &str) -> bool {
+async fn probe(config: &HealthCheck, authority: &str, tls: Option<super::connector::TlsTarget>) -> bool {
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let mut stream: Box<dyn Probed> = match tls {
+            None => Box::new(tcp),
+            Some(t) => Box::new(
+                tokio_rustls::TlsConnector::from(t.config)
+                    .connect(t.server_name, tcp)
+                    .await
+                    .ok()?,
+            ),
+        };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: meshgate-health-check\r\nConnection: close\r\n\r\n",
             config.path
         );
         stream.write_all(request.as_bytes()).await.ok()?;
+        stream.flush().await.ok()?;
         let mut head = [0u8; 32];
         let mut read = 0;
         while read < 12 {
@@ -166,3 +178,8 @@ async fn probe(config: &HealthCheck, authority: &str) -> bool {
         _ => false,
     }
 }
+
+/// A probe's connection: plain TCP or TLS.
+trait Probed: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Probed for T {}

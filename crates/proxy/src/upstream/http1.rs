@@ -23,6 +23,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
+use rustls_pki_types::ServerName;
 use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
@@ -51,13 +52,19 @@ pub struct Http1Connection {
     pub requests: u32,
     /// When it last went idle (for `idleTimeout`).
     pub idle_since: Instant,
+    /// The TLS server name it was opened with; only a request for the same name may use it.
+    pub server_name: Option<ServerName<'static>>,
+    /// Bytes were written that the transport may still hold (TLS records): flush before waiting.
+    unflushed: bool,
 }
 
 impl Http1Connection {
-    pub fn new(io: CountedStream) -> Self {
+    pub fn new(io: CountedStream, server_name: Option<ServerName<'static>>) -> Self {
         let now = Instant::now();
         Http1Connection {
             io,
+            server_name,
+            unflushed: false,
             buf: ReadBuffer::default(),
             spans: Vec::new(),
             opened: now,
@@ -78,11 +85,22 @@ impl Http1Connection {
 
     /// Reads more bytes into the buffer; `Ok(0)` at the connection's end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.poll_fill(self.io.tcp_mut(), cx)
+        self.buf.poll_fill(&mut self.io, cx)
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(self.io.tcp_mut()).poll_write(cx, bytes)
+        self.unflushed |= self.io.buffers_writes();
+        Pin::new(&mut self.io).poll_write(cx, bytes)
+    }
+
+    /// Pushes out what the transport holds back (only TLS does); plain TCP costs a branch.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.unflushed {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -253,6 +271,10 @@ impl Outgoing {
         loop {
             self.gather(cx)?;
             if self.written == self.out.len() {
+                // All written; TLS may still hold the last records.
+                if let Err(e) = ready!(conn.poll_flush(cx)) {
+                    return Poll::Ready(Err(e.to_string()));
+                }
                 return if self.body_done {
                     Poll::Ready(Ok(()))
                 } else {
@@ -437,7 +459,7 @@ pub async fn exchange(
     };
     // An upstream may answer before the whole request body went out (and go on reading it
     // while it responds): the body keeps being sent as the response is read.
-    let sending = (!outgoing.is_done()).then(|| Box::new(outgoing));
+    let sending = (!outgoing.is_done() || conn.unflushed).then(|| Box::new(outgoing));
     let body = Http1Body::start(conn, framing, keep_alive, sending, home);
     Ok(Response::from_parts(parts, body))
 }

@@ -25,10 +25,11 @@ use http::{Request, Response};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_model::snapshot::{ConnectionPoolSettings, TryFailure};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::connector::{ConnectionSlot, CountedStream};
+use super::connector::{ConnectionSlot, CountedStream, TlsTarget, Transport};
 use super::http1::{self, ExchangeError, Http1Connection};
 use crate::body::{UpstreamBody, UpstreamResponseBody};
 use crate::stats::{Breaker, UpstreamStats};
@@ -79,6 +80,8 @@ impl UpstreamError {
 /// The pool's multiplexed HTTP/2 connection.
 struct Http2Conn {
     sender: http2::SendRequest<UpstreamBody>,
+    /// The TLS server name it was opened with, if TLS.
+    server_name: Option<ServerName<'static>>,
     opened: Instant,
     requests: u32,
     last_used: Instant,
@@ -280,6 +283,7 @@ impl EndpointPool {
         stats: &Arc<UpstreamStats>,
         parts: &mut http::request::Parts,
         mut body: UpstreamBody,
+        tls: Option<&TlsTarget>,
     ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         if parts.headers.contains_key(http::header::UPGRADE) {
             let mut req = Request::new(body);
@@ -287,14 +291,14 @@ impl EndpointPool {
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
             *req.extensions_mut() = std::mem::take(&mut parts.extensions);
-            return Box::pin(self.send_upgrade(address, stats, req)).await;
+            return Box::pin(self.send_upgrade(address, stats, req, tls)).await;
         }
         let (head, framing) = http1::encode_head(parts, &body, address);
         let head_request = parts.method == http::Method::HEAD;
         let mut pending: Option<Pending<'_>> = None;
         let mut fresh_only = false;
         loop {
-            let Some(conn) = self.checkout(address, stats, &mut pending, fresh_only).await? else {
+            let Some(conn) = self.checkout(address, stats, &mut pending, fresh_only, tls).await? else {
                 continue;
             };
             let slot = match RequestSlot::acquire(stats, &self.limits) {
@@ -327,6 +331,7 @@ impl EndpointPool {
         stats: &'a Arc<UpstreamStats>,
         pending: &mut Option<Pending<'a>>,
         fresh_only: bool,
+        tls: Option<&TlsTarget>,
     ) -> Result<Option<Http1Connection>, UpstreamError> {
         let freed = stats.connection_freed.notified();
         tokio::pin!(freed);
@@ -337,7 +342,16 @@ impl EndpointPool {
         let idle = if fresh_only {
             None
         } else {
-            locked(&self.idle).http1.pop()
+            let mut idle = locked(&self.idle);
+            match tls {
+                None => idle.http1.pop(),
+                // TLS connections serve one server name each: the newest one for this name.
+                Some(t) => idle
+                    .http1
+                    .iter()
+                    .rposition(|c| c.server_name.as_ref() == Some(&t.server_name))
+                    .map(|i| idle.http1.remove(i)),
+            }
         };
         if let Some(mut c) = idle {
             if c.is_closed() || self.expired(c.opened, c.requests) {
@@ -354,8 +368,8 @@ impl EndpointPool {
                     Some(p) => p,
                     None => Pending::enter(stats, &self.limits)?,
                 };
-                let io = Box::pin(connect(address, stats, &self.limits, slot)).await?;
-                let mut conn = Http1Connection::new(io);
+                let io = Box::pin(connect(address, stats, &self.limits, slot, tls)).await?;
+                let mut conn = Http1Connection::new(io, tls.map(|t| t.server_name.clone()));
                 conn.requests = 1;
                 Ok(Some(conn))
             }
@@ -378,12 +392,13 @@ impl EndpointPool {
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
+        tls: Option<&TlsTarget>,
     ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         let slot = self.reserve(stats).ok_or_else(|| {
             stats.overflows[Breaker::Connections as usize].fetch_add(1, Relaxed);
             UpstreamError::Overflow(Breaker::Connections)
         })?;
-        let io = connect(address, stats, &self.limits, slot).await?;
+        let io = connect(address, stats, &self.limits, slot, tls).await?;
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -400,10 +415,18 @@ impl EndpointPool {
     }
 
     /// The pooled HTTP/2 connection, if it may take another request; counts the request.
-    fn http2_sender(self: &Arc<Self>) -> Option<http2::SendRequest<UpstreamBody>> {
+    fn http2_sender(
+        self: &Arc<Self>,
+        server_name: Option<&ServerName<'static>>,
+    ) -> Option<http2::SendRequest<UpstreamBody>> {
         let mut idle = locked(&self.idle);
         let now = Instant::now();
         let conn = idle.http2.as_mut()?;
+        if conn.server_name.as_ref() != server_name {
+            // Another TLS server name: a connection of its own replaces this one in the pool
+            // (streams open on this one finish on it).
+            return None;
+        }
         if conn.sender.is_closed() || self.expired(conn.opened, conn.requests) {
             idle.http2 = None;
             return None;
@@ -425,6 +448,7 @@ impl EndpointPool {
         address: &str,
         stats: &Arc<UpstreamStats>,
         req: Request<UpstreamBody>,
+        tls: Option<&TlsTarget>,
     ) -> Result<(Response<UpstreamResponseBody>, RequestSlot), UpstreamError> {
         let mut pending: Option<Pending<'_>> = None;
         let mut sender = loop {
@@ -433,7 +457,7 @@ impl EndpointPool {
             if pending.is_some() {
                 freed.as_mut().enable();
             }
-            if let Some(s) = self.http2_sender() {
+            if let Some(s) = self.http2_sender(tls.map(|t| &t.server_name)) {
                 break s;
             }
             let Some(slot) = self.reserve(stats) else {
@@ -448,7 +472,7 @@ impl EndpointPool {
             if pending.is_none() {
                 pending = Some(Pending::enter(stats, &self.limits)?);
             }
-            let io = connect(address, stats, &self.limits, slot).await?;
+            let io = connect(address, stats, &self.limits, slot, tls).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
@@ -462,6 +486,7 @@ impl EndpointPool {
             let mut idle = locked(&self.idle);
             let conn = Http2Conn {
                 sender: sender.clone(),
+                server_name: tls.map(|t| t.server_name.clone()),
                 opened: now,
                 requests: 1,
                 last_used: now,
@@ -480,30 +505,37 @@ impl EndpointPool {
     }
 }
 
+/// Opens a connection to `address`: TCP, then the TLS handshake when `tls` is given. As in
+/// Envoy, `connectTimeout` covers both, and a failed handshake is a connection failure.
 async fn connect(
     address: &str,
     stats: &Arc<UpstreamStats>,
     limits: &ConnectionPoolSettings,
     slot: ConnectionSlot,
+    tls: Option<&TlsTarget>,
 ) -> Result<CountedStream, UpstreamError> {
-    let connecting = tokio::time::timeout(limits.connect_timeout, TcpStream::connect(address));
-    match connecting.await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            if let Some(k) = &limits.tcp_keepalive {
-                set_keepalive(&stream, k);
-            }
-            Ok(CountedStream::new(stream, slot))
+    let opening = async {
+        let stream = TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        if let Some(k) = &limits.tcp_keepalive {
+            set_keepalive(&stream, k);
         }
-        Ok(Err(e)) => {
-            stats.connect_failures.fetch_add(1, Relaxed);
-            Err(UpstreamError::Connect(e.to_string()))
+        match tls {
+            None => Ok(Transport::Plain(stream)),
+            Some(t) => tokio_rustls::TlsConnector::from(t.config.clone())
+                .connect(t.server_name.clone(), stream)
+                .await
+                .map(|s| Transport::Tls(Box::new(s)))
+                .map_err(|e| format!("TLS handshake: {e}")),
         }
-        Err(_) => {
-            stats.connect_failures.fetch_add(1, Relaxed);
-            Err(UpstreamError::Connect("connect timeout".to_string()))
-        }
-    }
+    };
+    let failure = match tokio::time::timeout(limits.connect_timeout, opening).await {
+        Ok(Ok(io)) => return Ok(CountedStream::new(io, slot)),
+        Ok(Err(e)) => e,
+        Err(_) => "connect timeout".to_string(),
+    };
+    stats.connect_failures.fetch_add(1, Relaxed);
+    Err(UpstreamError::Connect(failure))
 }
 
 /// `SO_KEEPALIVE` with Istio's `tcpKeepalive` (unset fields keep the system's defaults).

@@ -1,0 +1,370 @@
+//! TLS origination (DestinationRule `tls` SIMPLE and MUTUAL) through a real meshgate process
+//! to a real TLS upstream, which reports what it saw of each connection: the server name,
+//! ALPN, protocol version and whether a client certificate came.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::*;
+
+/// A CA, a server certificate for `api.test` it signed, and a client CA with its client.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = scratch_dir("upstream-tls");
+        let server_ca = authority("meshgate test CA");
+        let client_ca = authority("meshgate test client CA");
+        let (server, server_key) = leaf(&server_ca, &["api.test"]);
+        let (client, client_key) = leaf(&client_ca, &["client.test"]);
+        for (name, pem) in [
+            ("ca.pem", server_ca.pem()),
+            ("client-ca.pem", client_ca.pem()),
+            ("server.pem", server),
+            ("server-key.pem", server_key),
+            ("client.pem", client),
+            ("client-key.pem", client_key),
+        ] {
+            std::fs::write(dir.join(name), pem).expect("write pem");
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+fn authority(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca")
+}
+
+fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, names: &[&str]) -> (String, String) {
+    let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, issuer).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A TLS upstream answering every request with JSON describing the connection.
+struct TlsUpstream {
+    addr: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TlsUpstream {
+    fn start(pki: &Pki, require_client_cert: bool) -> TlsUpstream {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pki.dir.join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<_, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_file(pki.dir.join("server-key.pem")).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions");
+        let builder = if require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(pki.dir.join("client-ca.pem")).expect("client-ca.pem") {
+                roots.add(c.expect("cert")).expect("root");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(chain, key).expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (h, r) = (handshakes.clone(), requests.clone());
+        runtime.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let (handshakes, requests) = (h.clone(), r.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    handshakes.fetch_add(1, Ordering::SeqCst);
+                    let conn = tls.get_ref().1;
+                    let sni = conn.server_name().unwrap_or("").to_string();
+                    let alpn = conn
+                        .alpn_protocol()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .unwrap_or_default();
+                    let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let body = serde_json::json!({
+                            "sni": sni,
+                            "alpn": alpn,
+                            "client_cert": client_cert,
+                            "version": format!("{:?}", req.version()),
+                            "host": req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or(""),
+                            "authority": req.uri().authority().map(|a| a.to_string()).unwrap_or_default(),
+                            "path": req.uri().path(),
+                        });
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                                body.to_string(),
+                            ))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        TlsUpstream {
+            addr,
+            handshakes,
+            requests,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// A gateway on `port` routing every host to `api.test`, whose one endpoint is `upstream`,
+/// with `tls` as the DestinationRule's traffic policy (YAML, indented for it).
+fn config(port: u16, upstream: &TlsUpstream, protocol: &str, tls: &str) -> String {
+    format!(
+        r#"{gw}apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: api
+spec:
+  hosts: ["api.test"]
+  resolution: STATIC
+  ports:
+  - number: 80
+    name: web
+    protocol: {protocol}
+    targetPort: {upstream_port}
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: api
+spec:
+  hosts: ["*"]
+  gateways: ["gw"]
+  http:
+  - route:
+    - destination:
+        host: api.test
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: api
+spec:
+  host: api.test
+  trafficPolicy:
+    tls:
+{tls}
+"#,
+        gw = gateway("gw", port),
+        upstream_port = upstream.addr.port(),
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn get_json(port: u16, host: &str) -> Reply {
+    rt().block_on(async {
+        send(&client(false), get(port, "/hello", host, &[]))
+            .await
+            .expect("request")
+    })
+}
+
+#[test]
+fn simple_tls_verifies_the_server_sends_the_host_as_sni_and_reuses_the_connection() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let client = client(false);
+    rt().block_on(async {
+        for _ in 0..5 {
+            let r = send(&client, get(port, "/hello", "api.test", &[]))
+                .await
+                .expect("request");
+            assert_eq!(r.status, 200, "{}", r.body);
+            let seen = r.json();
+            assert_eq!(seen["sni"], "api.test", "{seen}");
+            assert_eq!(seen["alpn"], "", "no ALPN for an HTTP/1.1 cluster, as Istio: {seen}");
+            assert_eq!(seen["version"], "HTTP/1.1");
+            assert_eq!(seen["host"], "api.test");
+            assert_eq!(seen["path"], "/hello");
+        }
+    });
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        upstream.handshakes.load(Ordering::SeqCst),
+        1,
+        "one pooled TLS connection"
+    );
+}
+
+#[test]
+fn a_certificate_not_valid_for_the_name_is_refused_before_any_request() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    // The server's certificate names api.test only.
+    let r = get_json(port, "other.test");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("connection failure"), "{}", r.body);
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 0);
+
+    // A CA that did not sign it: refused too.
+    let other = Pki::new();
+    let port = free_port();
+    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", other.path("ca.pem"));
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    assert_eq!(get_json(port, "api.test").status, 503);
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn sni_and_subject_alt_names_replace_the_host_for_the_handshake() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let tls = format!(
+        "      mode: SIMPLE\n      sni: api.test\n      subjectAltNames: [\"api.test\"]\n      caCertificates: {}\n",
+        pki.path("ca.pem")
+    );
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let r = get_json(port, "anything.example");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["sni"], "api.test");
+    assert_eq!(r.json()["host"], "anything.example");
+}
+
+#[test]
+fn mutual_tls_presents_the_client_certificate() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, true);
+    // SIMPLE has no certificate to present: the upstream refuses the handshake.
+    let port = free_port();
+    let simple = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
+    let proxy = Proxy::start(&config(port, &upstream, "HTTP", &simple));
+    assert_eq!(get_json(port, "api.test").status, 503);
+    drop(proxy);
+
+    let port = free_port();
+    let mutual = format!(
+        "      mode: MUTUAL\n      clientCertificate: {}\n      privateKey: {}\n      caCertificates: {}\n",
+        pki.path("client.pem"),
+        pki.path("client-key.pem"),
+        pki.path("ca.pem")
+    );
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &mutual));
+    let r = get_json(port, "api.test");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["client_cert"], true);
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn insecure_skip_verify_accepts_any_certificate() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let _proxy = Proxy::start(&config(
+        port,
+        &upstream,
+        "HTTP",
+        "      mode: SIMPLE\n      insecureSkipVerify: true\n",
+    ));
+    let r = get_json(port, "unknown.test");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["sni"], "unknown.test");
+}
+
+#[test]
+fn an_http2_cluster_negotiates_h2_by_alpn() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
+    let _proxy = Proxy::start(&config(port, &upstream, "HTTP2", &tls));
+    let r = get_json(port, "api.test");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = r.json();
+    assert_eq!(seen["alpn"], "h2", "{seen}");
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["sni"], "api.test");
+}
+
+#[test]
+fn bad_tls_settings_name_the_field_and_keep_the_last_good_config() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let port = free_port();
+    let good = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
+    let proxy = Proxy::start(&config(port, &upstream, "HTTP", &good));
+    assert_eq!(get_json(port, "api.test").status, 200);
+
+    let missing = format!(
+        "      mode: MUTUAL\n      privateKey: {}\n      caCertificates: {}\n",
+        pki.path("client-key.pem"),
+        pki.path("ca.pem")
+    );
+    std::fs::write(&proxy.config, config(port, &upstream, "HTTP", &missing)).expect("rewrite");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !proxy.log_text().contains("clientCertificate") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = proxy.log_text();
+    assert!(
+        log.contains("spec.trafficPolicy.tls.clientCertificate") && log.contains("required with tls mode MUTUAL"),
+        "{log}"
+    );
+    // Still served with the SIMPLE settings.
+    assert_eq!(get_json(port, "api.test").status, 200);
+    assert!(Path::new(&pki.path("ca.pem")).exists());
+}
