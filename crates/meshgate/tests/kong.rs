@@ -1070,3 +1070,53 @@ services:
     let _ = flaky.kill();
     let _ = flaky.wait();
 }
+
+#[test]
+fn upstream_failures_get_kongs_answers() {
+    let closed = free_port();
+    let deck = format!(
+        r#"_format_version: "3.0"
+upstreams:
+- name: empty-upstream
+  targets:
+  - target: 127.0.0.1:{closed}
+    weight: 0
+services:
+- name: down
+  url: http://127.0.0.1:{closed}
+  retries: 0
+  routes:
+  - name: down
+    paths: [/down]
+- name: empty
+  host: empty-upstream
+  routes:
+  - name: empty
+    paths: [/empty]
+"#
+    );
+    let listen = free_port();
+    let proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
+    let (status, headers, body) = raw_get(addr, "/down", "k.test").expect("request");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        body,
+        "{\n  \"message\":\"An invalid response was received from the upstream server\"\n}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/json"))
+    );
+    let (status, _, body) = raw_get(addr, "/empty", "k.test").expect("request");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("failure to get a peer from the ring-balancer"), "{body}");
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshgate_requests_total") && l.contains("code=\"502\"")),
+        "{metrics}"
+    );
+}

@@ -368,3 +368,57 @@ fn bad_tls_settings_name_the_field_and_keep_the_last_good_config() {
     assert_eq!(get_json(port, "api.test").status, 200);
     assert!(Path::new(&pki.path("ca.pem")).exists());
 }
+
+/// A decK file with an `https` service on an upstream entity named `api.test` (so the host sent
+/// upstream, and with it the server name, is `api.test`), served on a Kong listener.
+fn kong_deck(upstream: &TlsUpstream, tls_verify: &str) -> String {
+    format!(
+        r#"_format_version: "3.0"
+upstreams:
+- name: api.test
+  targets:
+  - target: 127.0.0.1:{port}
+services:
+- name: api
+  protocol: https
+  host: api.test
+{tls_verify}  routes:
+  - name: api
+    paths: [/]
+"#,
+        port = upstream.addr.port(),
+    )
+}
+
+#[test]
+fn kong_https_services_speak_tls_and_check_the_certificate_only_with_tls_verify() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    // Kong's default (tls_verify unset): TLS without checking the certificate.
+    let listen = free_port();
+    let proxy = Proxy::start_with(&kong_deck(&upstream, ""), &["--listen", &format!("127.0.0.1:{listen}")]);
+    let r = get_json(listen, "anything.example");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["sni"], "api.test", "{}", r.body);
+    assert_eq!(r.json()["host"], "api.test");
+    assert!(
+        proxy.log_text().contains("tls_verify"),
+        "the unchecked default is pointed out"
+    );
+    drop(proxy);
+
+    // tls_verify: true checks against the system's roots, which did not sign this certificate.
+    let listen = free_port();
+    let _proxy = Proxy::start_with(
+        &kong_deck(&upstream, "  tls_verify: true\n"),
+        &["--listen", &format!("127.0.0.1:{listen}")],
+    );
+    let r = get_json(listen, "anything.example");
+    // Kong's answer to a failed upstream connection.
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(
+        r.json()["message"],
+        "An invalid response was received from the upstream server"
+    );
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
+}

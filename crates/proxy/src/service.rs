@@ -401,6 +401,7 @@ async fn route_request(
                     mirrors: &route.mirrors,
                     clusters: &active.clusters,
                 },
+                listener.flavor,
             )
             .await;
             apply_header_ops(resp.headers_mut(), &destination.response_headers);
@@ -502,6 +503,7 @@ async fn forward_request(
     cluster: &ClusterRuntime,
     stats: &RouteStats,
     mirroring: Mirroring<'_>,
+    flavor: ListenerFlavor,
 ) -> Response<ResponseBody> {
     let destination = &forward.destinations[pick];
 
@@ -520,11 +522,7 @@ async fn forward_request(
         cluster.pick(hash).map(|i| Target::endpoint(cluster, i))
     };
     let Some(target) = target else {
-        stats.record(503);
-        return flagged(
-            local_reply(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
-            ResponseFlags::NO_HEALTHY_UPSTREAM,
-        );
+        return failure_reply(stats, flavor, Failure::NoHealthyUpstream);
     };
 
     // WebSocket and other HTTP/1.1 upgrades are tunnelled after the upstream's 101.
@@ -627,7 +625,7 @@ async fn forward_request(
                 (a, b) => a.or(b),
             };
             let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
-            return finish(outcome, cluster, stats, downstream_upgrade);
+            return finish(outcome, cluster, stats, downstream_upgrade, flavor);
         }
     };
 
@@ -652,13 +650,15 @@ async fn forward_request(
     let mut target = target;
     loop {
         let Some(timeout) = retrying.try_timeout() else {
-            return route_timeout(stats);
+            return failure_reply(stats, flavor, Failure::Timeout);
         };
         let body = retrying.body.next_try();
         let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
         let retriable = match &outcome {
             Ok((resp, _)) => policy.retries_response(resp.status().as_u16(), grpc_status(resp.headers())),
-            Err(TryError::Timeout) if retrying.deadline_passed() => return route_timeout(stats),
+            Err(TryError::Timeout) if retrying.deadline_passed() => {
+                return failure_reply(stats, flavor, Failure::Timeout);
+            }
             Err(TryError::Timeout) => {
                 cluster.stats.per_try_timeouts.fetch_add(1, Relaxed);
                 policy.retries_failure(TryFailure::PerTryTimeout)
@@ -670,7 +670,7 @@ async fn forward_request(
                 cluster.stats.retry_successes.fetch_add(1, Relaxed);
             }
             let exhausted = retriable && retrying.retries >= policy.num_retries;
-            let resp = finish(outcome, cluster, stats, None);
+            let resp = finish(outcome, cluster, stats, None, flavor);
             return if exhausted {
                 flagged(resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED)
             } else if retrying.overflowed {
@@ -684,7 +684,7 @@ async fn forward_request(
         // the upstream stream of a try it retries.
         drop(outcome);
         if Box::pin(retrying.back_off()).await.is_err() {
-            return route_timeout(stats);
+            return failure_reply(stats, flavor, Failure::Timeout);
         }
         if let Some(i) = target.endpoint {
             retrying.tried.push(i);
@@ -812,21 +812,19 @@ fn finish(
     cluster: &ClusterRuntime,
     stats: &RouteStats,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    flavor: ListenerFlavor,
 ) -> Response<ResponseBody> {
     let (mut resp, pool_return) = match outcome {
         Ok(r) => r,
-        Err(TryError::Timeout) => return route_timeout(stats),
+        Err(TryError::Timeout) => return failure_reply(stats, flavor, Failure::Timeout),
         Err(TryError::Upstream(e)) => {
-            stats.record(503);
-            let (text, flag) = match e {
-                UpstreamError::Overflow(_) => (OVERFLOW, ResponseFlags::UPSTREAM_OVERFLOW),
-                UpstreamError::Connect(_) => (CONNECT_FAILURE, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
-                UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => {
-                    (CONNECTION_TERMINATION, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION)
-                }
-            };
             tracing::debug!(cluster = %cluster.config.name, error = ?e, "upstream request failed");
-            return flagged(local_reply(StatusCode::SERVICE_UNAVAILABLE, text), flag);
+            let failure = match e {
+                UpstreamError::Overflow(_) => Failure::Overflow,
+                UpstreamError::Connect(_) => Failure::Connect,
+                UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => Failure::Reset,
+            };
+            return failure_reply(stats, flavor, failure);
         }
     };
     stats.record(resp.status().as_u16());
@@ -850,12 +848,78 @@ fn finish(
     resp.map(|b| ResponseBody::upstream(b, pool_return))
 }
 
-fn route_timeout(stats: &RouteStats) -> Response<ResponseBody> {
-    stats.record(504);
-    flagged(
-        local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
-        ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-    )
+/// Why a request got no upstream response.
+#[derive(Clone, Copy)]
+enum Failure {
+    NoHealthyUpstream,
+    Connect,
+    Reset,
+    Overflow,
+    Timeout,
+}
+
+/// The local reply for a failure, counted for the route: Envoy's status and text, or on a Kong
+/// listener what Kong (nginx) answers: 502 for a failed or broken connection, 504 for a
+/// timeout, 503 when the balancer has no target.
+fn failure_reply(stats: &RouteStats, flavor: ListenerFlavor, failure: Failure) -> Response<ResponseBody> {
+    let (status, envoy_text, kong_message, flag) = match failure {
+        Failure::NoHealthyUpstream => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            NO_HEALTHY_UPSTREAM,
+            "failure to get a peer from the ring-balancer",
+            ResponseFlags::NO_HEALTHY_UPSTREAM,
+        ),
+        Failure::Connect => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            CONNECT_FAILURE,
+            KONG_BAD_GATEWAY,
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+        ),
+        Failure::Reset => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            CONNECTION_TERMINATION,
+            KONG_BAD_GATEWAY,
+            ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        ),
+        Failure::Overflow => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            OVERFLOW,
+            OVERFLOW,
+            ResponseFlags::UPSTREAM_OVERFLOW,
+        ),
+        Failure::Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            UPSTREAM_TIMEOUT,
+            "The upstream server is timing out",
+            ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+        ),
+    };
+    let resp = if flavor == ListenerFlavor::Kong {
+        let status = match failure {
+            Failure::Connect | Failure::Reset => StatusCode::BAD_GATEWAY,
+            _ => status,
+        };
+        kong_message_reply(status, kong_message)
+    } else {
+        local_reply(status, envoy_text)
+    };
+    stats.record(resp.status().as_u16());
+    flagged(resp, flag)
+}
+
+/// Kong's 502 text (its `S502_MESSAGE`).
+const KONG_BAD_GATEWAY: &str = "An invalid response was received from the upstream server";
+
+/// Kong's JSON error body, `{"message":"..."}`, in the layout of its other errors.
+fn kong_message_reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let mut resp = local_reply(status, "");
+    let body = format!("{{\n  \"message\":{}\n}}", serde_json::Value::from(message));
+    *resp.body_mut() = body::full(bytes::Bytes::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
 }
 
 /// True for `per_million` of a million calls.
@@ -885,16 +949,11 @@ fn fault_abort(abort: FaultAbort) -> Response<ResponseBody> {
 
 /// The 404 for a request no route matches: Envoy's empty one, or Kong's JSON message.
 fn no_route(flavor: ListenerFlavor) -> Response<ResponseBody> {
-    let mut resp = local_reply(StatusCode::NOT_FOUND, "");
-    if flavor == ListenerFlavor::Kong {
-        *resp.body_mut() = body::full(bytes::Bytes::from_static(
-            b"{\n  \"message\":\"no Route matched with those values\"\n}",
-        ));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-    }
+    let resp = if flavor == ListenerFlavor::Kong {
+        kong_message_reply(StatusCode::NOT_FOUND, "no Route matched with those values")
+    } else {
+        local_reply(StatusCode::NOT_FOUND, "")
+    };
     flagged(resp, ResponseFlags::NO_ROUTE)
 }
 

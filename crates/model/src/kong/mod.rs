@@ -34,7 +34,8 @@ use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
 use crate::snapshot::{
     Cluster, ClusterId, ConnectionPoolSettings, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps,
     Listener, ListenerFlavor, ListenerTls, LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite,
-    Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, VirtualHost, WeightedDestination,
+    Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, UpstreamTls, VirtualHost,
+    WeightedDestination,
 };
 use crate::source::Document;
 use plugins::{Consumer, Consumers, PluginChain};
@@ -1462,12 +1463,7 @@ fn compile_service(
         .clone()
         .or_else(|| service.id.clone())
         .unwrap_or_else(|| path.to_string());
-    for (field, set) in [
-        ("tls_verify", service.tls_verify.is_some()),
-        ("tls_verify_depth", service.tls_verify_depth.is_some()),
-        ("ca_certificates", service.ca_certificates.is_some()),
-        ("client_certificate", service.client_certificate.is_some()),
-    ] {
+    for (field, set) in [("tls_verify_depth", service.tls_verify_depth.is_some())] {
         if set {
             diag.warn(doc, at(path, field), "not supported yet; ignored");
         }
@@ -1498,16 +1494,8 @@ fn compile_service(
         }
     };
     let upstream_protocol = match protocol.as_str() {
-        "http" => UpstreamProtocol::Http1,
-        "grpc" => UpstreamProtocol::Http2,
-        "https" | "grpcs" => {
-            diag.error(
-                doc,
-                at(path, if service.url.is_some() { "url" } else { "protocol" }),
-                format!("protocol {protocol}: TLS to upstreams is not supported yet"),
-            );
-            return None;
-        }
+        "http" | "https" => UpstreamProtocol::Http1,
+        "grpc" | "grpcs" => UpstreamProtocol::Http2,
         other => {
             diag.error(
                 doc,
@@ -1517,7 +1505,12 @@ fn compile_service(
             return None;
         }
     };
-    let port = port.unwrap_or(80);
+    let tls = if matches!(protocol.as_str(), "https" | "grpcs") {
+        Some(kong_service_tls(doc, path, service, diag)?)
+    } else {
+        None
+    };
+    let port = port.unwrap_or(if tls.is_some() { 443 } else { 80 });
     if let Some(p) = &url_path
         && !p.starts_with('/')
     {
@@ -1563,6 +1556,11 @@ fn compile_service(
             (cluster, header)
         }
     };
+    if let Some(tls) = tls
+        && let Some(c) = registry.cluster_mut(cluster)
+    {
+        c.tls = Some(tls);
+    }
     let timeout_ms = service.read_timeout.unwrap_or(DEFAULT_TIMEOUT_MS);
     if timeout_ms == 0 {
         diag.error(doc, at(path, "read_timeout"), "must be at least 1 (milliseconds)");
@@ -1575,6 +1573,54 @@ fn compile_service(
         path: url_path.unwrap_or_default(),
         retries: service.retries.unwrap_or(DEFAULT_RETRIES),
         read_timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// TLS to an `https`/`grpcs` service as Kong does it: the server name is the host sent
+/// upstream (nginx `proxy_ssl_name $upstream_host`), and the certificate is checked only with
+/// `tls_verify: true`, against the system's roots (Kong's `lua_ssl_trusted_certificate`
+/// default); unset or `false` follows nginx's default, no check, which a warning points out.
+fn kong_service_tls(doc: &Document, path: &str, service: &Service, diag: &mut Diag) -> Option<UpstreamTls> {
+    for (field, set) in [
+        (
+            "ca_certificates",
+            service.ca_certificates.as_ref().is_some_and(|v| !v.is_null()),
+        ),
+        (
+            "client_certificate",
+            service.client_certificate.as_ref().is_some_and(|v| !v.is_null()),
+        ),
+    ] {
+        if set {
+            diag.error(
+                doc,
+                at(path, field),
+                "CA and client certificate entities for upstream TLS are not supported yet",
+            );
+            return None;
+        }
+    }
+    let verify = match &service.tls_verify {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            diag.error(doc, at(path, "tls_verify"), format!("must be a boolean, got {other}"));
+            return None;
+        }
+    };
+    if !verify {
+        diag.warn(
+            doc,
+            at(path, "tls_verify"),
+            "the upstream's certificate is not checked (Kong's default); set tls_verify: true to check it",
+        );
+    }
+    Some(UpstreamTls {
+        sni: None,
+        subject_alt_names: Vec::new(),
+        insecure_skip_verify: !verify,
+        ca_certificates: None,
+        client_certificate: None,
     })
 }
 
