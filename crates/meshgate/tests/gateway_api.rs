@@ -269,3 +269,106 @@ spec:
         "the Gateway must not be served"
     );
 }
+
+/// A gRPC-shaped call (HTTP/2 POST, `application/grpc`) for `path` over h2c.
+fn grpc_call(port: u16, path: &str, headers: &[(&str, &str)]) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::post(format!("http://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcroute_routes_by_service_method_and_header_over_http2() {
+    let users = Echo::start("users");
+    let orders = Echo::start("orders");
+    let fallback = Echo::start("fallback");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gateway}{users_svc}{orders_svc}{fallback_svc}apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: shop-grpc, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - matches:
+    - method: {{service: shop.Users, method: Get}}
+    backendRefs: [{{name: users, port: 8080}}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{{name: x-route, value: users-get}}]
+  - matches:
+    - method: {{service: shop.Orders}}
+      headers: [{{name: x-tenant, value: big}}]
+    backendRefs: [{{name: orders, port: 8080}}]
+  - matches:
+    - method: {{type: RegularExpression, service: "shop\\..*", method: "List.*"}}
+    backendRefs: [{{name: fallback, port: 8080}}]
+"#,
+        gateway = edge_gateway(port),
+        users_svc = service("users", users.port()),
+        orders_svc = service("orders", orders.port()),
+        fallback_svc = service("fallback", fallback.port()),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(true);
+    let r = send(&c, grpc_call(port, "/shop.Users/Get", &[])).await.expect("call");
+    assert_eq!((r.status, r.served_by().as_str()), (200, "users"), "{}", r.body);
+    assert_eq!(r.header("x-route"), Some("users-get"));
+    // The backend is spoken to in HTTP/2, whatever the Service port says.
+    assert_eq!(r.json()["version"], "HTTP/2.0", "{}", r.body);
+    assert_eq!(r.json()["path"], "/shop.Users/Get");
+
+    let r = send(&c, grpc_call(port, "/shop.Orders/Create", &[("x-tenant", "big")]))
+        .await
+        .expect("call");
+    assert_eq!(r.served_by(), "orders");
+    // Without the header the Orders rule does not match, and no other rule takes Create.
+    let r = send(&c, grpc_call(port, "/shop.Orders/Create", &[]))
+        .await
+        .expect("call");
+    assert_eq!(r.status, 404);
+    let r = send(&c, grpc_call(port, "/shop.Orders/ListAll", &[]))
+        .await
+        .expect("call");
+    assert_eq!(r.served_by(), "fallback");
+    // An exact method match is exact: another method of the service is not routed to users.
+    let r = send(&c, grpc_call(port, "/shop.Users/Delete", &[]))
+        .await
+        .expect("call");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn grpcroute_errors_name_the_field() {
+    let dir = scratch_dir("grpcroute-errors");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{gateway}apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: bad, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - matches:
+    - method: {{service: "not a service"}}
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{hostname: x.example.com}}
+"#,
+            gateway = edge_gateway(free_port()),
+        ),
+    )
+    .expect("write");
+    let (code, out) = analyze(&config);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("spec.rules[0].matches[0].method.service"), "{out}");
+    assert!(out.contains("spec.rules[0].filters[0].type"), "{out}");
+}

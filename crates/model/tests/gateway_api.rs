@@ -1553,3 +1553,51 @@ spec:
     let (route, _, _) = l.find(&req("same-namespace", None, "/shop/cart/1")).unwrap();
     assert_eq!(route.name, "gateway-conformance-infra/second[0]");
 }
+
+#[test]
+fn grpcroutes_compile_to_path_matches_and_respect_allowed_kinds() {
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: http-only, namespace: gateway-conformance-infra}
+spec:
+  gatewayClassName: meshgate-test
+  listeners:
+  - name: http
+    port: 8080
+    protocol: HTTP
+    allowedRoutes:
+      kinds: [{kind: HTTPRoute}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}, {name: http-only}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Ping}}]
+    backendRefs: [{name: infra-backend-v1, port: 8080}]
+  - matches: [{method: {method: Pong}}]
+    backendRefs: [{name: infra-backend-v2, port: 8080}]
+"#;
+    let l = load_with("", extra, &[]);
+    let (route, _, _) = l
+        .find(&req("same-namespace", None, "/echo.Echo/Ping"))
+        .expect("exact method");
+    let RouteAction::Forward(f) = &route.action else {
+        panic!("{:?}", route.action)
+    };
+    let cluster = &l.snapshot().clusters[f.destinations[0].cluster];
+    assert_eq!(cluster.protocol, UpstreamProtocol::Http2, "gRPC backends speak HTTP/2");
+    assert!(l.find(&req("same-namespace", None, "/echo.Echo/Other")).is_none());
+    assert!(l.find(&req("same-namespace", None, "/any.Service/Pong")).is_some());
+    // The listener that only takes HTTPRoutes does not serve it, and says so.
+    assert!(l.find(&req("http-only", None, "/echo.Echo/Ping")).is_none());
+    let w = l
+        .compiled
+        .warnings
+        .iter()
+        .find(|w| w.resource == "GRPCRoute gateway-conformance-infra/echo")
+        .expect("warning");
+    assert!(w.message.contains("does not allow kind GRPCRoute"), "{}", w.message);
+}

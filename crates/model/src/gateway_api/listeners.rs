@@ -517,13 +517,15 @@ fn rejection(ctx: &Ctx<'_, '_, '_>, listener: &GwListener<'_>, route: &CompiledH
             }
         }
     }
+    // HTTPRoute or GRPCRoute: both are served by HTTP and HTTPS listeners.
+    let kind = route.doc.kind.as_str();
     if let Some(kinds) = &listener.allowed.kinds
         && !kinds
             .iter()
-            .any(|k| k.kind == "HTTPRoute" && k.group.as_deref().unwrap_or(GROUP) == GROUP)
+            .any(|k| k.kind == kind && k.group.as_deref().unwrap_or(GROUP) == GROUP)
     {
         return Some(format!(
-            "listener {} does not allow kind HTTPRoute (allowedRoutes.kinds)",
+            "listener {} does not allow kind {kind} (allowedRoutes.kinds)",
             listener.name
         ));
     }

@@ -6,6 +6,7 @@
 //! - this module: classification, decoding, the Kubernetes objects Gateway API refers to
 //!   (Namespace labels, Service + EndpointSlice endpoints, TLS Secrets) and ReferenceGrants;
 //! - `routes`: HTTPRoute rules → snapshot routes with their Gateway API precedence;
+//! - `grpc_routes`: GRPCRoutes → the HTTPRoutes they are equivalent to;
 //! - `listeners`: Gateway listeners, route attachment, hostname intersection and listener
 //!   isolation, one snapshot listener per (address, port);
 //! - `listener_sets`: ListenerSets, whose listeners join their parent Gateway's.
@@ -14,6 +15,7 @@
 //! in the registry shared with the Istio compiler: when an Istio ServiceEntry defines that host,
 //! its endpoints (and DestinationRules) are used, otherwise the Service's EndpointSlices.
 
+mod grpc_routes;
 mod listener_sets;
 mod listeners;
 mod routes;
@@ -42,7 +44,14 @@ use types::{
 pub const GROUP: &str = "gateway.networking.k8s.io";
 /// Versions whose schema meshgate reads (v1beta1 is the same schema for these kinds).
 const VERSIONS: &[&str] = &["v1", "v1beta1"];
-const KINDS: &[&str] = &["GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant", "ListenerSet"];
+const KINDS: &[&str] = &[
+    "GatewayClass",
+    "Gateway",
+    "HTTPRoute",
+    "GRPCRoute",
+    "ReferenceGrant",
+    "ListenerSet",
+];
 /// The experimental Gateway API group, where ListenerSet was `XListenerSet` before v1.5.
 pub const EXPERIMENTAL_GROUP: &str = "gateway.networking.x-k8s.io";
 const EXPERIMENTAL_VERSION: &str = "v1alpha1";
@@ -65,6 +74,7 @@ const UNSUPPORTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("HTTPRoute", &["useDefaultGateways", "rules[].sessionPersistence"]),
+    ("GRPCRoute", &["rules[].sessionPersistence"]),
     (
         "ListenerSet",
         &["listeners[].tls.frontendValidation", "listeners[].tls.options"],
@@ -172,6 +182,10 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
             "GatewayClass" => decode_spec(doc, diag).map(|spec| res.classes.push(Res { doc, spec })),
             "Gateway" => decode_spec(doc, diag).map(|spec| res.gateways.push(Res { doc, spec })),
             "HTTPRoute" => decode_spec(doc, diag).map(|spec| res.routes.push(Res { doc, spec })),
+            // Compiled as the HTTPRoute it is equivalent to; `doc.kind` still says GRPCRoute.
+            "GRPCRoute" => decode_spec(doc, diag)
+                .and_then(|spec| grpc_routes::to_http_route(doc, spec, diag))
+                .map(|spec| res.routes.push(Res { doc, spec })),
             "ReferenceGrant" => decode_spec(doc, diag).map(|spec| res.grants.push(Res { doc, spec })),
             "ListenerSet" | "XListenerSet" => {
                 decode_spec(doc, diag).map(|spec| res.listener_sets.push(Res { doc, spec }))
@@ -360,7 +374,9 @@ impl Ctx<'_, '_, '_> {
         let res = self.res;
         let service = res.services.get(&(ns.to_string(), name.to_string()));
         let service_port = service.and_then(|s| s.spec.ports.iter().find(|p| p.port == port));
-        let h2c = service_port.is_some_and(|p| p.app_protocol.as_deref() == Some("kubernetes.io/h2c"));
+        // gRPC is HTTP/2, whatever the port says.
+        let h2c = route_doc.kind == "GRPCRoute"
+            || service_port.is_some_and(|p| p.app_protocol.as_deref() == Some("kubernetes.io/h2c"));
         // Endpoints supplied as an Istio ServiceEntry for the Service's host take precedence.
         if self.registry.resolve(&host, ns).is_some() {
             let id = self
