@@ -1014,6 +1014,19 @@ fn upstream_tls_is_read_with_port_level_precedence_and_files_relative_to_the_yam
     assert_eq!(tls.ca_certificates.as_ref().unwrap().path, dir.join("ca.pem"));
     assert!(tls.client_certificate.is_none());
 
+    // Without its own, the ServiceEntry's subjectAltNames are checked (URI SANs left out).
+    let c = ok(&tls_rule("  trafficPolicy:\n    tls: {mode: SIMPLE}\n").replace(
+        "  resolution: STATIC\n",
+        "  resolution: STATIC\n  subjectAltNames: [\"spiffe://cluster.local/ns/x/sa/y\", api.internal]\n",
+    ));
+    let cluster = c
+        .snapshot
+        .clusters
+        .iter()
+        .find(|c| c.service == "api.test")
+        .expect("cluster");
+    assert_eq!(cluster.tls.as_ref().expect("tls").subject_alt_names, ["api.internal"]);
+
     let plain = ok(&tls_rule("  trafficPolicy:\n    tls: {mode: DISABLE}\n"));
     assert!(plain.snapshot.clusters.iter().all(|c| c.tls.is_none()));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -388,7 +388,22 @@ impl<'r> Registry<'r> {
         // Problems were reported by the DestinationRule's validation; they leave TLS off.
         let tls = rule.and_then(|r| {
             let base = r.doc.file.parent().unwrap_or(std::path::Path::new("."));
-            super::upstream_tls::settings(tls_chain.first().copied(), base, &mut |_, _, _| {})
+            let mut tls = super::upstream_tls::settings(tls_chain.first().copied(), base, &mut |_, _, _| {})?;
+            // As Istio: without subjectAltNames of its own, a rule for a ServiceEntry host checks
+            // the names the ServiceEntry lists (DNS names and IPs; URI SANs are for Istio mTLS).
+            if tls.subject_alt_names.is_empty() && !tls.insecure_skip_verify {
+                tls.subject_alt_names = self
+                    .service_doc(&svc_host)
+                    .and_then(|d| d.body.pointer("/spec/subjectAltNames"))
+                    .and_then(serde_json::Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_str)
+                    .filter(|san| !san.contains("://"))
+                    .map(str::to_string)
+                    .collect();
+            }
+            Some(tls)
         });
         let outlier = super::outlier::settings(outlier_chain.first().copied(), &mut |_, _| {});
         let (load_balancer, passthrough) = lb_chain

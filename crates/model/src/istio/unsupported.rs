@@ -34,7 +34,6 @@ const GATEWAY: &[&str] = &[
 
 const SERVICE_ENTRY: &[&str] = &[
     "addresses",
-    "subjectAltNames",
     "endpoints[].network",
     "endpoints[].locality",
     "endpoints[].serviceAccount",
