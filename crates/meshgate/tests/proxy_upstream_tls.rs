@@ -422,3 +422,54 @@ fn kong_https_services_speak_tls_and_check_the_certificate_only_with_tls_verify(
     );
     assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
 }
+
+/// YAML block scalar lines of `pem`, indented by `indent` spaces.
+fn block(pem: &str, indent: usize) -> String {
+    pem.lines().map(|l| format!("{}{l}\n", " ".repeat(indent))).collect()
+}
+
+#[test]
+fn kong_ca_and_client_certificate_entities_verify_and_authenticate() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, true);
+    let read = |name: &str| std::fs::read_to_string(pki.dir.join(name)).expect("pem");
+    let deck = format!(
+        r#"_format_version: "3.0"
+ca_certificates:
+- id: 6d4c5b2a-0000-4000-8000-000000000001
+  cert: |
+{ca}certificates:
+- id: 6d4c5b2a-0000-4000-8000-000000000002
+  cert: |
+{client}  key: |
+{key}upstreams:
+- name: api.test
+  targets:
+  - target: 127.0.0.1:{port}
+services:
+- name: api
+  protocol: https
+  host: api.test
+  tls_verify: true
+  ca_certificates: [6d4c5b2a-0000-4000-8000-000000000001]
+  client_certificate: {{id: 6d4c5b2a-0000-4000-8000-000000000002}}
+  routes:
+  - name: api
+    paths: [/]
+"#,
+        ca = block(&read("ca.pem"), 4),
+        client = block(&read("client.pem"), 4),
+        key = block(&read("client-key.pem"), 4),
+        port = upstream.addr.port(),
+    );
+    let listen = free_port();
+    let proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let r = get_json(listen, "anything.example");
+    assert_eq!(r.status, 200, "{}\n{}", r.body, proxy.log_text());
+    assert_eq!(r.json()["client_cert"], true);
+    assert_eq!(r.json()["sni"], "api.test");
+    assert!(
+        !proxy.log_text().contains("not checked"),
+        "tls_verify is on: no warning"
+    );
+}

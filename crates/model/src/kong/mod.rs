@@ -33,8 +33,8 @@ use crate::istio::registry::Registry;
 use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
 use crate::snapshot::{
     Cluster, ClusterId, ConnectionPoolSettings, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps,
-    Listener, ListenerFlavor, ListenerTls, LoadBalancer, PathRewrite, RequestMatch, RetryOn, RetryPolicy, Rewrite,
-    Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, UpstreamTls, VirtualHost,
+    Listener, ListenerFlavor, ListenerTls, LoadBalancer, PathRewrite, PemFile, RequestMatch, RetryOn, RetryPolicy,
+    Rewrite, Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, UpstreamTls, VirtualHost,
     WeightedDestination,
 };
 use crate::source::Document;
@@ -615,10 +615,9 @@ impl ChainContext<'_, '_> {
 }
 
 fn warn_unsupported_top_level(doc: &Document, config: &KongConfig, diag: &mut Diag) {
-    let unsupported: [(&str, bool); 15] = [
+    let unsupported: [(&str, bool); 14] = [
         ("_konnect", config.konnect.is_some()),
         ("consumer_groups", config.consumer_groups.is_some()),
-        ("ca_certificates", config.ca_certificates.is_some()),
         ("snis", config.snis.is_some()),
         ("vaults", config.vaults.is_some()),
         ("keys", config.keys.is_some()),
@@ -1506,7 +1505,7 @@ fn compile_service(
         }
     };
     let tls = if matches!(protocol.as_str(), "https" | "grpcs") {
-        Some(kong_service_tls(doc, path, service, diag)?)
+        Some(kong_service_tls(doc, path, service, config, diag)?)
     } else {
         None
     };
@@ -1578,28 +1577,17 @@ fn compile_service(
 
 /// TLS to an `https`/`grpcs` service as Kong does it: the server name is the host sent
 /// upstream (nginx `proxy_ssl_name $upstream_host`), and the certificate is checked only with
-/// `tls_verify: true`, against the system's roots (Kong's `lua_ssl_trusted_certificate`
-/// default); unset or `false` follows nginx's default, no check, which a warning points out.
-fn kong_service_tls(doc: &Document, path: &str, service: &Service, diag: &mut Diag) -> Option<UpstreamTls> {
-    for (field, set) in [
-        (
-            "ca_certificates",
-            service.ca_certificates.as_ref().is_some_and(|v| !v.is_null()),
-        ),
-        (
-            "client_certificate",
-            service.client_certificate.as_ref().is_some_and(|v| !v.is_null()),
-        ),
-    ] {
-        if set {
-            diag.error(
-                doc,
-                at(path, field),
-                "CA and client certificate entities for upstream TLS are not supported yet",
-            );
-            return None;
-        }
-    }
+/// `tls_verify: true`, against the service's `ca_certificates` (CA certificate entities) or else
+/// the system's roots (Kong's `lua_ssl_trusted_certificate` default); unset or `false` follows
+/// nginx's default, no check, which a warning points out. `client_certificate` names a
+/// certificate entity presented to the upstream.
+fn kong_service_tls(
+    doc: &Document,
+    path: &str,
+    service: &Service,
+    config: &KongConfig,
+    diag: &mut Diag,
+) -> Option<UpstreamTls> {
     let verify = match &service.tls_verify {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -1607,6 +1595,20 @@ fn kong_service_tls(doc: &Document, path: &str, service: &Service, diag: &mut Di
             diag.error(doc, at(path, "tls_verify"), format!("must be a boolean, got {other}"));
             return None;
         }
+    };
+    let ca_certificates = match service.ca_certificates.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(ids) => Some(kong_ca_bundle(doc, &at(path, "ca_certificates"), ids, config, diag)?),
+    };
+    let client_certificate = match service.client_certificate.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(reference) => Some(kong_client_certificate(
+            doc,
+            &at(path, "client_certificate"),
+            reference,
+            config,
+            diag,
+        )?),
     };
     if !verify {
         diag.warn(
@@ -1619,9 +1621,99 @@ fn kong_service_tls(doc: &Document, path: &str, service: &Service, diag: &mut Di
         sni: None,
         subject_alt_names: Vec::new(),
         insecure_skip_verify: !verify,
-        ca_certificates: None,
-        client_certificate: None,
+        ca_certificates: ca_certificates.filter(|_| verify),
+        client_certificate,
     })
+}
+
+/// An entity's `id` as decK writes references: a bare id or `{id: ..}`.
+fn reference_id(value: &Value) -> Option<&str> {
+    value.as_str().or_else(|| value.get("id").and_then(Value::as_str))
+}
+
+/// The PEM bundle of the CA certificate entities a service lists by id.
+fn kong_ca_bundle(doc: &Document, path: &str, ids: &Value, config: &KongConfig, diag: &mut Diag) -> Option<PemFile> {
+    let Some(ids) = ids.as_array() else {
+        diag.error(doc, path.to_string(), "expected a list of CA certificate ids");
+        return None;
+    };
+    let entities = config.ca_certificates.as_ref().and_then(Value::as_array);
+    let mut pem = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        let Some(id) = reference_id(id) else {
+            diag.error(doc, format!("{path}[{i}]"), "expected a CA certificate id");
+            return None;
+        };
+        let cert = entities
+            .into_iter()
+            .flatten()
+            .find(|e| e.get("id").and_then(Value::as_str) == Some(id))
+            .and_then(|e| e.get("cert"))
+            .and_then(Value::as_str);
+        match cert {
+            Some(cert) if cert.contains("-----BEGIN CERTIFICATE-----") => {
+                pem.push_str(cert);
+                pem.push('\n');
+            }
+            Some(_) => {
+                diag.error(
+                    doc,
+                    format!("{path}[{i}]"),
+                    format!("CA certificate {id}: not a PEM certificate"),
+                );
+                return None;
+            }
+            None => {
+                diag.error(
+                    doc,
+                    format!("{path}[{i}]"),
+                    format!("no ca_certificates entry with id {id}"),
+                );
+                return None;
+            }
+        }
+    }
+    Some(PemFile {
+        path: std::path::PathBuf::from(format!("{}#{path}", doc.file.display())),
+        pem: pem.into_bytes(),
+    })
+}
+
+/// The certificate entity a service presents to its upstream, as (chain, key).
+fn kong_client_certificate(
+    doc: &Document,
+    path: &str,
+    reference: &Value,
+    config: &KongConfig,
+    diag: &mut Diag,
+) -> Option<(PemFile, PemFile)> {
+    let Some(id) = reference_id(reference) else {
+        diag.error(doc, path.to_string(), "expected a certificate id");
+        return None;
+    };
+    let entity = config
+        .certificates
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("id").and_then(Value::as_str) == Some(id));
+    let (Some(cert), Some(key)) = (
+        entity.and_then(|e| e.get("cert")).and_then(Value::as_str),
+        entity.and_then(|e| e.get("key")).and_then(Value::as_str),
+    ) else {
+        diag.error(
+            doc,
+            path.to_string(),
+            format!("no certificates entry with id {id} (and a cert and key)"),
+        );
+        return None;
+    };
+    let file = |suffix: &str, pem: &str| PemFile {
+        path: std::path::PathBuf::from(format!("{}#certificates/{id}{suffix}", doc.file.display())),
+        pem: pem.as_bytes().to_vec(),
+    };
+    Some((file("", cert), file("/key", key)))
 }
 
 /// One place builds Kong's clusters, so fields added to [`Cluster`] get their Kong value here.
