@@ -216,13 +216,23 @@ fn get_json(port: u16, host: &str) -> Reply {
     })
 }
 
+/// `mode: SIMPLE` trusting the test CA.
+fn simple(pki: &Pki) -> String {
+    format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"))
+}
+
+/// meshgate in front of `upstream` with these TLS settings: its port, and the process.
+fn serve(upstream: &TlsUpstream, protocol: &str, tls: &str) -> (u16, Proxy) {
+    let port = free_port();
+    let proxy = Proxy::start(&config(port, upstream, protocol, tls));
+    (port, proxy)
+}
+
 #[test]
 fn simple_tls_verifies_the_server_sends_the_host_as_sni_and_reuses_the_connection() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
-    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let (port, _proxy) = serve(&upstream, "HTTP", &simple(&pki));
     let client = client(false);
     rt().block_on(async {
         for _ in 0..5 {
@@ -250,9 +260,7 @@ fn simple_tls_verifies_the_server_sends_the_host_as_sni_and_reuses_the_connectio
 fn a_certificate_not_valid_for_the_name_is_refused_before_any_request() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
-    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let (port, _proxy) = serve(&upstream, "HTTP", &simple(&pki));
     // The server's certificate names api.test only.
     let r = get_json(port, "other.test");
     assert_eq!(r.status, 503, "{}", r.body);
@@ -261,9 +269,7 @@ fn a_certificate_not_valid_for_the_name_is_refused_before_any_request() {
 
     // A CA that did not sign it: refused too.
     let other = Pki::new();
-    let port = free_port();
-    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", other.path("ca.pem"));
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let (port, _proxy) = serve(&upstream, "HTTP", &simple(&other));
     assert_eq!(get_json(port, "api.test").status, 503);
     assert_eq!(upstream.requests.load(Ordering::SeqCst), 0);
 }
@@ -272,12 +278,11 @@ fn a_certificate_not_valid_for_the_name_is_refused_before_any_request() {
 fn sni_and_subject_alt_names_replace_the_host_for_the_handshake() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
     let tls = format!(
-        "      mode: SIMPLE\n      sni: api.test\n      subjectAltNames: [\"api.test\"]\n      caCertificates: {}\n",
-        pki.path("ca.pem")
+        "{}      sni: api.test\n      subjectAltNames: [\"api.test\"]\n",
+        simple(&pki)
     );
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &tls));
+    let (port, _proxy) = serve(&upstream, "HTTP", &tls);
     let r = get_json(port, "anything.example");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["sni"], "api.test");
@@ -289,20 +294,17 @@ fn mutual_tls_presents_the_client_certificate() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, true);
     // SIMPLE has no certificate to present: the upstream refuses the handshake.
-    let port = free_port();
-    let simple = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
-    let proxy = Proxy::start(&config(port, &upstream, "HTTP", &simple));
+    let (port, proxy) = serve(&upstream, "HTTP", &simple(&pki));
     assert_eq!(get_json(port, "api.test").status, 503);
     drop(proxy);
 
-    let port = free_port();
     let mutual = format!(
         "      mode: MUTUAL\n      clientCertificate: {}\n      privateKey: {}\n      caCertificates: {}\n",
         pki.path("client.pem"),
         pki.path("client-key.pem"),
         pki.path("ca.pem")
     );
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP", &mutual));
+    let (port, _proxy) = serve(&upstream, "HTTP", &mutual);
     let r = get_json(port, "api.test");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["client_cert"], true);
@@ -313,13 +315,11 @@ fn mutual_tls_presents_the_client_certificate() {
 fn insecure_skip_verify_accepts_any_certificate() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
-    let _proxy = Proxy::start(&config(
-        port,
+    let (port, _proxy) = serve(
         &upstream,
         "HTTP",
         "      mode: SIMPLE\n      insecureSkipVerify: true\n",
-    ));
+    );
     let r = get_json(port, "unknown.test");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["sni"], "unknown.test");
@@ -329,9 +329,7 @@ fn insecure_skip_verify_accepts_any_certificate() {
 fn an_http2_cluster_negotiates_h2_by_alpn() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
-    let tls = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
-    let _proxy = Proxy::start(&config(port, &upstream, "HTTP2", &tls));
+    let (port, _proxy) = serve(&upstream, "HTTP2", &simple(&pki));
     let r = get_json(port, "api.test");
     assert_eq!(r.status, 200, "{}", r.body);
     let seen = r.json();
@@ -344,9 +342,7 @@ fn an_http2_cluster_negotiates_h2_by_alpn() {
 fn bad_tls_settings_name_the_field_and_keep_the_last_good_config() {
     let pki = Pki::new();
     let upstream = TlsUpstream::start(&pki, false);
-    let port = free_port();
-    let good = format!("      mode: SIMPLE\n      caCertificates: {}\n", pki.path("ca.pem"));
-    let proxy = Proxy::start(&config(port, &upstream, "HTTP", &good));
+    let (port, proxy) = serve(&upstream, "HTTP", &simple(&pki));
     assert_eq!(get_json(port, "api.test").status, 200);
 
     let missing = format!(
