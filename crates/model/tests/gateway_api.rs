@@ -1570,6 +1570,15 @@ spec:
       kinds: [{kind: HTTPRoute}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: plain, namespace: gateway-conformance-infra, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: http-only}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /plain}}]
+    backendRefs: [{name: infra-backend-v1, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: echo, namespace: gateway-conformance-infra}
 spec:
@@ -1579,6 +1588,8 @@ spec:
     backendRefs: [{name: infra-backend-v1, port: 8080}]
   - matches: [{method: {method: Pong}}]
     backendRefs: [{name: infra-backend-v2, port: 8080}]
+  - backendRefs: [{name: infra-backend-v3, port: 8080}]
+
 "#;
     let l = load_with("", extra, &[]);
     let (route, _, _) = l
@@ -1589,8 +1600,18 @@ spec:
     };
     let cluster = &l.snapshot().clusters[f.destinations[0].cluster];
     assert_eq!(cluster.protocol, UpstreamProtocol::Http2, "gRPC backends speak HTTP/2");
-    assert!(l.find(&req("same-namespace", None, "/echo.Echo/Other")).is_none());
-    assert!(l.find(&req("same-namespace", None, "/any.Service/Pong")).is_some());
+    // A method-only match outranks the rule without matches (the GRPCRoute precedence).
+    let cluster_of = |path: &str| {
+        let (route, _, _) = l.find(&req("same-namespace", None, path)).expect("route");
+        let RouteAction::Forward(f) = &route.action else {
+            panic!("{:?}", route.action)
+        };
+        l.snapshot().clusters[f.destinations[0].cluster].name.clone()
+    };
+    assert!(cluster_of("/any.Service/Pong").contains("infra-backend-v2"));
+    assert!(cluster_of("/any.Service/Other").contains("infra-backend-v3"));
+    // The HTTPRoute declared earlier made the cluster first: HTTP/2 still holds for it.
+    assert!(cluster_of("/echo.Echo/Ping").contains("infra-backend-v1"));
     // The listener that only takes HTTPRoutes does not serve it, and says so.
     assert!(l.find(&req("http-only", None, "/echo.Echo/Ping")).is_none());
     let w = l

@@ -2,9 +2,10 @@
 //! `/<package.Service>/<Method>`, so a method match is a path match: service and method give an
 //! exact path, a service alone a path prefix, a method alone (or regular expressions) a path
 //! regular expression. Header matches, filters and backends keep their HTTPRoute form, and the
-//! route then compiles, attaches to listeners and orders with the HTTPRoutes (precedence by
-//! path: exact service and method, then service, then patterns). Backends of a GRPCRoute are
-//! spoken to in HTTP/2 (see `Ctx::backend`).
+//! route then compiles and attaches to listeners like an HTTPRoute, ordered as the GRPCRoute
+//! spec says: more characters of service, then of method, then more header matches; a match
+//! without a method comes after every method match. Backends of a GRPCRoute are spoken to in
+//! HTTP/2 (see `Ctx::backend`).
 
 use std::sync::LazyLock;
 
@@ -81,15 +82,20 @@ fn check_filters(doc: &Document, path: &str, filters: &[HttpRouteFilter], diag: 
 }
 
 fn http_match(doc: &Document, mpath: &str, m: GrpcRouteMatch, diag: &mut Diag) -> Option<HttpRouteMatch> {
-    let path = match &m.method {
-        None => None,
-        Some(method) => Some(method_path(doc, &at(mpath, "method"), method, diag)?),
+    let (path, grpc_method_rank) = match &m.method {
+        None => (None, None),
+        Some(method) => {
+            let chars = |v: &Option<String>| v.as_deref().map_or(0, str::len).min(0xffff);
+            let rank = (chars(&method.service) << 16) | chars(&method.method);
+            (Some(method_path(doc, &at(mpath, "method"), method, diag)?), Some(rank))
+        }
     };
     Some(HttpRouteMatch {
         path,
         headers: m.headers,
         query_params: Vec::new(),
         method: None,
+        grpc_method_rank,
     })
 }
 

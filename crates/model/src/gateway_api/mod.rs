@@ -429,7 +429,7 @@ impl Ctx<'_, '_, '_> {
                 ),
             );
         }
-        Ok(self.registry.add_cluster(Cluster {
+        let id = self.registry.add_cluster(Cluster {
             name: cluster_name,
             service: host,
             subset: String::new(),
@@ -446,7 +446,13 @@ impl Ctx<'_, '_, '_> {
             outlier: None,
             health_check: None,
             tls: None,
-        }))
+        });
+        // The cluster may exist already (another route to the same Service port): HTTP/2 asked
+        // for by any of them holds for all, whatever the order of the documents.
+        if h2c && let Some(c) = self.registry.cluster_mut(id) {
+            c.protocol = UpstreamProtocol::Http2;
+        }
+        Ok(id)
     }
 
     fn registry_has(&self, cluster_name: &str) -> bool {

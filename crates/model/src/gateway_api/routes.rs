@@ -417,6 +417,13 @@ fn compile_match(
             ok = false;
         }
     }
+    if let Some(rank) = m.grpc_method_rank {
+        // GRPCRoute precedence: more characters of service, then of method, then headers.
+        parts = MatchParts {
+            path_rank: 0,
+            path_len: rank,
+        };
+    }
     ok.then_some((rm, parts))
 }
 

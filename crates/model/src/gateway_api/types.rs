@@ -251,6 +251,10 @@ pub struct HttpRouteMatch {
     #[serde(default)]
     pub query_params: Vec<ValueMatch>,
     pub method: Option<String>,
+    /// A GRPCRoute method match's rank (never read from YAML): `service` characters, then
+    /// `method` characters, as `(service << 16) | method`; it replaces the path's rank.
+    #[serde(skip)]
+    pub grpc_method_rank: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
