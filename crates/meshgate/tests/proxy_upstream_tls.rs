@@ -469,3 +469,83 @@ services:
         "tls_verify is on: no warning"
     );
 }
+
+#[test]
+fn each_server_name_has_its_own_pool_even_under_a_connection_limit() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    // One connection allowed for the cluster; the server name follows each request's host.
+    let tls =
+        "      mode: SIMPLE\n      insecureSkipVerify: true\n    connectionPool:\n      tcp: {maxConnections: 1}\n";
+    for protocol in ["HTTP2", "HTTP"] {
+        let before = upstream.handshakes.load(Ordering::SeqCst);
+        let (port, _proxy) = serve(&upstream, protocol, tls);
+        let client = client(false);
+        rt().block_on(async {
+            for i in 0..6 {
+                let host = if i % 2 == 0 { "a.test" } else { "b.test" };
+                let r = send(&client, get(port, "/", host, &[])).await.expect("request");
+                assert_eq!(r.status, 200, "{protocol} {host}: {}", r.body);
+                assert_eq!(r.json()["sni"], host, "{protocol}: {}", r.body);
+            }
+        });
+        // One connection per name, reused: not a handshake per request.
+        let handshakes = upstream.handshakes.load(Ordering::SeqCst) - before;
+        assert_eq!(handshakes, 2, "{protocol}: {handshakes} handshakes for 6 requests");
+    }
+}
+
+#[test]
+fn kong_tls_is_per_service_and_a_handshake_past_connect_timeout_is_a_504() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    // Accepts connections (the kernel does) and never answers the TLS handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let deck = format!(
+        r#"_format_version: "3.0"
+upstreams:
+- name: api.test
+  targets:
+  - target: 127.0.0.1:{port}
+services:
+- name: secure
+  protocol: https
+  host: api.test
+  routes:
+  - name: secure
+    paths: [/secure]
+- name: plain
+  protocol: http
+  host: api.test
+  retries: 0
+  routes:
+  - name: plain
+    paths: [/plain]
+- name: silent
+  protocol: https
+  host: 127.0.0.1
+  port: {silent}
+  connect_timeout: 300
+  retries: 0
+  routes:
+  - name: silent
+    paths: [/silent]
+"#,
+        port = upstream.addr.port(),
+        silent = silent.local_addr().expect("addr").port(),
+    );
+    let listen = free_port();
+    let _proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
+    let (status, _, body) = raw_get(addr, "/secure", "k.test").expect("request");
+    assert_eq!(status, 200, "{body}");
+    // The same upstream in plain text for the http service: the TLS server does not answer it.
+    let (status, _, body) = raw_get(addr, "/plain", "k.test").expect("request");
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
+    let started = std::time::Instant::now();
+    let (status, _, body) = raw_get(addr, "/silent", "k.test").expect("request");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("The upstream server is timing out"), "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}

@@ -663,6 +663,10 @@ pub struct HealthCheck {
     /// Statuses that count as healthy.
     #[serde(default = "HealthCheck::default_statuses")]
     pub healthy_statuses: Vec<u16>,
+    /// Probe in plain text even when the cluster originates TLS (Kong's `active.type: http`);
+    /// otherwise probes use the cluster's TLS, as Envoy's do. Not settable in the annotation.
+    #[serde(skip_deserializing, default)]
+    pub plain_text: bool,
 }
 
 impl HealthCheck {

@@ -749,6 +749,8 @@ async fn send_try(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     });
+    // TLS: the server name for this request, and the pool of connections opened with it.
+    let mut tls_pool = None;
     let tls = match &cluster.tls {
         None => None,
         Some(_) => {
@@ -757,26 +759,25 @@ async fn send_try(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or(target.address.as_str());
-            cluster.tls_target(use_http2, host).map_err(TryError::Upstream)?
+            let tls = cluster.tls_target(use_http2, host).map_err(TryError::Upstream)?;
+            if let Some(t) = &tls {
+                tls_pool = Some(cluster.pool_for_tls(&target.pool, target.address.as_str(), t));
+            }
+            tls
         }
     };
+    let pool = tls_pool.as_ref().unwrap_or(&target.pool);
     // `None`: the try's time ran out. The branches are spelled out rather than wrapped in one
     // async block, which would nest (and copy) the send future once more.
     let result = if use_http2 {
         let req = Request::from_parts(clone_parts(parts), body);
-        let sent = Box::pin(
-            target
-                .pool
-                .send_http2(target.address.as_str(), &cluster.stats, req, tls.as_ref()),
-        );
+        let sent = Box::pin(pool.send_http2(target.address.as_str(), &cluster.stats, req, tls.as_ref()));
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
         }
     } else {
-        let sent = target
-            .pool
-            .send_http1(target.address.as_str(), &cluster.stats, parts, body, tls.as_ref());
+        let sent = pool.send_http1(target.address.as_str(), &cluster.stats, parts, body, tls.as_ref());
         match timeout {
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
@@ -822,6 +823,7 @@ fn finish(
             let failure = match e {
                 UpstreamError::Overflow(_) => Failure::Overflow,
                 UpstreamError::Connect(_) => Failure::Connect,
+                UpstreamError::ConnectTimeout => Failure::ConnectTimeout,
                 UpstreamError::Reset(_) | UpstreamError::RefusedStream(_) => Failure::Reset,
             };
             return failure_reply(stats, flavor, failure);
@@ -853,6 +855,7 @@ fn finish(
 enum Failure {
     NoHealthyUpstream,
     Connect,
+    ConnectTimeout,
     Reset,
     Overflow,
     Timeout,
@@ -875,6 +878,13 @@ fn failure_reply(stats: &RouteStats, flavor: ListenerFlavor, failure: Failure) -
             KONG_BAD_GATEWAY,
             ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
         ),
+        // nginx answers 504 when `proxy_connect_timeout` expires.
+        Failure::ConnectTimeout => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            CONNECT_FAILURE,
+            KONG_TIMEOUT,
+            ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+        ),
         Failure::Reset => (
             StatusCode::SERVICE_UNAVAILABLE,
             CONNECTION_TERMINATION,
@@ -890,13 +900,14 @@ fn failure_reply(stats: &RouteStats, flavor: ListenerFlavor, failure: Failure) -
         Failure::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,
             UPSTREAM_TIMEOUT,
-            "The upstream server is timing out",
+            KONG_TIMEOUT,
             ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
         ),
     };
     let resp = if flavor == ListenerFlavor::Kong {
         let status = match failure {
             Failure::Connect | Failure::Reset => StatusCode::BAD_GATEWAY,
+            Failure::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             _ => status,
         };
         kong_message_reply(status, kong_message)
@@ -909,6 +920,8 @@ fn failure_reply(stats: &RouteStats, flavor: ListenerFlavor, failure: Failure) -
 
 /// Kong's 502 text (its `S502_MESSAGE`).
 const KONG_BAD_GATEWAY: &str = "An invalid response was received from the upstream server";
+/// Kong's 504 text.
+const KONG_TIMEOUT: &str = "The upstream server is timing out";
 
 /// Kong's JSON error body, `{"message":"..."}`, in the layout of its other errors.
 fn kong_message_reply(status: StatusCode, message: &str) -> Response<ResponseBody> {
@@ -1150,6 +1163,8 @@ struct PreparedMirror {
     address: String,
     pool: Arc<crate::upstream::pool::EndpointPool>,
     parts: http::request::Parts,
+    /// The primary request's Host: the TLS server name, where the copy's Host says `-shadow`.
+    server_host: Option<String>,
 }
 
 impl Mirroring<'_> {
@@ -1191,6 +1206,11 @@ impl Mirroring<'_> {
                 address,
                 pool,
                 parts: req.into_parts().0,
+                server_host: parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string),
             });
         }
         prepared
@@ -1206,6 +1226,7 @@ fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
             address,
             pool,
             mut parts,
+            server_host,
         } = mirror;
         if !body.is_empty() {
             parts
@@ -1216,24 +1237,50 @@ fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
         let body = UpstreamBody::Buffered(http_body_util::Full::new(body.clone()));
         tokio::spawn(async move {
             cluster.stats.requests.fetch_add(1, Relaxed);
-            let host = parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(address.as_str())
-                .to_string();
-            let tls = match cluster.tls_target(false, &host) {
+            let http2 = cluster.config.protocol == UpstreamProtocol::Http2;
+            // The copy's Host carries `-shadow`; the connection is to the primary's host.
+            let tls = match cluster.tls.is_some().then_some(server_host.as_deref()).flatten() {
+                None => Ok(None),
+                Some(host) => cluster.tls_target(http2, host),
+            };
+            let tls = match tls {
                 Ok(tls) => tls,
                 Err(e) => {
                     tracing::debug!(cluster = %cluster.config.name, error = ?e, "mirror request failed");
                     return;
                 }
             };
-            let sent = tokio::time::timeout(
-                MIRROR_TIMEOUT,
-                pool.send_http1(&address, &cluster.stats, &mut parts, body, tls.as_ref()),
-            )
-            .await;
+            let pool = match &tls {
+                Some(t) => cluster.pool_for_tls(&pool, &address, t),
+                None => pool,
+            };
+            let sent = if http2 {
+                // gRPC and other HTTP/2 clusters get the copy in HTTP/2, with an absolute URI.
+                let authority = parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                    .unwrap_or_else(|| cluster_authority(&address));
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(Scheme::HTTP);
+                uri.authority = Some(authority);
+                uri.path_and_query = parts.uri.path_and_query().cloned();
+                let Ok(uri) = Uri::from_parts(uri) else { return };
+                parts.uri = uri;
+                parts.version = Version::HTTP_2;
+                let req = Request::from_parts(parts, body);
+                tokio::time::timeout(
+                    MIRROR_TIMEOUT,
+                    pool.send_http2(&address, &cluster.stats, req, tls.as_ref()),
+                )
+                .await
+            } else {
+                tokio::time::timeout(
+                    MIRROR_TIMEOUT,
+                    pool.send_http1(&address, &cluster.stats, &mut parts, body, tls.as_ref()),
+                )
+                .await
+            };
             match sent {
                 Ok(Ok((resp, ret))) => {
                     // Drain the mirror's response so its connection can be reused.

@@ -187,6 +187,11 @@ impl UpstreamTlsConfig {
         })
     }
 
+    /// Whether every connection sends the same server name (`sni` is set).
+    pub fn has_fixed_sni(&self) -> bool {
+        self.sni.is_some()
+    }
+
     /// The config for a connection of the given protocol.
     pub fn client_config(&self, http2: bool) -> &Arc<rustls::ClientConfig> {
         if http2 { &self.http2 } else { &self.http1 }

@@ -1510,6 +1510,9 @@ fn compile_service(
         None
     };
     let port = port.unwrap_or(if tls.is_some() { 443 } else { 80 });
+    // Clusters are shared by name between services; TLS settings are per service in Kong, so
+    // they are part of the name.
+    let tls_key = tls.as_ref().map_or_else(String::new, kong_tls_key);
     if let Some(p) = &url_path
         && !p.starts_with('/')
     {
@@ -1527,6 +1530,7 @@ fn compile_service(
                 targets,
                 upstream_protocol,
                 kong_pool(service),
+                &tls_key,
                 registry,
                 diag,
             )?;
@@ -1534,7 +1538,7 @@ fn compile_service(
         }
         None => {
             let cluster = registry.add_cluster(kong_cluster(
-                format!("kong|{host}:{port}"),
+                format!("kong|{host}:{port}{tls_key}"),
                 host.clone(),
                 port,
                 upstream_protocol,
@@ -1624,6 +1628,23 @@ fn kong_service_tls(
         ca_certificates: ca_certificates.filter(|_| verify),
         client_certificate,
     })
+}
+
+/// The part of a cluster name that tells TLS settings apart: `|tls` (Kong's default, no
+/// check), `|tls-verify`, and a digest of the CA and client certificates when given.
+fn kong_tls_key(tls: &UpstreamTls) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut key = String::from("|tls");
+    if !tls.insecure_skip_verify {
+        key.push_str("-verify");
+    }
+    if tls.ca_certificates.is_some() || tls.client_certificate.is_some() {
+        let mut digest = std::hash::DefaultHasher::new();
+        tls.ca_certificates.as_ref().map(|f| &f.pem).hash(&mut digest);
+        tls.client_certificate.as_ref().map(|(c, _)| &c.pem).hash(&mut digest);
+        key.push_str(&format!("-{:08x}", digest.finish() as u32));
+    }
+    key
 }
 
 /// An entity's `id` as decK writes references: a bare id or `{id: ..}`.
@@ -1765,10 +1786,11 @@ fn upstream_cluster(
     targets: &[&types::Target],
     protocol: UpstreamProtocol,
     pool: ConnectionPoolSettings,
+    tls_key: &str,
     registry: &mut Registry<'_>,
     diag: &mut Diag,
 ) -> Option<ClusterId> {
-    let name = format!("kong|{}", upstream.name);
+    let name = format!("kong|{}{tls_key}", upstream.name);
     if registry.has_cluster(&name) {
         return Some(registry.add_cluster(kong_cluster(
             name,
@@ -1966,11 +1988,11 @@ fn kong_active_health_check(
     let number = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(0.0);
     let active = value.get("active")?;
     let kind = active.get("type").and_then(Value::as_str).unwrap_or("http");
-    if kind != "http" {
+    if kind != "http" && kind != "https" {
         diag.warn(
             doc,
             at(path, "active.type"),
-            format!("{kind} probes are not supported yet (http); ignored"),
+            format!("{kind} probes are not supported yet (http, https); ignored"),
         );
         return None;
     }
@@ -2001,6 +2023,9 @@ fn kong_active_health_check(
     .into_iter()
     .fold(0.0f64, f64::max);
     Some(crate::snapshot::HealthCheck {
+        // `https` probes go over the service's TLS; `http` ones in plain text, even to an
+        // `https` service, as in Kong.
+        plain_text: kind == "http",
         path: active
             .get("http_path")
             .and_then(Value::as_str)

@@ -206,6 +206,19 @@ impl ClusterRuntime {
         &self.worker_pools().endpoints[index]
     }
 
+    /// The pool for a TLS connection to endpoint `address` (whose own pool is `endpoint_pool`):
+    /// that pool when the DestinationRule fixes `sni`; with the server name taken from each
+    /// request, one pool per name, so that each name has its own connections, its own HTTP/2
+    /// connection and its own allowance of one connection, as Envoy keys its pools by SNI.
+    pub fn pool_for_tls(&self, endpoint_pool: &Arc<EndpointPool>, address: &str, tls: &TlsTarget) -> Arc<EndpointPool> {
+        match &self.tls {
+            Some(config) if !config.has_fixed_sni() => {
+                self.pool_for_address(&format!("{address} {}", tls.server_name.to_str()))
+            }
+            _ => endpoint_pool.clone(),
+        }
+    }
+
     /// This worker's pool for an address outside the endpoint list (original destination).
     pub fn pool_for_address(&self, address: &str) -> Arc<EndpointPool> {
         let mut pools = self.worker_pools().by_address.lock().unwrap_or_else(|p| p.into_inner());

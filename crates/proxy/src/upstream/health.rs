@@ -129,9 +129,13 @@ pub async fn run(shared: Arc<Shared>) {
                 let cluster = cluster.clone();
                 tokio::spawn(async move {
                     let Some(health) = &cluster.health else { return };
-                    // Probes go over the cluster's TLS too, as Envoy's do, named for the service.
-                    let tls = cluster.tls_target(false, &cluster.config.service).ok().flatten();
-                    let ok = probe(&health.config, cluster.endpoints[i].authority.as_str(), tls).await;
+                    let ok = match probe_tls(&cluster) {
+                        Ok(tls) => probe(&health.config, cluster.endpoints[i].authority.as_str(), tls).await,
+                        Err(e) => {
+                            tracing::debug!(cluster = %cluster.config.name, error = ?e, "health probe has no TLS server name");
+                            false
+                        }
+                    };
                     health.record(i, ok, &cluster);
                     health.endpoints[i].probing.store(false, Relaxed);
                 });
@@ -140,6 +144,23 @@ pub async fn run(shared: Arc<Shared>) {
         drop(active);
         tokio::time::sleep(TICK).await;
     }
+}
+
+/// The TLS of a cluster's probes: as Envoy's, they use the cluster's TLS (unless the check
+/// asks for plain text), named with the rule's `sni`, else its first subject alt name, else
+/// the service host, since a probe has no request host to take the name from. A name that
+/// cannot be made is a failed probe, never a plain-text one.
+fn probe_tls(cluster: &ClusterRuntime) -> Result<Option<super::connector::TlsTarget>, super::pool::UpstreamError> {
+    let plain = cluster.health.as_ref().is_some_and(|h| h.config.plain_text);
+    let Some(tls) = cluster.config.tls.as_ref().filter(|_| !plain) else {
+        return Ok(None);
+    };
+    let name = tls
+        .sni
+        .as_deref()
+        .or(tls.subject_alt_names.first().map(String::as_str))
+        .unwrap_or(&cluster.config.service);
+    cluster.tls_target(false, name)
 }
 
 /// One probe: `GET path` on a new connection; healthy when the status is a healthy one.

@@ -42,6 +42,9 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 pub enum UpstreamError {
     /// No connection could be made (Envoy's `UF`, "connection failure").
     Connect(String),
+    /// No connection within `connectTimeout` (handshake included): a connection failure to
+    /// Envoy, a timeout (504) to Kong.
+    ConnectTimeout,
     /// The connection broke before response headers (Envoy's `UC`, "connection termination").
     Reset(String),
     /// The HTTP/2 upstream refused the stream (`REFUSED_STREAM`): it did not process the
@@ -57,7 +60,7 @@ impl UpstreamError {
     /// retry condition covers.
     pub fn failure(&self) -> Option<TryFailure> {
         match self {
-            UpstreamError::Connect(_) => Some(TryFailure::ConnectFailure),
+            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => Some(TryFailure::ConnectFailure),
             UpstreamError::Reset(_) => Some(TryFailure::Reset),
             UpstreamError::RefusedStream(_) => Some(TryFailure::RefusedStream),
             UpstreamError::Overflow(_) => None,
@@ -531,11 +534,11 @@ async fn connect(
     };
     let failure = match tokio::time::timeout(limits.connect_timeout, opening).await {
         Ok(Ok(io)) => return Ok(CountedStream::new(io, slot)),
-        Ok(Err(e)) => e,
-        Err(_) => "connect timeout".to_string(),
+        Ok(Err(e)) => UpstreamError::Connect(e),
+        Err(_) => UpstreamError::ConnectTimeout,
     };
     stats.connect_failures.fetch_add(1, Relaxed);
-    Err(UpstreamError::Connect(failure))
+    Err(failure)
 }
 
 /// `SO_KEEPALIVE` with Istio's `tcpKeepalive` (unset fields keep the system's defaults).
