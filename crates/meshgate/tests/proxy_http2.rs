@@ -549,7 +549,28 @@ fn an_idle_connection_is_sent_goaway_and_closed_but_not_while_a_stream_is_open()
         waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
         "GOAWAY after {waited:?}"
     );
+    // A stream the client opens after it: refused cleanly (safe to retry), not lost.
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        3,
+        &request_block("/late", &[]),
+    ));
+    let refused = c.expect(RST_STREAM, Some(3));
+    assert_eq!(rst_code(&refused), 0x7, "REFUSED_STREAM");
+    // Then the connection closes, after Envoy's 5 s drain time.
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let draining = Instant::now();
     assert!(c.next().is_none(), "the connection closes after GOAWAY");
+    let drained = idle.elapsed();
+    assert!(
+        drained >= Duration::from_secs(5) && drained < Duration::from_secs(8),
+        "closed {drained:?} after going idle ({:?} after the refusal)",
+        draining.elapsed()
+    );
+    assert_eq!(echo.count(), 1);
 }
 
 #[test]

@@ -1048,6 +1048,14 @@ fn upstream_tls_problems_are_errors_or_warnings_with_their_paths() {
         "  trafficPolicy:\n    tls: {mode: SIMPLE, credentialName: api-secret}\n",
     ));
     assert_eq!(e[0].field, "spec.trafficPolicy.tls.credentialName");
+    let e = errors(&tls_rule(
+        "  trafficPolicy:\n    tls: {mode: SIMPLE, subjectAltNames: [\"*.example.com\"]}\n",
+    ));
+    assert_eq!(e[0].field, "spec.trafficPolicy.tls.subjectAltNames[0]");
+    let e = errors(&tls_rule(
+        "  trafficPolicy:\n    tls: {mode: SIMPLE, sni: \"bad name\"}\n",
+    ));
+    assert_eq!(e[0].field, "spec.trafficPolicy.tls.sni");
     let e = errors(&tls_rule("  trafficPolicy:\n    tls: {mode: STRICT}\n"));
     assert_eq!(e[0].field, "spec.trafficPolicy.tls.mode");
     let e = errors(&tls_rule("  trafficPolicy:\n    tls: {mode: SIMPLE, verify: true}\n"));

@@ -390,7 +390,8 @@ impl<'r> Registry<'r> {
             let base = r.doc.file.parent().unwrap_or(std::path::Path::new("."));
             let mut tls = super::upstream_tls::settings(tls_chain.first().copied(), base, &mut |_, _, _| {})?;
             // As Istio: without subjectAltNames of its own, a rule for a ServiceEntry host checks
-            // the names the ServiceEntry lists (DNS names and IPs; URI SANs are for Istio mTLS).
+            // the names the ServiceEntry lists (DNS names and IPs; URI SANs are for Istio mTLS,
+            // and wildcards name no one host).
             if tls.subject_alt_names.is_empty() && !tls.insecure_skip_verify {
                 tls.subject_alt_names = self
                     .service_doc(&svc_host)
@@ -399,7 +400,7 @@ impl<'r> Registry<'r> {
                     .into_iter()
                     .flatten()
                     .filter_map(serde_json::Value::as_str)
-                    .filter(|san| !san.contains("://"))
+                    .filter(|san| !san.contains("://") && super::upstream_tls::check_name(san).is_ok())
                     .map(str::to_string)
                     .collect();
             }

@@ -97,6 +97,16 @@ pub(crate) fn settings(
             );
             return None;
         }
+        if let Err(e) = check_name(san) {
+            report(&format!("subjectAltNames[{i}]"), Level::Error, e);
+            return None;
+        }
+    }
+    if let Some(sni) = spec.sni.as_deref().filter(|s| !s.is_empty())
+        && let Err(e) = check_name(sni)
+    {
+        report("sni", Level::Error, e);
+        return None;
     }
     let insecure_skip_verify = spec.insecure_skip_verify.unwrap_or(false);
     let mut ok = true;
@@ -152,4 +162,27 @@ pub(crate) fn settings(
         ca_certificates,
         client_certificate,
     })
+}
+
+/// A DNS name or IP address a certificate can be checked against (what rustls accepts as a
+/// server name); a wildcard names no one host.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.contains('*') {
+        return Err(format!("{name:?}: a wildcard names no one host; give the host name"));
+    }
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!("{name:?} is not a DNS name or IP address"));
+    }
+    Ok(())
 }

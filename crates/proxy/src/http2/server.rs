@@ -87,6 +87,10 @@ pub enum ConnectionError {
     Protocol(Reason, &'static str),
 }
 
+/// How long a connection closed for being idle goes on refusing streams after its GOAWAY
+/// (Envoy's default `drain_timeout`).
+const IDLE_DRAIN: Duration = Duration::from_secs(5);
+
 /// A future that completes when the server starts shutting down.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -439,6 +443,8 @@ struct Connection<IO, F> {
     timer_waker: Option<(Arc<TimerWaker>, Waker)>,
     /// When the last open stream ended (or the connection opened).
     idle_since: Instant,
+    /// After an idle GOAWAY: the connection stays open (refusing new streams) until then.
+    linger_until: Option<Instant>,
 }
 
 impl<IO, F> Connection<IO, F>
@@ -500,6 +506,7 @@ where
             timer: None,
             timer_waker: None,
             idle_since: Instant::now(),
+            linger_until: None,
         }
     }
 
@@ -571,6 +578,11 @@ where
         tracing::debug!("HTTP/2 connection idle timeout");
         frame::write_goaway(&mut self.out, self.last_stream_id, Reason::NO_ERROR, b"idle timeout");
         self.going_away = true;
+        // As Envoy's `drain_timeout`: a request the client sent before it saw the GOAWAY is
+        // refused cleanly (REFUSED_STREAM, safe to retry) rather than lost to a closed socket.
+        let until = now + IDLE_DRAIN;
+        self.linger_until = Some(until);
+        self.arm_timer(until);
     }
 
     fn output_backlog(&self) -> usize {
@@ -1425,7 +1437,9 @@ where
             }
             let finished = this.state == State::Closing
                 || this.read_closed
-                || ((this.peer_goaway || this.going_away) && this.streams.is_empty());
+                || ((this.peer_goaway || this.going_away)
+                    && this.streams.is_empty()
+                    && this.linger_until.is_none_or(|t| Instant::now() >= t));
             if finished && this.output_backlog() == 0 && !this.flush_pending {
                 // The close (and for TLS its close_notify) must go out too.
                 if Pin::new(&mut this.io).poll_shutdown(cx).is_pending() {
