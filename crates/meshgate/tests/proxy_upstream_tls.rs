@@ -125,7 +125,7 @@ impl TlsUpstream {
                     let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         requests.fetch_add(1, Ordering::SeqCst);
-                        let body = serde_json::json!({
+                        let mut seen = serde_json::json!({
                             "sni": sni,
                             "alpn": alpn,
                             "client_cert": client_cert,
@@ -133,10 +133,12 @@ impl TlsUpstream {
                             "host": req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or(""),
                             "authority": req.uri().authority().map(|a| a.to_string()).unwrap_or_default(),
                             "path": req.uri().path(),
+                            "chunked": req.headers().get("transfer-encoding").is_some(),
                         });
                         async move {
+                            seen["body_len"] = body_len(req.into_body()).await.into();
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
-                                body.to_string(),
+                                seen.to_string(),
                             ))))
                         }
                     });
@@ -548,4 +550,47 @@ services:
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("The upstream server is timing out"), "{body}");
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
+
+#[test]
+fn request_bodies_stream_over_tls_with_and_without_a_length() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    for protocol in ["HTTP", "HTTP2"] {
+        let (port, _proxy) = serve(&upstream, protocol, &simple(&pki));
+        rt().block_on(async {
+            // 4 MiB: more than rustls and the socket buffer hold, so writes must wait and flush.
+            let total = 4 * 1024 * 1024u64;
+            let with_length = hyper::Request::post("/upload")
+                .header("host", "api.test")
+                .header("content-length", total)
+                .body(http_body_util::BodyExt::boxed(sized_body(total)))
+                .expect("request");
+            let without_length = hyper::Request::post("/upload")
+                .header("host", "api.test")
+                .body(http_body_util::BodyExt::boxed(sized_body(total)))
+                .expect("request");
+            for (req, chunked) in [(with_length, false), (without_length, true)] {
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connect");
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+                tokio::spawn(conn);
+                let resp = sender.send_request(req).await.expect("response");
+                let status = resp.status();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                assert_eq!(status, 200, "{protocol}: {}", String::from_utf8_lossy(&body));
+                let seen: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                assert_eq!(seen["body_len"], total, "{protocol}: {seen}");
+                if protocol == "HTTP" {
+                    assert_eq!(seen["chunked"], chunked, "{seen}");
+                }
+            }
+        });
+    }
 }
