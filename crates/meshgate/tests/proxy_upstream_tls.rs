@@ -594,3 +594,92 @@ fn request_bodies_stream_over_tls_with_and_without_a_length() {
         });
     }
 }
+
+/// A Gateway API config: an `edge` Gateway on `port`, Service `api` (port 443) whose endpoint
+/// is `upstream`, an HTTPRoute to it, and `policy` (YAML documents) after them.
+fn gateway_api_config(port: u16, upstream: &TlsUpstream, policy: &str) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {{name: http, port: {port}, protocol: HTTP}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: apps}}
+spec:
+  ports:
+  - {{name: https, port: 443}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-abc
+  namespace: apps
+  labels: {{kubernetes.io/service-name: api}}
+addressType: IPv4
+ports:
+- {{name: https, port: {upstream_port}}}
+endpoints:
+- addresses: ["127.0.0.1"]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: api, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules:
+  - backendRefs: [{{name: api, port: 443}}]
+---
+{policy}"#,
+        upstream_port = upstream.addr.port(),
+    )
+}
+
+#[test]
+fn backend_tls_policy_originates_tls_with_its_hostname_and_ca() {
+    let pki = Pki::new();
+    let upstream = TlsUpstream::start(&pki, false);
+    let ca = std::fs::read_to_string(pki.dir.join("ca.pem")).expect("ca");
+    let policy = format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: BackendTLSPolicy
+metadata: {{name: api-tls, namespace: apps}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: api}}]
+  validation:
+    hostname: api.test
+    caCertificateRefs: [{{group: "", kind: ConfigMap, name: api-ca}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: api-ca, namespace: apps}}
+data:
+  ca.crt: |
+{ca}"#,
+        ca = block(&ca, 4),
+    );
+    let port = free_port();
+    let proxy = Proxy::start(&gateway_api_config(port, &upstream, &policy));
+    let r = get_json(port, "anything.example");
+    assert_eq!(r.status, 200, "{}\n{}", r.body, proxy.log_text());
+    assert_eq!(r.json()["sni"], "api.test", "the policy's hostname, not the request's");
+    assert_eq!(r.json()["host"], "anything.example");
+    drop(proxy);
+
+    // A CA reference that does not resolve: the backend is invalid (500), never plain text.
+    let port = free_port();
+    let broken = policy.replace("name: api-ca}", "name: missing-ca}");
+    let _proxy = Proxy::start(&gateway_api_config(port, &upstream, &broken));
+    assert_eq!(get_json(port, "anything.example").status, 500);
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
+}

@@ -15,6 +15,7 @@
 //! in the registry shared with the Istio compiler: when an Istio ServiceEntry defines that host,
 //! its endpoints (and DestinationRules) are used, otherwise the Service's EndpointSlices.
 
+mod backend_tls;
 mod grpc_routes;
 mod listener_sets;
 mod listeners;
@@ -36,8 +37,8 @@ use crate::snapshot::{
 use crate::source::Document;
 use crate::{CompileOptions, istio};
 use types::{
-    EndpointSlice, GatewayClassSpec, GatewaySpec, HttpRouteSpec, ListenerSetSpec, ReferenceGrantSpec, Secret,
-    ServicePort, ServiceSpec,
+    BackendTlsPolicySpec, ConfigMap, EndpointSlice, GatewayClassSpec, GatewaySpec, HttpRouteSpec, ListenerSetSpec,
+    ReferenceGrantSpec, Secret, ServicePort, ServiceSpec,
 };
 
 /// The Gateway API group.
@@ -51,6 +52,7 @@ const KINDS: &[&str] = &[
     "GRPCRoute",
     "ReferenceGrant",
     "ListenerSet",
+    "BackendTLSPolicy",
 ];
 /// The experimental Gateway API group, where ListenerSet was `XListenerSet` before v1.5.
 pub const EXPERIMENTAL_GROUP: &str = "gateway.networking.x-k8s.io";
@@ -91,7 +93,7 @@ pub(crate) fn claims(doc: &Document) -> bool {
     let group = istio::api_group(doc);
     group == GROUP
         || group == EXPERIMENTAL_GROUP
-        || (doc.api_version == "v1" && matches!(doc.kind.as_str(), "Namespace" | "Service" | "Secret"))
+        || (doc.api_version == "v1" && matches!(doc.kind.as_str(), "Namespace" | "Service" | "Secret" | "ConfigMap"))
         || (group == "discovery.k8s.io" && doc.kind == "EndpointSlice")
 }
 
@@ -111,6 +113,9 @@ pub(crate) struct Resources<'a> {
     slices: Vec<Res<'a, EndpointSlice>>,
     /// (namespace, name) → Secret.
     secrets: HashMap<(String, String), Res<'a, Secret>>,
+    /// (namespace, name) → ConfigMap (CA certificates of BackendTLSPolicies).
+    config_maps: HashMap<(String, String), Res<'a, ConfigMap>>,
+    backend_tls: Vec<Res<'a, BackendTlsPolicySpec>>,
 }
 
 pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Resources<'a> {
@@ -134,7 +139,9 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
                 );
                 continue;
             }
-            if !VERSIONS.contains(&version) {
+            // BackendTLSPolicy went v1 in Gateway API 1.4; v1alpha3 is the same schema.
+            let version_ok = VERSIONS.contains(&version) || (doc.kind == "BackendTLSPolicy" && version == "v1alpha3");
+            if !version_ok {
                 diag.error(
                     doc,
                     "apiVersion",
@@ -197,6 +204,10 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
             "Secret" => decode_body(doc, diag).map(|spec| {
                 res.secrets.insert(id, Res { doc, spec });
             }),
+            "ConfigMap" => decode_body(doc, diag).map(|spec| {
+                res.config_maps.insert(id, Res { doc, spec });
+            }),
+            "BackendTLSPolicy" => decode_spec(doc, diag).map(|spec| res.backend_tls.push(Res { doc, spec })),
             _ => {
                 // Namespace: only its labels matter (for allowedRoutes selectors).
                 let mut labels = doc.labels.clone();
@@ -272,12 +283,14 @@ pub(crate) fn build(
     snapshot: &mut Snapshot,
     diag: &mut Diag,
 ) {
+    let backend_tls = backend_tls::compile(res, diag);
     let mut ctx = Ctx {
         res,
         registry,
         invalid_cluster: None,
         diag,
         reported_shadowed: std::collections::HashSet::new(),
+        backend_tls,
     };
     listeners::build(&mut ctx, options, snapshot);
 }
@@ -291,6 +304,8 @@ pub(crate) struct Ctx<'c, 'a, 'r> {
     /// HTTPRoute matches already reported as never matching (route, entry), so a match
     /// served on several hosts is reported once.
     reported_shadowed: std::collections::HashSet<(usize, usize)>,
+    /// BackendTLSPolicies by target.
+    backend_tls: backend_tls::Policies,
 }
 
 /// Where a backend reference points, as written (`HTTPBackendRef` / mirror `backendRef`).
@@ -386,6 +401,8 @@ impl Ctx<'_, '_, '_> {
             if h2c && let Some(c) = self.registry.cluster_mut(id) {
                 c.protocol = UpstreamProtocol::Http2;
             }
+            let port_name = service_port.and_then(|p| p.name.as_deref());
+            self.apply_backend_tls(ns, name, port_name, id)?;
             return Ok(id);
         }
         let Some(service) = service else {
@@ -452,7 +469,33 @@ impl Ctx<'_, '_, '_> {
         if h2c && let Some(c) = self.registry.cluster_mut(id) {
             c.protocol = UpstreamProtocol::Http2;
         }
+        self.apply_backend_tls(ns, name, service_port.name.as_deref(), id)?;
         Ok(id)
+    }
+
+    /// Gives cluster `id` the TLS of the BackendTLSPolicy targeting Service `ns/name` (its port
+    /// `port_name`, or all ports); `Err` (the backend is invalid) when that policy is.
+    fn apply_backend_tls(
+        &mut self,
+        ns: &str,
+        name: &str,
+        port_name: Option<&str>,
+        id: ClusterId,
+    ) -> Result<(), String> {
+        let key = |section: Option<&str>| (ns.to_string(), name.to_string(), section.map(str::to_string));
+        let policy = port_name
+            .and_then(|p| self.backend_tls.get(&key(Some(p))))
+            .or_else(|| self.backend_tls.get(&key(None)));
+        match policy {
+            None => Ok(()),
+            Some(Err(why)) => Err(why.clone()),
+            Some(Ok(tls)) => {
+                if let Some(c) = self.registry.cluster_mut(id) {
+                    c.tls = Some(tls.clone());
+                }
+                Ok(())
+            }
+        }
     }
 
     fn registry_has(&self, cluster_name: &str) -> bool {

@@ -514,6 +514,64 @@ pub struct SlicePort {
     pub app_protocol: Option<String>,
 }
 
+/// `BackendTLSPolicy.spec`: TLS from the gateway to the Services it targets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendTlsPolicySpec {
+    pub target_refs: Vec<PolicyTargetRef>,
+    pub validation: BackendTlsValidation,
+    pub options: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    pub section_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendTlsValidation {
+    #[serde(default)]
+    pub ca_certificate_refs: Vec<LocalObjectRef>,
+    pub well_known_ca_certificates: Option<String>,
+    pub hostname: String,
+    #[serde(default)]
+    pub subject_alt_names: Vec<SubjectAltName>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalObjectRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubjectAltName {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hostname: Option<String>,
+    pub uri: Option<String>,
+}
+
+/// A ConfigMap without `apiVersion`, `kind`, `metadata`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigMap {
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    pub binary_data: Option<Value>,
+    pub immutable: Option<Value>,
+}
+
 /// A Secret without `apiVersion`, `kind`, `metadata`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

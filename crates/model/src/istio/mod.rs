@@ -21,7 +21,7 @@ mod retries;
 pub(crate) mod routes;
 pub mod types;
 mod unsupported;
-mod upstream_tls;
+pub(crate) mod upstream_tls;
 
 use std::collections::HashMap;
 
