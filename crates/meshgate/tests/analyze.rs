@@ -10,13 +10,13 @@ fn analyze_reports_findings_and_fails_only_on_errors() {
     let good = dir.join("good.yaml");
     std::fs::write(
         &good,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - corsPolicy: {allowOrigins: [{exact: \"https://a.example.com\"}]}\n    route:\n    - destination:\n        host: a.example.com\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: ok\nspec:\n  hosts: [a.example.com]\n  http:\n  - match: [{uri: {prefix: /}, statPrefix: ok}]\n    route:\n    - destination:\n        host: a.example.com\n",
     )
     .expect("write");
     let (code, stdout) = analyze(&good);
     assert_eq!(code, Some(0), "{stdout}");
     assert!(
-        stdout.contains("warning: ") && stdout.contains("spec.http[0].corsPolicy"),
+        stdout.contains("warning: ") && stdout.contains("spec.http[0].match[0].statPrefix"),
         "{stdout}"
     );
 

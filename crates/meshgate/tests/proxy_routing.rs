@@ -553,3 +553,82 @@ spec:
         "workload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cors_policy_answers_allowed_preflights_and_forwards_the_others() {
+    let echo = Echo::start("app");
+    let port = free_port();
+    let yaml = format!(
+        r#"{gateway}{se}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: app}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - corsPolicy:
+      allowOrigins:
+      - exact: https://shop.example.com
+      - regex: "https://.*\\.partner\\.example"
+      allowMethods: [GET, POST]
+      allowHeaders: [X-Token]
+      exposeHeaders: [X-Trace]
+      maxAge: 24h
+      allowCredentials: true
+    route:
+    - destination: {{host: app.test}}
+"#,
+        gateway = gateway("gw", port),
+        se = service_entry("app", "app.test", &[(echo.port(), "v1")]),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let c = client(false);
+    let preflight = |origin: &str| {
+        let mut req = get(
+            port,
+            "/api",
+            "app.test",
+            &[("origin", origin), ("access-control-request-method", "POST")],
+        );
+        *req.method_mut() = http::Method::OPTIONS;
+        req
+    };
+    // An allowed origin's preflight is answered by the proxy.
+    let r = send(&c, preflight("https://a.partner.example"))
+        .await
+        .expect("preflight");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.served_by(), "", "answered without the upstream");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://a.partner.example")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET, POST"));
+    assert_eq!(r.header("access-control-allow-headers"), Some("x-token"));
+    assert_eq!(r.header("access-control-max-age"), Some("86400"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    // Another origin's preflight goes to the upstream (Istio's unmatchedPreflights: FORWARD).
+    let r = send(&c, preflight("https://evil.example")).await.expect("preflight");
+    assert_eq!(r.served_by(), "app");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    // Actual requests: headers for allowed origins only.
+    let r = send(
+        &c,
+        get(port, "/api", "app.test", &[("origin", "https://shop.example.com")]),
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.served_by(), "app");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example.com")
+    );
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-trace"));
+    let r = send(
+        &c,
+        get(port, "/api", "app.test", &[("origin", "https://shop.example.com.evil")]),
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}

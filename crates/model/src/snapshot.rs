@@ -173,7 +173,7 @@ pub struct Mirror {
 /// `*` and `allow_credentials` is false), plus on preflights `Access-Control-Allow-Methods`,
 /// `-Allow-Headers`, `-Max-Age`, and on all responses `-Allow-Credentials: true` (when set)
 /// and `-Expose-Headers`. When the origin is not allowed, no CORS header is added.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CorsPolicy {
     /// Allowed origins as written: `scheme://host[:port]`, where host may start with `*.`
     /// (any non-empty label sequence), or the single value `*` for any origin.
@@ -185,8 +185,16 @@ pub struct CorsPolicy {
     /// Response headers the browser may read (lower-cased), or `*`.
     pub expose_headers: Vec<String>,
     pub allow_credentials: bool,
-    /// `Access-Control-Max-Age` in seconds for preflights; Gateway API's default is 5.
-    pub max_age: u32,
+    /// `Access-Control-Max-Age` in seconds for preflights (Gateway API's default is 5);
+    /// `None`: not sent.
+    pub max_age: Option<u32>,
+    /// Istio's `allowOrigins`: matchers for the whole `Origin` value (exact, prefix, regex),
+    /// besides the patterns of `allow_origins`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub origin_matches: Vec<StringMatch>,
+    /// A preflight from an origin not allowed goes to the upstream (Istio's default
+    /// `unmatchedPreflights: FORWARD`) rather than being answered without CORS headers.
+    pub forward_unmatched_preflights: bool,
 }
 
 /// Conditions that must all hold (AND) for a [`RequestMatch`] to match.

@@ -551,9 +551,9 @@ fn header_modifiers_mirrors_cors_and_timeouts_are_compiled() {
     assert_eq!(cors.allow_origins, ["https://www.foo.com", "https://*.bar.com"]);
     assert_eq!(cors.allow_methods, ["GET", "OPTIONS"]);
     assert!(cors.allow_credentials);
-    assert_eq!(cors.max_age, 3600);
+    assert_eq!(cors.max_age, Some(3600));
     let (route, _, _) = l.find(&req("same-namespace", None, "/cors-2")).unwrap();
-    assert_eq!(route.cors.as_ref().unwrap().max_age, 5);
+    assert_eq!(route.cors.as_ref().unwrap().max_age, Some(5));
 
     let l = load("manifests/httproute-timeout-backend-request.yaml");
     let (route, _, _) = l.find(&req("same-namespace", None, "/backend-timeout")).unwrap();

@@ -1,5 +1,6 @@
-//! CORS (Gateway API `CORS` filter): preflights answered by the proxy, response headers added
-//! for allowed origins. A disallowed origin gets no CORS header, so the browser blocks it.
+//! CORS (Gateway API `CORS` filter, Istio `corsPolicy`, Kong's `cors` plugin): preflights
+//! answered by the proxy, response headers added for allowed origins. A disallowed origin gets
+//! no CORS header, so the browser blocks it; with Istio, its preflight goes to the upstream.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -9,6 +10,9 @@ use crate::body::{self, ResponseBody};
 
 /// True when `origin` (`scheme://host[:port]`) is allowed by the policy.
 pub fn origin_allowed(policy: &CorsPolicy, origin: &str) -> bool {
+    if policy.origin_matches.iter().any(|m| m.matches(origin)) {
+        return true;
+    }
     policy.allow_origins.iter().any(|allowed| {
         if allowed == "*" {
             return true;
@@ -50,9 +54,14 @@ pub fn preflight<B>(policy: &CorsPolicy, req: &Request<B>) -> Option<Response<Re
     if req.method() != Method::OPTIONS {
         return None;
     }
+    let allowed = origin.to_str().is_ok_and(|o| origin_allowed(policy, o));
+    if !allowed && policy.forward_unmatched_preflights {
+        // Istio's `unmatchedPreflights: FORWARD`: the upstream answers it.
+        return None;
+    }
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::OK;
-    if !origin.to_str().is_ok_and(|o| origin_allowed(policy, o)) {
+    if !allowed {
         return Some(resp);
     }
     let headers = resp.headers_mut();
@@ -67,7 +76,9 @@ pub fn preflight<B>(policy: &CorsPolicy, req: &Request<B>) -> Option<Response<Re
     } else {
         policy.allow_methods.join(", ")
     };
-    insert(headers, header::ACCESS_CONTROL_ALLOW_METHODS, &methods);
+    if !methods.is_empty() {
+        insert(headers, header::ACCESS_CONTROL_ALLOW_METHODS, &methods);
+    }
     let any_header = policy.allow_headers.iter().any(|h| h == "*");
     let requested_headers = req
         .headers()
@@ -86,7 +97,9 @@ pub fn preflight<B>(policy: &CorsPolicy, req: &Request<B>) -> Option<Response<Re
     if !allow_headers.is_empty() {
         insert(headers, header::ACCESS_CONTROL_ALLOW_HEADERS, &allow_headers);
     }
-    insert(headers, header::ACCESS_CONTROL_MAX_AGE, &policy.max_age.to_string());
+    if let Some(max_age) = policy.max_age {
+        insert(headers, header::ACCESS_CONTROL_MAX_AGE, &max_age.to_string());
+    }
     // Gateway API's CORS filter also lists the exposed headers on the preflight answer (its
     // conformance suite checks it); browsers ignore the header there, so it costs nothing.
     insert_expose_headers(policy, headers);
@@ -142,7 +155,7 @@ mod tests {
     fn policy(origins: &[&str]) -> CorsPolicy {
         CorsPolicy {
             allow_origins: origins.iter().map(|s| s.to_string()).collect(),
-            max_age: 5,
+            max_age: Some(5),
             ..Default::default()
         }
     }

@@ -605,7 +605,9 @@ fn cors_policy(c: &CorsFilter) -> CorsPolicy {
         allow_headers: c.allow_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         expose_headers: c.expose_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         allow_credentials: c.allow_credentials.unwrap_or(false),
-        max_age: c.max_age.unwrap_or(5),
+        max_age: Some(c.max_age.unwrap_or(5)),
+        origin_matches: Vec::new(),
+        forward_unmatched_preflights: false,
     }
 }
 

@@ -13,8 +13,8 @@ use super::types::{HeaderOperations, Headers, HttpRoute, StringMatchSpec, Virtua
 use super::{Diag, Res, Resources, at};
 use crate::matcher::{HeaderMatch, PathMatch, QueryMatch, StringMatch};
 use crate::snapshot::{
-    DirectResponse, Forward, HeaderOps, PathRewrite, Redirect, RedirectPort, RequestMatch, Rewrite, Route, RouteAction,
-    WeightedDestination,
+    CorsPolicy, DirectResponse, Forward, HeaderOps, PathRewrite, Redirect, RedirectPort, RequestMatch, Rewrite, Route,
+    RouteAction, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -415,6 +415,14 @@ fn compile_http_route(
     let (request_headers, response_headers) = header_ops(http.headers.as_ref());
     let mirrors = mirrors(doc, &path, http, registry, diag);
     ok &= mirrors.is_some();
+    let cors = match &http.cors_policy {
+        None => None,
+        Some(value) => {
+            let cors = cors_policy(doc, &at(&path, "corsPolicy"), value, diag);
+            ok &= cors.is_some();
+            cors
+        }
+    };
     match (action, ok) {
         (Some(action), true) => Some(CompiledRoute {
             route: Route {
@@ -424,13 +432,75 @@ fn compile_http_route(
                 request_headers,
                 response_headers,
                 mirrors: mirrors.unwrap_or_default(),
-                cors: None,
+                cors,
                 plugins: None,
             },
             match_gateways,
         }),
         _ => None,
     }
+}
+
+/// Istio's `corsPolicy` (`CorsPolicy` of networking v1), as Envoy's CORS filter applies it: the
+/// `Origin` is matched whole against `allowOrigins` (exact, prefix, regex) or the deprecated
+/// `allowOrigin` list (`*` for any); an allowed preflight is answered by the proxy, another one
+/// goes upstream unless `unmatchedPreflights: IGNORE`; `maxAge` is sent only when set.
+fn cors_policy(doc: &Document, path: &str, value: &serde_json::Value, diag: &mut Diag) -> Option<CorsPolicy> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Spec {
+        #[serde(default)]
+        allow_origins: Vec<StringMatchSpec>,
+        #[serde(default)]
+        allow_origin: Vec<String>,
+        #[serde(default)]
+        allow_methods: Vec<String>,
+        #[serde(default)]
+        allow_headers: Vec<String>,
+        #[serde(default)]
+        expose_headers: Vec<String>,
+        max_age: Option<String>,
+        allow_credentials: Option<bool>,
+        unmatched_preflights: Option<String>,
+    }
+    let spec: Spec = decode_value(doc, value, path, diag)?;
+    let mut origin_matches = Vec::new();
+    for (i, m) in spec.allow_origins.iter().enumerate() {
+        match string_match(m, &format!("{path}.allowOrigins[{i}]"), false, doc, diag) {
+            Ok(Some(m)) => origin_matches.push(m),
+            _ => return None,
+        }
+    }
+    let max_age = match spec.max_age.as_deref().map(crate::duration::parse) {
+        None => None,
+        Some(Ok(d)) => Some(u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+        Some(Err(e)) => {
+            diag.error(doc, at(path, "maxAge"), e);
+            return None;
+        }
+    };
+    let forward_unmatched_preflights = match spec.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED") | Some("FORWARD") => true,
+        Some("IGNORE") => false,
+        Some(other) => {
+            diag.error(
+                doc,
+                at(path, "unmatchedPreflights"),
+                format!("unknown value {other:?} (FORWARD, IGNORE)"),
+            );
+            return None;
+        }
+    };
+    Some(CorsPolicy {
+        allow_origins: spec.allow_origin,
+        allow_methods: spec.allow_methods,
+        allow_headers: spec.allow_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        expose_headers: spec.expose_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        allow_credentials: spec.allow_credentials.unwrap_or(false),
+        max_age,
+        origin_matches,
+        forward_unmatched_preflights,
+    })
 }
 
 /// Converts an Istio `StringMatch`. `empty_is_presence`: for headers and query parameters an

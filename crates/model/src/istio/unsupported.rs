@@ -10,14 +10,7 @@ use serde_json::Value;
 use super::Diag;
 use crate::source::Document;
 
-const VIRTUAL_SERVICE: &[&str] = &[
-    "exportTo",
-    "tcp",
-    "tls",
-    "http[].corsPolicy",
-    "http[].delegate",
-    "http[].match[].statPrefix",
-];
+const VIRTUAL_SERVICE: &[&str] = &["exportTo", "tcp", "tls", "http[].delegate", "http[].match[].statPrefix"];
 
 const GATEWAY: &[&str] = &[
     "servers[].bind",

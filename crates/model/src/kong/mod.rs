@@ -1178,7 +1178,9 @@ fn compile_plugin(
                 },
                 expose_headers: c.exposed_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
                 allow_credentials: c.credentials,
-                max_age: c.max_age.unwrap_or(0),
+                max_age: c.max_age,
+                origin_matches: Vec::new(),
+                forward_unmatched_preflights: false,
             }))
         }
         "ip-restriction" => {
