@@ -1120,3 +1120,45 @@ services:
         "{metrics}"
     );
 }
+
+#[test]
+fn kong_upstream_headers_and_request_id_are_set_as_kong_sets_them() {
+    let app = Echo::start("app");
+    let deck = format!(
+        r#"_format_version: "3.0"
+services:
+- name: app
+  url: http://127.0.0.1:{port}/base
+  routes:
+  - name: app
+    paths: [/api]
+"#,
+        port = app.port(),
+    );
+    let listen = free_port();
+    let _proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
+    let (status, headers, body) = raw_request(
+        addr,
+        "GET /api/items?x=1 HTTP/1.1\r\nHost: shop.example.com:8000\r\nX-Forwarded-Prefix: /evil\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .expect("request");
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let sent = &echo["headers"];
+    assert_eq!(echo["path"], "/base/items");
+    assert_eq!(sent["x-real-ip"], "127.0.0.1");
+    // A client Kong does not trust cannot set these: Kong writes its own.
+    assert_eq!(sent["x-forwarded-host"], "shop.example.com");
+    assert_eq!(sent["x-forwarded-port"], listen.to_string());
+    assert_eq!(sent["x-forwarded-path"], "/api/items");
+    assert!(sent.get("x-forwarded-prefix").is_none(), "{sent}");
+    let id = sent["x-kong-request-id"].as_str().expect("request id upstream");
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!(header("x-kong-request-id"), Some(id), "the same id downstream");
+    // Local answers carry one too.
+    let (status, headers, _) = raw_get(addr, "/nowhere", "shop.example.com").expect("request");
+    assert_eq!(status, 404);
+    assert!(headers.iter().any(|(k, v)| k == "x-kong-request-id" && v.len() == 32));
+}

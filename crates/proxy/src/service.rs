@@ -79,6 +79,10 @@ pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Resu
     };
     if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
         timing.add_headers(resp.headers_mut());
+        // Kong (3.5+) names every response with its request id, local answers included.
+        if !resp.headers().contains_key(X_KONG_REQUEST_ID) {
+            resp.headers_mut().insert(X_KONG_REQUEST_ID, kong_request_id());
+        }
     }
     watch.answered = true;
     let flags = ResponseFlags::of(&resp);
@@ -383,10 +387,14 @@ async fn route_request(
                 return Ok(resp);
             }
             let cluster = &active.clusters[destination.cluster];
+            let kong_host = (listener.flavor == ListenerFlavor::Kong).then(|| host.to_string());
             let mut req = req;
             if let Some(effects) = &plugin_effects {
                 effects.apply_to_request(&mut req);
             }
+            // Kong's upstream headers, after the plugins' edits as in Kong (nginx sets them last).
+            let kong_request_id =
+                kong_host.map(|host| kong_upstream_headers(&mut req, &conn.remote_ip, &host, conn.listener.port()));
             let forwarded_at = kong_started.map(|_| std::time::Instant::now());
             let mut resp = forward_request(
                 req,
@@ -405,6 +413,9 @@ async fn route_request(
             )
             .await;
             apply_header_ops(resp.headers_mut(), &destination.response_headers);
+            if let Some(id) = kong_request_id {
+                resp.headers_mut().insert(X_KONG_REQUEST_ID, id);
+            }
             if !injected.is_empty() {
                 ResponseFlags::mark(&mut resp, injected);
             }
@@ -1452,6 +1463,37 @@ fn append_forwarded_for(headers: &mut HeaderMap, remote_ip: &HeaderValue) {
         _ => remote_ip.clone(),
     };
     headers.insert(X_FORWARDED_FOR, value);
+}
+
+const X_KONG_REQUEST_ID: HeaderName = HeaderName::from_static("x-kong-request-id");
+
+/// Kong's request id: 32 hex digits, as nginx's `$request_id`.
+fn kong_request_id() -> HeaderValue {
+    let text = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The upstream headers Kong sets (its "Upstream headers"), for a client it does not trust
+/// (Kong's default, no `trusted_ips`): `X-Real-IP`, `X-Forwarded-Host` (the client's host),
+/// `X-Forwarded-Port` (the listener's), `X-Forwarded-Path`, and `X-Kong-Request-Id`, whose
+/// value is returned for the response; a client's `X-Forwarded-Prefix` is dropped, as Kong
+/// only passes it from trusted addresses. (`X-Forwarded-For` and `-Proto` are set for every
+/// listener.)
+fn kong_upstream_headers<B>(req: &mut Request<B>, remote_ip: &HeaderValue, host: &str, port: u16) -> HeaderValue {
+    let path = HeaderValue::from_str(req.uri().path()).ok();
+    let id = kong_request_id();
+    let headers = req.headers_mut();
+    headers.insert(HeaderName::from_static("x-real-ip"), remote_ip.clone());
+    if let Ok(h) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-port"), HeaderValue::from(port));
+    if let Some(path) = path {
+        headers.insert(HeaderName::from_static("x-forwarded-path"), path);
+    }
+    headers.remove("x-forwarded-prefix");
+    headers.insert(X_KONG_REQUEST_ID, id.clone());
+    id
 }
 
 /// A random (version 4) UUID, the form Envoy generates for `x-request-id`.
