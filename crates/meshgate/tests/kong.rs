@@ -1132,6 +1132,11 @@ services:
   routes:
   - name: app
     paths: [/api]
+    plugins:
+    - name: request-transformer
+      config:
+        replace:
+          uri: /rewritten
 "#,
         port = app.port(),
     );
@@ -1146,7 +1151,8 @@ services:
     assert_eq!(status, 200, "{body}");
     let echo: serde_json::Value = serde_json::from_str(&body).expect("json");
     let sent = &echo["headers"];
-    assert_eq!(echo["path"], "/base/items");
+    // The plugin rewrote the upstream path; X-Forwarded-Path still names the client's.
+    assert_eq!(echo["path"], "/rewritten");
     assert_eq!(sent["x-real-ip"], "127.0.0.1");
     // A client Kong does not trust cannot set these: Kong writes its own.
     assert_eq!(sent["x-forwarded-host"], "shop.example.com");

@@ -676,10 +676,16 @@ data:
     assert_eq!(r.json()["host"], "anything.example");
     drop(proxy);
 
-    // A CA reference that does not resolve: the backend is invalid (500), never plain text.
-    let port = free_port();
-    let broken = policy.replace("name: api-ca}", "name: missing-ca}");
-    let _proxy = Proxy::start(&gateway_api_config(port, &upstream, &broken));
-    assert_eq!(get_json(port, "anything.example").status, 500);
+    // A CA reference that does not resolve, or a CA that does not decode: the backend is
+    // invalid (500), never plain text, and the rest of the configuration loads.
+    let garbled = format!(
+        "{}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: garbled-ca, namespace: apps}}\ndata:\n  ca.crt: \"-----BEGIN CERTIFICATE-----\\nnot base64!\\n-----END CERTIFICATE-----\\n\"\n",
+        policy.replace("name: api-ca}", "name: garbled-ca}")
+    );
+    for broken in [policy.replace("name: api-ca}", "name: missing-ca}"), garbled] {
+        let port = free_port();
+        let _proxy = Proxy::start(&gateway_api_config(port, &upstream, &broken));
+        assert_eq!(get_json(port, "anything.example").status, 500);
+    }
     assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
 }

@@ -10,7 +10,13 @@ use crate::body::{self, ResponseBody};
 
 /// True when `origin` (`scheme://host[:port]`) is allowed by the policy.
 pub fn origin_allowed(policy: &CorsPolicy, origin: &str) -> bool {
-    if policy.origin_matches.iter().any(|m| m.matches(origin)) {
+    // As Envoy: a matcher that matches the literal `*` (Istio's usual `exact: "*"`) allows
+    // every origin.
+    if policy
+        .origin_matches
+        .iter()
+        .any(|m| m.matches("*") || m.matches(origin))
+    {
         return true;
     }
     policy.allow_origins.iter().any(|allowed| {
@@ -169,5 +175,17 @@ mod tests {
         assert!(!origin_allowed(&p, "https://bar.com:8443"));
         assert!(!origin_allowed(&p, "https://a.bar.com"));
         assert!(origin_allowed(&policy(&["*"]), "https://anything.example"));
+    }
+
+    #[test]
+    fn an_istio_matcher_of_the_literal_star_allows_every_origin() {
+        let mut p = policy(&[]);
+        p.origin_matches = vec![meshgate_model::matcher::StringMatch::Exact("*".to_string())];
+        assert!(origin_allowed(&p, "https://anything.example"));
+        p.origin_matches = vec![meshgate_model::matcher::StringMatch::Exact(
+            "https://a.example".to_string(),
+        )];
+        assert!(origin_allowed(&p, "https://a.example"));
+        assert!(!origin_allowed(&p, "https://b.example"));
     }
 }

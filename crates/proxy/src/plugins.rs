@@ -69,6 +69,9 @@ pub struct PluginEffects {
     /// Then these: `None` removes the header.
     request_headers: Vec<(HeaderName, Option<HeaderValue>)>,
     request_uri: Option<http::Uri>,
+    /// request-transformer's `replace.uri`: the path goes upstream as it is (Kong's
+    /// `kong.service.request.set_path`), not through `strip_path` and the service's path.
+    upstream_path_fixed: bool,
     request_method: Option<Method>,
     response_headers: Vec<(HeaderName, HeaderValue)>,
     log: Option<LogContext>,
@@ -91,6 +94,10 @@ struct CachedResponse {
 /// Entries kept at most, and the largest body stored.
 const CACHE_ENTRIES: usize = 10_000;
 const CACHE_BODY_LIMIT: usize = 1 << 20;
+
+/// Marks a request whose path a plugin set for the upstream as it is.
+#[derive(Clone, Copy)]
+pub struct FixedUpstreamPath;
 
 impl PluginEffects {
     fn set(&mut self, name: HeaderName, value: Option<HeaderValue>) {
@@ -116,6 +123,9 @@ impl PluginEffects {
         }
         if let Some(uri) = &self.request_uri {
             *req.uri_mut() = uri.clone();
+        }
+        if self.upstream_path_fixed {
+            req.extensions_mut().insert(FixedUpstreamPath);
         }
     }
 
@@ -920,6 +930,7 @@ fn transform_request<B>(t: &Transformer, req: &Request<B>, effects: &mut PluginE
     for (name, value) in &q.append {
         pairs.push((name.clone(), value.clone()));
     }
+    effects.upstream_path_fixed |= t.uri.is_some();
     let path = t.uri.as_deref().unwrap_or(uri.path());
     let query: Vec<String> = pairs
         .iter()

@@ -387,14 +387,17 @@ async fn route_request(
                 return Ok(resp);
             }
             let cluster = &active.clusters[destination.cluster];
-            let kong_host = (listener.flavor == ListenerFlavor::Kong).then(|| host.to_string());
+            // Kong's upstream headers name the request as the client sent it (nginx's `$host`,
+            // `$request_uri`), and are set after the plugins' edits, as nginx sets them last.
+            let kong_origin = (listener.flavor == ListenerFlavor::Kong)
+                .then(|| (host.to_string(), HeaderValue::from_str(req.uri().path()).ok()));
             let mut req = req;
             if let Some(effects) = &plugin_effects {
                 effects.apply_to_request(&mut req);
             }
-            // Kong's upstream headers, after the plugins' edits as in Kong (nginx sets them last).
-            let kong_request_id =
-                kong_host.map(|host| kong_upstream_headers(&mut req, &conn.remote_ip, &host, conn.listener.port()));
+            let kong_request_id = kong_origin.map(|(host, path)| {
+                kong_upstream_headers(&mut req, &conn.remote_ip, &host, path, conn.listener.port())
+            });
             let forwarded_at = kong_started.map(|_| std::time::Instant::now());
             let mut resp = forward_request(
                 req,
@@ -559,7 +562,15 @@ async fn forward_request(
             return resp;
         }
     };
-    let path_and_query = rewritten_path(&parts.uri, forward, matched);
+    let path_and_query = match parts.extensions.get::<plugins::FixedUpstreamPath>() {
+        // request-transformer's `replace.uri` is the upstream path itself.
+        Some(_) => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        None => rewritten_path(&parts.uri, forward, matched),
+    };
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers, upgrade);
@@ -1479,8 +1490,13 @@ fn kong_request_id() -> HeaderValue {
 /// value is returned for the response; a client's `X-Forwarded-Prefix` is dropped, as Kong
 /// only passes it from trusted addresses. (`X-Forwarded-For` and `-Proto` are set for every
 /// listener.)
-fn kong_upstream_headers<B>(req: &mut Request<B>, remote_ip: &HeaderValue, host: &str, port: u16) -> HeaderValue {
-    let path = HeaderValue::from_str(req.uri().path()).ok();
+fn kong_upstream_headers<B>(
+    req: &mut Request<B>,
+    remote_ip: &HeaderValue,
+    host: &str,
+    path: Option<HeaderValue>,
+    port: u16,
+) -> HeaderValue {
     let id = kong_request_id();
     let headers = req.headers_mut();
     headers.insert(HeaderName::from_static("x-real-ip"), remote_ip.clone());

@@ -67,7 +67,13 @@ fn settings(
     let (doc, validation) = (policy.doc, &policy.spec.validation);
     let path = "spec.validation";
     let invalid = |why: String| format!("BackendTLSPolicy {}/{}: {why}", doc.namespace, doc.name);
-    if let Err(e) = crate::istio::upstream_tls::check_name(&validation.hostname) {
+    let hostname = crate::istio::upstream_tls::check_name(&validation.hostname).and_then(|()| {
+        match validation.hostname.parse::<std::net::IpAddr>() {
+            Ok(_) => Err("must be a fully qualified domain name, not an IP address".to_string()),
+            Err(_) => Ok(()),
+        }
+    });
+    if let Err(e) = hostname {
         diag.error(doc, at(path, "hostname"), e.clone());
         return Err(invalid(e));
     }
@@ -107,7 +113,7 @@ fn settings(
                     .then(|| res.config_maps.get(&(doc.namespace.clone(), r.name.clone())))
                     .flatten()
                     .and_then(|c| c.spec.data.get("ca.crt"))
-                    .filter(|c| c.contains("-----BEGIN CERTIFICATE-----"));
+                    .filter(|c| decodes_as_certificates(c));
                 match cert {
                     Some(cert) => {
                         pem.push_str(cert);
@@ -156,4 +162,28 @@ fn settings(
         ca_certificates,
         client_certificate: None,
     })
+}
+
+/// Whether `pem` holds at least one CERTIFICATE block and every one decodes to DER (a
+/// SEQUENCE): a CA that cannot be read makes the policy's backends invalid here, rather than
+/// failing the whole configuration when the proxy builds its TLS settings.
+fn decodes_as_certificates(pem: &str) -> bool {
+    use base64::Engine;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut rest = pem;
+    let mut found = false;
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start + BEGIN.len()..];
+        let Some(end) = after.find(END) else {
+            return false;
+        };
+        let body: String = after[..end].chars().filter(|c| !c.is_whitespace()).collect();
+        match base64::engine::general_purpose::STANDARD.decode(body) {
+            Ok(der) if der.first() == Some(&0x30) && der.len() > 16 => found = true,
+            _ => return false,
+        }
+        rest = &after[end + END.len()..];
+    }
+    found
 }

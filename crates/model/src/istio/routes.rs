@@ -491,8 +491,10 @@ fn cors_policy(doc: &Document, path: &str, value: &serde_json::Value, diag: &mut
             return None;
         }
     };
+    // The deprecated `allowOrigin` entries are exact origins (`*` for any), not patterns.
+    origin_matches.extend(spec.allow_origin.into_iter().map(StringMatch::Exact));
     Some(CorsPolicy {
-        allow_origins: spec.allow_origin,
+        allow_origins: Vec::new(),
         allow_methods: spec.allow_methods,
         allow_headers: spec.allow_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
         expose_headers: spec.expose_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),

@@ -1644,7 +1644,7 @@ fn kong_tls_key(tls: &UpstreamTls) -> String {
         let mut digest = std::hash::DefaultHasher::new();
         tls.ca_certificates.as_ref().map(|f| &f.pem).hash(&mut digest);
         tls.client_certificate.as_ref().map(|(c, _)| &c.pem).hash(&mut digest);
-        key.push_str(&format!("-{:08x}", digest.finish() as u32));
+        key.push_str(&format!("-{:016x}", digest.finish()));
     }
     key
 }

@@ -33,7 +33,16 @@ struct WorkerPools {
     endpoints: Vec<Arc<EndpointPool>>,
     /// Original-destination clusters: pools by the `host:port` the client asked for.
     by_address: Mutex<HashMap<String, Arc<EndpointPool>>>,
+    /// TLS clusters whose server name follows the request's host: pools by `address name`,
+    /// at most [`MAX_SERVER_NAME_POOLS`].
+    by_server_name: Mutex<HashMap<String, Arc<EndpointPool>>>,
 }
+
+/// Server-name pools a worker keeps per cluster. Past this, requests for further names share
+/// the endpoint's pool (its connections still serve one name each): clients choosing hosts
+/// cannot multiply the one-connection allowance each pool has under `maxConnections`, nor
+/// push other names' pools out (Envoy bounds this with `max_connection_pools`).
+const MAX_SERVER_NAME_POOLS: usize = 64;
 
 pub struct ClusterRuntime {
     pub config: Cluster,
@@ -198,6 +207,7 @@ impl ClusterRuntime {
                 .map(|_| Arc::new(EndpointPool::new(self.config.pool)))
                 .collect(),
             by_address: Mutex::default(),
+            by_server_name: Mutex::default(),
         })
     }
 
@@ -213,7 +223,22 @@ impl ClusterRuntime {
     pub fn pool_for_tls(&self, endpoint_pool: &Arc<EndpointPool>, address: &str, tls: &TlsTarget) -> Arc<EndpointPool> {
         match &self.tls {
             Some(config) if !config.has_fixed_sni() => {
-                self.pool_for_address(&format!("{address} {}", tls.server_name.to_str()))
+                let key = format!("{address} {}", tls.server_name.to_str());
+                let mut pools = self
+                    .worker_pools()
+                    .by_server_name
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Some(pool) = pools.get(&key) {
+                    return pool.clone();
+                }
+                if pools.len() >= MAX_SERVER_NAME_POOLS {
+                    return endpoint_pool.clone();
+                }
+                pools
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(EndpointPool::new(self.config.pool)))
+                    .clone()
             }
             _ => endpoint_pool.clone(),
         }
