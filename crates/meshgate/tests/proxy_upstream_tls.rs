@@ -133,6 +133,7 @@ impl TlsUpstream {
                             "host": req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or(""),
                             "authority": req.uri().authority().map(|a| a.to_string()).unwrap_or_default(),
                             "path": req.uri().path(),
+                            "scheme": req.uri().scheme_str().unwrap_or(""),
                             "chunked": req.headers().get("transfer-encoding").is_some(),
                         });
                         async move {
@@ -336,6 +337,7 @@ fn an_http2_cluster_negotiates_h2_by_alpn() {
     assert_eq!(r.status, 200, "{}", r.body);
     let seen = r.json();
     assert_eq!(seen["alpn"], "h2", "{seen}");
+    assert_eq!(seen["scheme"], "https", ":scheme of a request over TLS: {seen}");
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
     assert_eq!(seen["sni"], "api.test");
 }

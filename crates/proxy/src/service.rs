@@ -611,7 +611,12 @@ async fn forward_request(
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
             .unwrap_or_else(|| cluster_authority(target.address.as_str()));
         let mut uri_parts = http::uri::Parts::default();
-        uri_parts.scheme = Some(Scheme::HTTP);
+        // `:scheme` names the upstream connection's scheme: https when the cluster speaks TLS.
+        uri_parts.scheme = Some(if cluster.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
         uri_parts.authority = Some(authority);
         uri_parts.path_and_query = Some(path_and_query);
         match Uri::from_parts(uri_parts) {
@@ -1284,7 +1289,11 @@ fn dispatch_mirrors(prepared: Vec<PreparedMirror>, body: bytes::Bytes) {
                     .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
                     .unwrap_or_else(|| cluster_authority(&address));
                 let mut uri = http::uri::Parts::default();
-                uri.scheme = Some(Scheme::HTTP);
+                uri.scheme = Some(if cluster.tls.is_some() {
+                    Scheme::HTTPS
+                } else {
+                    Scheme::HTTP
+                });
                 uri.authority = Some(authority);
                 uri.path_and_query = parts.uri.path_and_query().cloned();
                 let Ok(uri) = Uri::from_parts(uri) else { return };
