@@ -1622,3 +1622,60 @@ spec:
         .expect("warning");
     assert!(w.message.contains("does not allow kind GRPCRoute"), "{}", w.message);
 }
+
+#[test]
+fn a_backend_tls_policy_on_an_istio_cluster_says_it_replaces_the_destination_rule_tls() {
+    let extra = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: v1, namespace: gateway-conformance-infra}
+spec:
+  hosts: [infra-backend-v1.gateway-conformance-infra.svc.cluster.local]
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: v1, namespace: gateway-conformance-infra}
+spec:
+  host: infra-backend-v1.gateway-conformance-infra.svc.cluster.local
+  trafficPolicy:
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: BackendTLSPolicy
+metadata: {name: v1-tls, namespace: gateway-conformance-infra}
+spec:
+  targetRefs: [{group: "", kind: Service, name: infra-backend-v1}]
+  validation: {hostname: v1.example.com, wellKnownCACertificates: System}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: tls-route, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /tls}}]
+    backendRefs: [{name: infra-backend-v1, port: 8080}]
+"#;
+    let l = load_with("", extra, &[]);
+    let (route, _, _) = l.find(&req("same-namespace", None, "/tls")).expect("route");
+    let RouteAction::Forward(f) = &route.action else {
+        panic!("{:?}", route.action)
+    };
+    let tls = l.snapshot().clusters[f.destinations[0].cluster]
+        .tls
+        .as_ref()
+        .expect("tls");
+    assert_eq!(tls.sni.as_deref(), Some("v1.example.com"));
+    assert!(!tls.insecure_skip_verify);
+    assert!(
+        l.compiled
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("replaces the DestinationRule tls")),
+        "{:#?}",
+        l.compiled.warnings.iter().map(|w| &w.message).collect::<Vec<_>>()
+    );
+}

@@ -402,7 +402,7 @@ impl Ctx<'_, '_, '_> {
                 c.protocol = UpstreamProtocol::Http2;
             }
             let port_name = service_port.and_then(|p| p.name.as_deref());
-            self.apply_backend_tls(ns, name, port_name, id)?;
+            self.apply_backend_tls(route_doc, field, (ns, name, port_name), id)?;
             return Ok(id);
         }
         let Some(service) = service else {
@@ -469,7 +469,7 @@ impl Ctx<'_, '_, '_> {
         if h2c && let Some(c) = self.registry.cluster_mut(id) {
             c.protocol = UpstreamProtocol::Http2;
         }
-        self.apply_backend_tls(ns, name, service_port.name.as_deref(), id)?;
+        self.apply_backend_tls(route_doc, field, (ns, name, service_port.name.as_deref()), id)?;
         Ok(id)
     }
 
@@ -477,9 +477,9 @@ impl Ctx<'_, '_, '_> {
     /// `port_name`, or all ports); `Err` (the backend is invalid) when that policy is.
     fn apply_backend_tls(
         &mut self,
-        ns: &str,
-        name: &str,
-        port_name: Option<&str>,
+        route_doc: &Document,
+        field: &str,
+        (ns, name, port_name): (&str, &str, Option<&str>),
         id: ClusterId,
     ) -> Result<(), String> {
         let key = |section: Option<&str>| (ns.to_string(), name.to_string(), section.map(str::to_string));
@@ -490,8 +490,22 @@ impl Ctx<'_, '_, '_> {
             None => Ok(()),
             Some(Err(why)) => Err(why.clone()),
             Some(Ok(tls)) => {
-                if let Some(c) = self.registry.cluster_mut(id) {
-                    c.tls = Some(tls.clone());
+                let Some(c) = self.registry.cluster_mut(id) else {
+                    return Ok(());
+                };
+                // The cluster of an Istio ServiceEntry host is shared with Istio routes: say
+                // so when the policy replaces a DestinationRule's own TLS settings there.
+                let replaced = c.tls.as_ref().is_some_and(|old| old != tls);
+                let cluster = c.name.clone();
+                c.tls = Some(tls.clone());
+                if replaced {
+                    self.diag.warn(
+                        route_doc,
+                        field.to_string(),
+                        format!(
+                            "the BackendTLSPolicy for Service {ns}/{name} replaces the DestinationRule tls of cluster {cluster}, which Istio routes share"
+                        ),
+                    );
                 }
                 Ok(())
             }

@@ -538,6 +538,7 @@ pub struct PolicyTargetRef {
 pub struct BackendTlsValidation {
     #[serde(default)]
     pub ca_certificate_refs: Vec<LocalObjectRef>,
+    #[serde(rename = "wellKnownCACertificates")]
     pub well_known_ca_certificates: Option<String>,
     pub hostname: String,
     #[serde(default)]
