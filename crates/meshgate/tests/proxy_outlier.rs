@@ -137,20 +137,22 @@ fn killing_an_endpoint_mid_load_hangs_nothing_and_failures_are_retried() {
     let steady = Echo::start("steady");
     let doomed_port = free_port();
     let dir = support::scratch_dir("doomed");
-    let mut doomed = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &doomed_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 http.server");
+    let mut doomed = KillOnDrop(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &doomed_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server"),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", doomed_port)).is_err() {
         assert!(std::time::Instant::now() < deadline, "http.server did not start");
@@ -203,8 +205,8 @@ spec:
         })
         .collect();
     std::thread::sleep(Duration::from_millis(800));
-    let _ = doomed.kill();
-    let _ = doomed.wait();
+    let _ = doomed.0.kill();
+    let _ = doomed.0.wait();
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
@@ -370,4 +372,14 @@ spec:
   endpoints:
 {endpoints}"#
     )
+}
+
+/// A child process killed when the test ends, whether it passes or panics early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
