@@ -30,27 +30,6 @@ endpoints:
     )
 }
 
-/// Meshgate's GatewayClass and an `edge` Gateway in namespace `apps` with one HTTP listener.
-fn edge_gateway(port: u16) -> String {
-    format!(
-        r#"apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: meshgate}}
-spec:
-  controllerName: meshgate.io/gateway-controller
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: apps}}
-spec:
-  gatewayClassName: meshgate
-  listeners:
-  - {{name: http, port: {port}, protocol: HTTP}}
----
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn httproute_matches_rewrites_redirects_and_answers_500_for_missing_backends() {
     let one = Echo::start("one");

@@ -601,21 +601,7 @@ fn request_bodies_stream_over_tls_with_and_without_a_length() {
 /// is `upstream`, an HTTPRoute to it, and `policy` (YAML documents) after them.
 fn gateway_api_config(port: u16, upstream: &TlsUpstream, policy: &str) -> String {
     format!(
-        r#"apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: meshgate}}
-spec:
-  controllerName: meshgate.io/gateway-controller
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: edge, namespace: apps}}
-spec:
-  gatewayClassName: meshgate
-  listeners:
-  - {{name: http, port: {port}, protocol: HTTP}}
----
-apiVersion: v1
+        r#"{gateway}apiVersion: v1
 kind: Service
 metadata: {{name: api, namespace: apps}}
 spec:
@@ -643,6 +629,7 @@ spec:
   - backendRefs: [{{name: api, port: 443}}]
 ---
 {policy}"#,
+        gateway = edge_gateway(port),
         upstream_port = upstream.addr.port(),
     )
 }

@@ -592,6 +592,27 @@ pub fn gateway(name: &str, port: u16) -> String {
     )
 }
 
+/// Meshgate's GatewayClass and an `edge` Gateway in namespace `apps` with one HTTP listener.
+pub fn edge_gateway(port: u16) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: meshgate}}
+spec:
+  controllerName: meshgate.io/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: apps}}
+spec:
+  gatewayClassName: meshgate
+  listeners:
+  - {{name: http, port: {port}, protocol: HTTP}}
+---
+"#
+    )
+}
+
 /// Runs `meshgate analyze PATH`: its exit code and standard output.
 pub fn analyze(path: &Path) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
