@@ -22,12 +22,29 @@ use tokio::net::TcpListener;
 
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-/// A free loopback port (bound then released; the tiny race is acceptable in tests).
+/// A free loopback port for a listener meshgate binds later.
+///
+/// Ports come from 20000..32000, below Linux's ephemeral range (32768 and up): a port the
+/// kernel handed out for `:0` could be taken again by any test's outgoing connection before
+/// meshgate binds it, while a port below that range is only ever taken by an explicit bind.
+/// The start is spread by process id so parallel test processes rarely probe the same ports,
+/// and each port is checked by binding it.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + seed.wrapping_add(n.wrapping_mul(7)) % SPAN) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000")
 }
 
 /// A unique scratch folder under the system temp dir.
