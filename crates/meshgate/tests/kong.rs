@@ -1168,3 +1168,40 @@ services:
     assert_eq!(status, 404);
     assert!(headers.iter().any(|(k, v)| k == "x-kong-request-id" && v.len() == 32));
 }
+
+/// Kong `hash_on: cookie`: a request without the cookie gets a new UUID in `Set-Cookie`
+/// (`name=<uuid>; Path=<hash_on_cookie_path>`), and requests that send it back stay on the
+/// target it hashes to.
+#[test]
+fn hash_on_cookie_sets_a_uuid_cookie_and_sticks_to_its_target() {
+    let targets: Vec<Echo> = (0..3).map(|i| Echo::start(&format!("t{i}"))).collect();
+    let mut deck = String::from(
+        "_format_version: \"3.0\"\nupstreams:\n- name: app-upstream\n  algorithm: consistent-hashing\n  hash_on: cookie\n  hash_on_cookie: kong-affinity\n  hash_on_cookie_path: /app\n  targets:\n",
+    );
+    for t in &targets {
+        deck.push_str(&format!("  - target: 127.0.0.1:{}\n", t.port()));
+    }
+    deck.push_str("services:\n- name: app\n  host: app-upstream\n  routes:\n  - name: app\n    paths: [/app]\n");
+    let listen = free_port();
+    let _proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
+    let mut owners = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (status, headers, body) = request(addr, "/app", "");
+        assert_eq!(status, 200, "{body}");
+        let set_cookie = header(&headers, "set-cookie").expect("a generated cookie");
+        let value = set_cookie
+            .strip_prefix("kong-affinity=")
+            .and_then(|v| v.strip_suffix("; Path=/app"))
+            .unwrap_or_else(|| panic!("{set_cookie}"));
+        assert_eq!(value.len(), 36, "a UUID: {value}");
+        let served = header(&headers, "x-echo-name").expect("echo").to_string();
+        for _ in 0..3 {
+            let (_, headers, _) = request(addr, "/app", &format!("Cookie: kong-affinity={value}\r\n"));
+            assert_eq!(header(&headers, "x-echo-name"), Some(served.as_str()));
+            assert_eq!(header(&headers, "set-cookie"), None);
+        }
+        owners.insert(served);
+    }
+    assert!(owners.len() >= 2, "12 cookies all hashed to {owners:?}");
+}

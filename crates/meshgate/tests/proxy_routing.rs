@@ -469,6 +469,114 @@ spec:
     assert!(owners.len() >= 2, "30 users all hashed to {owners:?}");
 }
 
+/// Istio `httpCookie` with a `ttl`, as Envoy does it: a request without the cookie gets one
+/// (`name="<16 hex>"; Max-Age; Path; attributes; HttpOnly`, one value per connection) and
+/// lands on the endpoint that value hashes to; requests that send it back stay there, quoted
+/// or not. Without `ttl` the cookie is only read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_cookie_is_generated_and_sticky() {
+    let eps: Vec<Echo> = (0..3).map(|i| Echo::start(&format!("e{i}"))).collect();
+    let port = free_port();
+    let endpoints: Vec<(u16, &str)> = eps.iter().map(|e| (e.port(), "v1")).collect();
+    let yaml = format!(
+        r#"{gw}{se}{se2}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: sticky
+spec:
+  host: sticky.test
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie:
+          name: session
+          path: /shop
+          ttl: 3600s
+          attributes:
+          - name: SameSite
+            value: Strict
+          - name: Secure
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: read-only
+spec:
+  host: read-only.test
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie:
+          name: session
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: sticky
+spec:
+  hosts: ["*"]
+  gateways: ["gw"]
+  http:
+  - match:
+    - uri:
+        prefix: /read-only
+    route:
+    - destination:
+        host: read-only.test
+  - route:
+    - destination:
+        host: sticky.test
+"#,
+        gw = gateway("gw", port),
+        se = service_entry("sticky", "sticky.test", &endpoints),
+        se2 = service_entry("read-only", "read-only.test", &endpoints),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let mut owners = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        // A new client is a new connection, so a new cookie value.
+        let c = client(false);
+        let first = send(&c, get(port, "/shop", "x", &[])).await.expect("req");
+        assert_eq!(first.status, 200);
+        let set_cookie = first.header("set-cookie").expect("a generated cookie").to_string();
+        let (pair, attributes) = set_cookie.split_once(';').expect("attributes");
+        assert_eq!(
+            attributes,
+            " Max-Age=3600; Path=/shop; SameSite=Strict; Secure; HttpOnly"
+        );
+        let quoted = pair.strip_prefix("session=").expect("cookie name");
+        let value = quoted.trim_matches('"');
+        assert_eq!(quoted, format!("\"{value}\""), "Envoy quotes the value");
+        assert!(
+            value.len() == 16 && value.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{value}"
+        );
+
+        // The same connection's next cookie-less request gets the same cookie and endpoint.
+        let again = send(&c, get(port, "/shop", "x", &[])).await.expect("req");
+        assert_eq!(again.header("set-cookie"), Some(set_cookie.as_str()));
+        assert_eq!(again.served_by(), first.served_by());
+
+        // Sent back, quoted or not, from any connection: the same endpoint, no new cookie.
+        for cookie in [format!("session={quoted}"), format!("a=1; session={value}")] {
+            let other = client(false);
+            let r = send(&other, get(port, "/shop", "x", &[("cookie", &cookie)]))
+                .await
+                .expect("req");
+            assert_eq!(r.served_by(), first.served_by(), "{cookie}");
+            assert_eq!(r.header("set-cookie"), None);
+        }
+        owners.insert(first.served_by());
+    }
+    assert!(owners.len() >= 2, "12 connections' cookies all hashed to {owners:?}");
+
+    // Without ttl: no cookie is made, and requests are balanced as usual.
+    let c = client(false);
+    let r = send(&c, get(port, "/read-only", "x", &[])).await.expect("req");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("set-cookie"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_service_entries_and_workload_entries_supply_endpoints() {
     let by_name = Echo::start("by-name");

@@ -824,12 +824,48 @@ pub enum LoadBalancer {
     ConsistentHash(HashKey),
 }
 
+/// A cookie whose value is the hash key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CookieKey {
+    pub name: String,
+    /// Set when the proxy gives a request without the cookie a new one, so that the client's
+    /// next requests go to the same endpoint (Istio `ttl`; always for Kong).
+    pub generate: Option<GeneratedCookie>,
+}
+
+impl CookieKey {
+    /// Only reads the cookie; without it the request is balanced as if unkeyed.
+    pub fn read_only(name: impl Into<String>) -> Self {
+        CookieKey {
+            name: name.into(),
+            generate: None,
+        }
+    }
+}
+
+/// How a missing hash cookie is made and sent back in `Set-Cookie`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GeneratedCookie {
+    pub value: GeneratedCookieValue,
+    /// What follows `name=value` in `Set-Cookie`, e.g. `; Max-Age=3600; Path=/; HttpOnly`.
+    pub attributes: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum GeneratedCookieValue {
+    /// Envoy's: 16 hex digits derived from the downstream connection's addresses, in double
+    /// quotes, so concurrent requests on one connection get the same cookie.
+    ConnectionDigest,
+    /// Kong's: a random UUID, unquoted.
+    Uuid,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum HashKey {
     /// `httpHeaderName` (lower-cased).
     Header(String),
-    /// `httpCookie.name`.
-    Cookie(String),
+    /// Istio `httpCookie`, Kong `hash_on: cookie`.
+    Cookie(CookieKey),
     /// `useSourceIp`.
     SourceIp,
     /// `httpQueryParameterName`.

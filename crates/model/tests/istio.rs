@@ -6,7 +6,8 @@ use std::time::Duration;
 use http::HeaderMap;
 use meshgate_model::matcher::RequestInfo;
 use meshgate_model::snapshot::{
-    Discovery, HashKey, LoadBalancer, RetryOn, RetryPolicy, RouteAction, Snapshot, TryFailure, UpstreamProtocol,
+    CookieKey, Discovery, HashKey, LoadBalancer, RetryOn, RetryPolicy, RouteAction, Snapshot, TryFailure,
+    UpstreamProtocol,
 };
 use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
 
@@ -204,7 +205,7 @@ fn canary_with_subsets_and_header_routing() {
     // LB precedence: subset > port level > top level.
     assert_eq!(
         c2.load_balancer,
-        LoadBalancer::ConsistentHash(HashKey::Cookie("user".into()))
+        LoadBalancer::ConsistentHash(HashKey::Cookie(CookieKey::read_only("user")))
     );
     assert_eq!(c1.load_balancer, LoadBalancer::Random);
     assert_eq!(c_all.load_balancer, LoadBalancer::Random);
@@ -1075,4 +1076,41 @@ fn upstream_tls_problems_are_errors_or_warnings_with_their_paths() {
         c.warnings
     );
     assert!(c.snapshot.clusters.iter().all(|c| c.tls.is_none()));
+}
+
+#[test]
+fn http_cookie_problems_are_errors_and_a_missing_ttl_is_a_warning() {
+    let dr = |cookie: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: x\n  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpCookie: {cookie}\n"
+        )
+    };
+    let e = errors(&dr(
+        "{name: \"a b\", ttl: 10s, path: \"/a;b\", attributes: [{name: \"Same Site\", value: \"x;y\"}]}",
+    ));
+    let fields: Vec<&str> = e.iter().map(|f| f.field.as_str()).collect();
+    let base = "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie";
+    for field in ["name", "path", "attributes[0].name", "attributes[0].value"] {
+        assert!(
+            fields.contains(&format!("{base}.{field}").as_str()),
+            "{field}: {fields:?}"
+        );
+    }
+    let e = errors(&dr("{name: s, ttl: soon}"));
+    assert_eq!(e[0].field, format!("{base}.ttl"));
+
+    let c = ok(&dr("{name: s}"));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.field == format!("{base}.ttl") && w.message.contains("only reads")),
+        "{:?}",
+        c.warnings
+    );
+    let c = ok(&dr("{name: s, ttl: 0s, path: /, attributes: [{name: Secure}]}"));
+    assert!(
+        c.warnings.iter().all(|w| !w.field.contains("httpCookie")),
+        "{:?}",
+        c.warnings
+    );
 }

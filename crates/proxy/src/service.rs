@@ -16,8 +16,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    FaultAbort, Forward, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite, Redirect, RedirectPort,
-    RequestMatch, RetryBudget, RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
+    FaultAbort, Forward, GeneratedCookieValue, HashKey, HeaderOps, ListenerFlavor, LoadBalancer, Mirror, PathRewrite,
+    Redirect, RedirectPort, RequestMatch, RetryBudget, RetryPolicy, RouteAction, TryFailure, UpstreamProtocol,
 };
 use tokio::time::Instant;
 
@@ -522,9 +522,9 @@ async fn forward_request(
     let destination = &forward.destinations[pick];
 
     // Endpoint selection: the pool to use, the address to connect to, the endpoint index.
-    let hash = match &cluster.config.load_balancer {
-        LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => hash_key(key, &req, conn.remote),
-        _ => None,
+    let (hash, hash_cookie) = match &cluster.config.load_balancer {
+        LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => request_hash(key, &req, conn),
+        _ => (None, None),
     };
     let target = if cluster.is_original_destination() {
         original_destination(&req).map(|address| Target {
@@ -652,7 +652,8 @@ async fn forward_request(
                 (a, b) => a.or(b),
             };
             let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
-            return finish(outcome, cluster, stats, downstream_upgrade, flavor);
+            let hash_cookie = hash_cookie.filter(|_| outcome.is_ok());
+            return with_hash_cookie(finish(outcome, cluster, stats, downstream_upgrade, flavor), hash_cookie);
         }
     };
 
@@ -697,7 +698,8 @@ async fn forward_request(
                 cluster.stats.retry_successes.fetch_add(1, Relaxed);
             }
             let exhausted = retriable && retrying.retries >= policy.num_retries;
-            let resp = finish(outcome, cluster, stats, None, flavor);
+            let hash_cookie = hash_cookie.filter(|_| outcome.is_ok());
+            let resp = with_hash_cookie(finish(outcome, cluster, stats, None, flavor), hash_cookie);
             return if exhausted {
                 flagged(resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED)
             } else if retrying.overflowed {
@@ -1668,32 +1670,81 @@ fn redirect_location<B>(
     }
 }
 
-fn hash_key<B>(key: &HashKey, req: &Request<B>, remote: SocketAddr) -> Option<u64> {
+/// The consistent-hash key of a request, and the `Set-Cookie` to send back when the key is a
+/// cookie the proxy made because the request had none.
+fn request_hash<B>(key: &HashKey, req: &Request<B>, conn: &Connection) -> (Option<u64>, Option<HeaderValue>) {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match key {
-        HashKey::Header(name) => req.headers().get(name.as_str())?.as_bytes().hash(&mut h),
-        HashKey::SourceIp => remote.ip().to_canonical().hash(&mut h),
-        HashKey::Cookie(name) => {
-            let value = req
-                .headers()
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))?;
-            value.hash(&mut h);
-        }
-        HashKey::QueryParameter(name) => {
-            let value = req
-                .uri()
-                .query()?
-                .split('&')
-                .find_map(|p| p.strip_prefix(name.as_str())?.strip_prefix('='))?;
-            value.hash(&mut h);
-        }
+    let digest = |value: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value(&mut h);
+        h.finish()
+    };
+    let hash = match key {
+        HashKey::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| digest(&|h| v.as_bytes().hash(h))),
+        HashKey::SourceIp => Some(digest(&|h| conn.remote.ip().to_canonical().hash(h))),
+        HashKey::Cookie(cookie) => match request_cookie(req.headers(), &cookie.name) {
+            Some(value) => Some(digest(&|h| value.hash(h))),
+            None => {
+                let Some(generate) = &cookie.generate else {
+                    return (None, None);
+                };
+                let (value, set_cookie) = match generate.value {
+                    // One value per downstream connection, as Envoy: its requests race for the
+                    // cookie and should all land on the endpoint it names.
+                    GeneratedCookieValue::ConnectionDigest => {
+                        let value = format!("{:016x}", digest(&|h| (conn.remote, conn.listener).hash(h)));
+                        let set_cookie = format!("{}=\"{value}\"{}", cookie.name, generate.attributes);
+                        (value, set_cookie)
+                    }
+                    GeneratedCookieValue::Uuid => {
+                        let value = crate::uuid::v4();
+                        let set_cookie = format!("{}={value}{}", cookie.name, generate.attributes);
+                        (value, set_cookie)
+                    }
+                };
+                let hash = digest(&|h| value.as_str().hash(h));
+                return (Some(hash), HeaderValue::from_str(&set_cookie).ok());
+            }
+        },
+        HashKey::QueryParameter(name) => req
+            .uri()
+            .query()
+            .and_then(|q| {
+                q.split('&')
+                    .find_map(|p| p.strip_prefix(name.as_str())?.strip_prefix('='))
+            })
+            .map(|value| digest(&|h| value.hash(h))),
+    };
+    (hash, None)
+}
+
+/// A cookie's value from the request's `Cookie` headers, without the double quotes RFC 6265
+/// allows around it (so a cookie the proxy made, sent back quoted, hashes as it did).
+fn request_cookie<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
+    let value = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim_start().strip_prefix(name)?.strip_prefix('='))?;
+    Some(
+        value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value),
+    )
+}
+
+/// Sends a cookie the proxy made for hashing with the upstream's response, as Envoy and
+/// Kong do (never with a reply the proxy makes itself).
+fn with_hash_cookie(mut resp: Response<ResponseBody>, set_cookie: Option<HeaderValue>) -> Response<ResponseBody> {
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    Some(h.finish())
+    resp
 }
 
 /// Applies header edits in Envoy's order: remove, set, add.

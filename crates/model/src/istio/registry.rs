@@ -8,10 +8,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use super::types::{
-    ConnectionPool, DestinationRuleSpec, Labels, LoadBalancerSettings, ServicePort, TrafficPolicy, WorkloadEntrySpec,
+    ConnectionPool, DestinationRuleSpec, HttpCookie, Labels, LoadBalancerSettings, ServicePort, TrafficPolicy,
+    WorkloadEntrySpec,
 };
 use super::{Diag, Res, Resources, at};
-use crate::snapshot::{Cluster, ClusterId, Discovery, Endpoint, HashKey, LoadBalancer, UpstreamProtocol};
+use crate::snapshot::{
+    Cluster, ClusterId, CookieKey, Discovery, Endpoint, GeneratedCookie, GeneratedCookieValue, HashKey, LoadBalancer,
+    UpstreamProtocol,
+};
 use crate::source::Document;
 
 /// Kubernetes' cluster domain, used to expand short host names.
@@ -510,7 +514,7 @@ fn load_balancer(lb: &LoadBalancerSettings) -> (LoadBalancer, bool) {
         let key = if let Some(h) = &ch.http_header_name {
             HashKey::Header(h.to_ascii_lowercase())
         } else if let Some(c) = &ch.http_cookie {
-            HashKey::Cookie(c.name.clone())
+            HashKey::Cookie(cookie_key(c))
         } else if let Some(q) = &ch.http_query_parameter_name {
             HashKey::QueryParameter(q.clone())
         } else {
@@ -523,6 +527,91 @@ fn load_balancer(lb: &LoadBalancerSettings) -> (LoadBalancer, bool) {
         Some("RANDOM") => (LoadBalancer::Random, false),
         Some("PASSTHROUGH") => (LoadBalancer::LeastRequest, true),
         _ => (LoadBalancer::LeastRequest, false),
+    }
+}
+
+/// Envoy's hash cookie: with a `ttl`, a request without the cookie gets one
+/// (`name="<digest>"; Max-Age=<ttl>; Path=<path>; <attributes>; HttpOnly`); a zero `ttl` makes
+/// it a session cookie (no `Max-Age`). Without `ttl` the cookie is only read.
+fn cookie_key(cookie: &HttpCookie) -> CookieKey {
+    let ttl = cookie.ttl.as_deref().and_then(|t| crate::duration::parse(t).ok());
+    let Some(ttl) = ttl else {
+        return CookieKey::read_only(cookie.name.clone());
+    };
+    let mut attributes = String::new();
+    // Envoy keeps whole seconds.
+    if ttl.as_secs() > 0 {
+        attributes.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+    }
+    if let Some(path) = cookie.path.as_deref().filter(|p| !p.is_empty()) {
+        attributes.push_str(&format!("; Path={path}"));
+    }
+    for a in &cookie.attributes {
+        if a.value.is_empty() {
+            attributes.push_str(&format!("; {}", a.name));
+        } else {
+            attributes.push_str(&format!("; {}={}", a.name, a.value));
+        }
+    }
+    attributes.push_str("; HttpOnly");
+    CookieKey {
+        name: cookie.name.clone(),
+        generate: Some(GeneratedCookie {
+            value: GeneratedCookieValue::ConnectionDigest,
+            attributes,
+        }),
+    }
+}
+
+/// Errors in an `httpCookie` that would make a malformed `Set-Cookie` or `Cookie` lookup.
+fn validate_http_cookie(doc: &Document, path: &str, cookie: &HttpCookie, diag: &mut Diag) {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    };
+    let attribute_text = |s: &str| s.bytes().all(|b| (b.is_ascii_graphic() || b == b' ') && b != b';');
+    if !token(&cookie.name) {
+        diag.error(
+            doc,
+            at(path, "name"),
+            format!("{:?} is not a valid cookie name", cookie.name),
+        );
+    }
+    match cookie.ttl.as_deref().map(crate::duration::parse) {
+        Some(Err(e)) => diag.error(doc, at(path, "ttl"), e),
+        Some(Ok(_)) => {}
+        None => diag.warn(
+            doc,
+            at(path, "ttl"),
+            "not set: Istio requires it; without it meshgate only reads the cookie and never sets it",
+        ),
+    }
+    if let Some(p) = cookie.path.as_deref()
+        && !attribute_text(p)
+    {
+        diag.error(
+            doc,
+            at(path, "path"),
+            format!("{p:?} cannot be a cookie path (no ';' or control characters)"),
+        );
+    }
+    for (i, a) in cookie.attributes.iter().enumerate() {
+        let field = format!("{path}.attributes[{i}]");
+        if !token(&a.name) {
+            diag.error(
+                doc,
+                at(&field, "name"),
+                format!("{:?} is not a valid cookie attribute name", a.name),
+            );
+        }
+        if !attribute_text(&a.value) {
+            diag.error(
+                doc,
+                at(&field, "value"),
+                format!("{:?} cannot be a cookie attribute value", a.value),
+            );
+        }
     }
 }
 
@@ -630,6 +719,9 @@ fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Di
                 if lb.simple.is_some() {
                     diag.error(doc, lb_path.clone(), "simple and consistentHash are mutually exclusive");
                 }
+                if let Some(cookie) = &ch.http_cookie {
+                    validate_http_cookie(doc, &at(&at(&lb_path, "consistentHash"), "httpCookie"), cookie, diag);
+                }
             }
         }
         if let Some(policy) = pool
@@ -682,5 +774,31 @@ fn validate_policy(doc: &Document, path: &str, tp: &TrafficPolicy, diag: &mut Di
             diag.error(doc, at(&pl_path, "port.number"), "port number is required");
         }
         check(&pl_path, pl.load_balancer.as_ref(), pl.connection_pool.as_ref(), diag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cookie(yaml: &str) -> CookieKey {
+        cookie_key(&serde_saphyr::from_str::<HttpCookie>(yaml).expect("yaml"))
+    }
+
+    #[test]
+    fn generated_cookie_attributes_follow_envoy() {
+        let key =
+            cookie("{name: s, ttl: 90.5s, path: /shop, attributes: [{name: SameSite, value: Lax}, {name: Secure}]}");
+        let generate = key.generate.expect("generated");
+        assert_eq!(generate.value, GeneratedCookieValue::ConnectionDigest);
+        assert_eq!(
+            generate.attributes,
+            "; Max-Age=90; Path=/shop; SameSite=Lax; Secure; HttpOnly"
+        );
+        // A zero ttl makes a session cookie; no path, no Path attribute.
+        let key = cookie("{name: s, ttl: 0s}");
+        assert_eq!(key.generate.expect("generated").attributes, "; HttpOnly");
+        // Without ttl the cookie is only read.
+        assert_eq!(cookie("{name: s}"), CookieKey::read_only("s"));
     }
 }

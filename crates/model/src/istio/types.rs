@@ -327,9 +327,19 @@ pub struct ConsistentHash {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpCookie {
     pub name: String,
-    pub path: Option<Value>,
-    pub ttl: Option<Value>,
-    pub attributes: Option<Value>,
+    pub path: Option<String>,
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub attributes: Vec<HttpCookieAttribute>,
+}
+
+/// An extra attribute of a generated cookie (`SameSite=Strict`, `Secure`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpCookieAttribute {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -52,9 +52,6 @@ const TRAFFIC_POLICY: &[&str] = &[
     "loadBalancer.consistentHash.ringHash",
     "loadBalancer.consistentHash.maglev",
     "loadBalancer.consistentHash.minimumRingSize",
-    "loadBalancer.consistentHash.httpCookie.path",
-    "loadBalancer.consistentHash.httpCookie.ttl",
-    "loadBalancer.consistentHash.httpCookie.attributes",
 ];
 
 /// Reports every unsupported field present in `doc`'s spec as a warning.

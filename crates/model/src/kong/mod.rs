@@ -32,10 +32,10 @@ use crate::diag::{Diag, at, decode_value};
 use crate::istio::registry::Registry;
 use crate::matcher::{HeaderMatch, PathMatch, StringMatch};
 use crate::snapshot::{
-    Cluster, ClusterId, ConnectionPoolSettings, DirectResponse, Discovery, Endpoint, Forward, HashKey, HeaderOps,
-    Listener, ListenerFlavor, ListenerTls, LoadBalancer, PathRewrite, PemFile, RequestMatch, RetryOn, RetryPolicy,
-    Rewrite, Route, RouteAction, RouteTable, Snapshot, TlsCertificate, UpstreamProtocol, UpstreamTls, VirtualHost,
-    WeightedDestination,
+    Cluster, ClusterId, ConnectionPoolSettings, CookieKey, DirectResponse, Discovery, Endpoint, Forward,
+    GeneratedCookie, GeneratedCookieValue, HashKey, HeaderOps, Listener, ListenerFlavor, ListenerTls, LoadBalancer,
+    PathRewrite, PemFile, RequestMatch, RetryOn, RetryPolicy, Rewrite, Route, RouteAction, RouteTable, Snapshot,
+    TlsCertificate, UpstreamProtocol, UpstreamTls, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 use plugins::{Consumer, Consumers, PluginChain};
@@ -2064,7 +2064,25 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
         "header" => {
             named("hash_on_header", &upstream.hash_on_header, diag).map(|h| HashKey::Header(h.to_ascii_lowercase()))
         }
-        "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).map(HashKey::Cookie),
+        // Kong gives a request without the cookie a new UUID and sets it on the response.
+        "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).and_then(|name| {
+            let cookie_path = upstream.hash_on_cookie_path.as_deref().unwrap_or("/");
+            if !cookie_path.starts_with('/') || cookie_path.bytes().any(|b| b == b';' || !b.is_ascii_graphic()) {
+                diag.error(
+                    doc,
+                    at(path, "hash_on_cookie_path"),
+                    format!("{cookie_path:?} is not a cookie path (it starts with '/', without ';' or spaces)"),
+                );
+                return None;
+            }
+            Some(HashKey::Cookie(CookieKey {
+                name,
+                generate: Some(GeneratedCookie {
+                    value: GeneratedCookieValue::Uuid,
+                    attributes: format!("; Path={cookie_path}"),
+                }),
+            }))
+        }),
         "query_arg" => named("hash_on_query_arg", &upstream.hash_on_query_arg, diag).map(HashKey::QueryParameter),
         other => {
             diag.warn(
