@@ -496,3 +496,87 @@ fn a_config_folder_reloads_on_yaml_changes_only() {
         "{headers:?}"
     );
 }
+
+/// The voluntary context switches of meshgate's config-watch thread: one per wake-up.
+fn config_watch_wakeups(proxy: &Proxy) -> u64 {
+    let tasks = format!("/proc/{}/task", proxy.child.id());
+    for task in std::fs::read_dir(tasks).expect("tasks").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "config-watch" {
+            let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no config-watch thread");
+}
+
+/// A busy file next to the config (meshgate's own log here, an access log or a load
+/// generator's log in real life) must not wake the watcher on each write; replacing the
+/// config still reloads it.
+#[test]
+fn writes_to_a_file_beside_the_config_do_not_wake_the_watcher() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let proxy = Proxy::start(&routed_to(port, &services, "a", None));
+    let v = proxy.config_version();
+    let before = config_watch_wakeups(&proxy);
+    let mut busy = std::fs::File::create(proxy.config.with_file_name("requests.log")).expect("log");
+    for i in 0..2000 {
+        use std::io::Write;
+        writeln!(busy, "request {i}").expect("write");
+        if i % 200 == 0 {
+            // Let the watcher run between bursts, as it would under a steady writer.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    drop(busy);
+    std::thread::sleep(Duration::from_millis(300));
+    let woken = config_watch_wakeups(&proxy) - before;
+    assert!(
+        woken <= 3,
+        "the watcher woke {woken} times for 2000 writes to another file"
+    );
+    assert_eq!(proxy.config_version(), v, "another file triggered a reload");
+
+    replace_config(&proxy, &routed_to(port, &services, "b", None));
+    wait_version_above(&proxy, v);
+}
+
+/// Kubernetes updates a ConfigMap volume by renaming a new `..data` symlink over the old one;
+/// the config file, a symlink through `..data`, keeps its name.
+#[test]
+fn a_configmap_style_symlink_swap_reloads() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let dir = scratch_dir("configmap");
+    let version_dir = |n: u32, target: &str| {
+        let d = dir.join(format!("..v{n}"));
+        std::fs::create_dir(&d).expect("mkdir");
+        std::fs::write(d.join("mesh.yaml"), routed_to(port, &services, target, None)).expect("write");
+    };
+    version_dir(1, "a");
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/mesh.yaml", dir.join("mesh.yaml")).expect("symlink");
+    let proxy = Proxy::spawn(&dir.join("mesh.yaml"), &[]);
+    proxy.wait_ready();
+    let v = proxy.config_version();
+
+    version_dir(2, "b");
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).expect("symlink");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+    wait_version_above(&proxy, v);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
+        "{headers:?}"
+    );
+}

@@ -10,6 +10,7 @@ pub mod active;
 pub mod admin;
 pub mod body;
 mod coarse_timer;
+mod config_watch;
 pub mod cors;
 mod downstream_socket;
 pub mod http2;

@@ -3,15 +3,13 @@
 //! A reload compiles the files from scratch. Only a config that parses, validates and
 //! activates completely replaces the one being served; anything else is logged with the
 //! findings that name file, resource and field, and the last good config keeps serving.
-//! File events are debounced because editors and `notify` report several events per save.
+//! File events are debounced because editors report several events per save.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use meshgate_model::Severity;
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::Shared;
@@ -76,7 +74,7 @@ pub fn reload(shared: &Shared) -> Result<u64, String> {
 /// Reloads on SIGHUP and whenever a config file changes, until the process ends.
 pub async fn watch(shared: Arc<Shared>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let _watcher = match file_watcher(&shared.options.config_paths, tx.clone()) {
+    let _watch = match crate::config_watch::start(&shared.options.config_paths, tx.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
@@ -101,44 +99,4 @@ pub async fn watch(shared: Arc<Shared>) {
         let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
     }
-}
-
-/// Watches each config path. A file is watched through its folder, so editors that save by
-/// writing a new file and renaming it over the old one are still seen.
-fn file_watcher(paths: &[PathBuf], tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-    let files: Vec<PathBuf> = paths
-        .iter()
-        .filter(|p| p.is_file())
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .collect();
-    let dirs: Vec<PathBuf> = paths
-        .iter()
-        .filter(|p| p.is_dir())
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .collect();
-    let watched_files = files.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if matches!(event.kind, notify::EventKind::Access(_)) {
-            return;
-        }
-        // In watched folders only YAML files count, as only they are read: editor swap files
-        // and other droppings do not trigger a reload.
-        let is_yaml = |p: &std::path::Path| p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        let relevant = event
-            .paths
-            .iter()
-            .any(|p| watched_files.iter().any(|f| f == p) || (is_yaml(p) && dirs.iter().any(|d| p.starts_with(d))));
-        if relevant {
-            let _ = tx.send(());
-        }
-    })?;
-    for file in &files {
-        let dir = file.parent().unwrap_or(file);
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    }
-    for path in paths.iter().filter(|p| p.is_dir()) {
-        watcher.watch(path, RecursiveMode::Recursive)?;
-    }
-    Ok(watcher)
 }

@@ -1,0 +1,259 @@
+//! Noticing that config files changed.
+//!
+//! A config file is watched through its folder, so editors that save by writing a new file and
+//! renaming it over the old one, and Kubernetes, which swaps a ConfigMap volume's `..data`
+//! symlink, are seen. A folder watch sees every file in the folder, though, and a busy
+//! neighbour (an access log, a load generator's request log) would wake the watcher on each of
+//! its writes and pay for an event with each. So on Linux meshgate asks inotify only for what
+//! finishes a change: a file written and closed, renamed in or out, created, removed, or its
+//! attributes changed (`touch`). It never asks for every write (`IN_MODIFY`). Elsewhere the
+//! `notify` crate watches.
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc;
+
+/// What a change is to: a config file named on the command line (by its folder and name), or
+/// anything under a config folder. Only YAML files count in config folders, since only they are
+/// read; editor swap files and other droppings do not trigger a reload.
+struct Targets {
+    files: Vec<(PathBuf, std::ffi::OsString)>,
+    folders: Vec<PathBuf>,
+}
+
+impl Targets {
+    fn new(paths: &[PathBuf]) -> Self {
+        let mut targets = Targets {
+            files: Vec::new(),
+            folders: Vec::new(),
+        };
+        for path in paths {
+            if path.is_dir() {
+                targets.folders.push(path.clone());
+            } else if let Some(name) = path.file_name() {
+                let folder = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                targets.files.push((folder, name.to_os_string()));
+            }
+        }
+        targets
+    }
+}
+
+fn is_yaml(name: &Path) -> bool {
+    name.extension().is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// Kubernetes' atomic writer replaces a ConfigMap volume's contents by renaming a new `..data`
+/// symlink over the old one; the file names the config points at stay the same.
+const KUBERNETES_DATA_LINK: &str = "..data";
+
+/// Starts watching; each change sends `()` on `changed`. The watch lasts as long as the returned
+/// value is kept.
+pub fn start(paths: &[PathBuf], changed: mpsc::UnboundedSender<()>) -> std::io::Result<ConfigWatch> {
+    platform::start(Targets::new(paths), changed)
+}
+
+pub use platform::ConfigWatch;
+
+#[cfg(target_os = "linux")]
+mod platform {
+    use std::collections::HashMap;
+    use std::ffi::{CString, OsStr, OsString};
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+
+    use tokio::sync::mpsc;
+
+    use super::{KUBERNETES_DATA_LINK, Targets, is_yaml};
+
+    /// The watch runs on its own thread until the process ends or nobody listens any more.
+    pub struct ConfigWatch;
+
+    /// The events that finish a change to a file in a watched folder, or end the folder.
+    const MASK: u32 = libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_ATTRIB
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF
+        | libc::IN_ONLYDIR;
+
+    /// One watched folder.
+    #[derive(Default)]
+    struct Folder {
+        path: PathBuf,
+        /// Config files named on the command line that live here.
+        files: Vec<OsString>,
+        /// Part of a config folder: its YAML files and subfolders count.
+        tree: bool,
+    }
+
+    struct Inotify {
+        fd: OwnedFd,
+        folders: HashMap<i32, Folder>,
+    }
+
+    impl Inotify {
+        fn add(&mut self, path: &Path, file: Option<&OsStr>, tree: bool) -> io::Result<()> {
+            let c_path = CString::new(path.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+            // SAFETY: the fd is an inotify instance and `c_path` a NUL-terminated string.
+            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), MASK) };
+            if wd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Adding a folder twice gives the same descriptor: merge what it is watched for.
+            let folder = self.folders.entry(wd).or_default();
+            folder.path = path.to_path_buf();
+            folder.files.extend(file.map(OsStr::to_os_string));
+            folder.tree |= tree;
+            Ok(())
+        }
+
+        /// A config folder and every folder below it, as the config reader descends into them.
+        fn add_tree(&mut self, root: &Path) -> io::Result<()> {
+            self.add(root, None, true)?;
+            for entry in std::fs::read_dir(root)?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    self.add_tree(&entry.path())?;
+                }
+            }
+            Ok(())
+        }
+
+        /// Whether one event is a change to the config; watches folders created in a tree.
+        fn is_change(&mut self, wd: i32, mask: u32, name: &OsStr) -> bool {
+            if mask & libc::IN_Q_OVERFLOW != 0 {
+                return true;
+            }
+            if mask & libc::IN_IGNORED != 0 {
+                self.folders.remove(&wd);
+                return false;
+            }
+            let Some(folder) = self.folders.get(&wd) else {
+                return false;
+            };
+            if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
+                return true;
+            }
+            let tree = folder.tree;
+            if tree && mask & libc::IN_ISDIR != 0 && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                let path = folder.path.join(name);
+                if let Err(e) = self.add_tree(&path) {
+                    tracing::warn!(folder = %path.display(), error = %e, "cannot watch a new config folder; reload with SIGHUP");
+                }
+                return true;
+            }
+            folder.files.iter().any(|f| f == name) || (tree && is_yaml(Path::new(name))) || name == KUBERNETES_DATA_LINK
+        }
+
+        fn run(mut self, changed: mpsc::UnboundedSender<()>) {
+            // Room for many events; each is 16 bytes plus its NUL-padded name.
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                // SAFETY: reads at most `buf.len()` bytes into `buf`.
+                let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    tracing::warn!(error = %io::Error::last_os_error(), "config watch stopped; reload with SIGHUP");
+                    return;
+                }
+                let mut change = false;
+                let mut events = &buf[..n as usize];
+                // struct inotify_event: wd i32, mask u32, cookie u32, len u32, then `len` name bytes.
+                while events.len() >= 16 {
+                    let field = |at: usize| [events[at], events[at + 1], events[at + 2], events[at + 3]];
+                    let wd = i32::from_ne_bytes(field(0));
+                    let mask = u32::from_ne_bytes(field(4));
+                    let len = u32::from_ne_bytes(field(12)) as usize;
+                    let Some(name) = events.get(16..16 + len) else { break };
+                    let name = OsStr::from_bytes(name.split(|b| *b == 0).next().unwrap_or_default());
+                    change |= self.is_change(wd, mask, name);
+                    events = &events[16 + len..];
+                }
+                if change && changed.send(()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn start(targets: Targets, changed: mpsc::UnboundedSender<()>) -> io::Result<ConfigWatch> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut inotify = Inotify {
+            // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            folders: HashMap::new(),
+        };
+        for (folder, name) in &targets.files {
+            inotify.add(folder, Some(name), false)?;
+        }
+        for folder in &targets.folders {
+            inotify.add_tree(folder)?;
+        }
+        std::thread::Builder::new()
+            .name("config-watch".into())
+            .spawn(move || inotify.run(changed))?;
+        Ok(ConfigWatch)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod platform {
+    use std::io;
+
+    use notify::{RecursiveMode, Watcher};
+    use tokio::sync::mpsc;
+
+    use super::{KUBERNETES_DATA_LINK, Targets, is_yaml};
+
+    /// The `notify` watcher; dropping it ends the watch.
+    pub struct ConfigWatch(#[allow(dead_code)] notify::RecommendedWatcher);
+
+    pub(super) fn start(targets: Targets, changed: mpsc::UnboundedSender<()>) -> io::Result<ConfigWatch> {
+        let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let files: Vec<_> = targets.files.iter().map(|(d, n)| canonical(d).join(n)).collect();
+        let folders: Vec<_> = targets.folders.iter().map(|d| canonical(d)).collect();
+        let (watched_files, watched_folders) = (files.clone(), folders.clone());
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let relevant = event.paths.iter().any(|p| {
+                watched_files.iter().any(|f| f == p)
+                    || (is_yaml(p) && watched_folders.iter().any(|d| p.starts_with(d)))
+                    || p.file_name().is_some_and(|n| n == KUBERNETES_DATA_LINK)
+            });
+            if relevant {
+                let _ = changed.send(());
+            }
+        })
+        .map_err(io::Error::other)?;
+        for file in &files {
+            let dir = file.parent().unwrap_or(file);
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(io::Error::other)?;
+        }
+        for folder in &folders {
+            watcher
+                .watch(folder, RecursiveMode::Recursive)
+                .map_err(io::Error::other)?;
+        }
+        Ok(ConfigWatch(watcher))
+    }
+}
