@@ -544,7 +544,15 @@ fn writes_to_a_file_beside_the_config_do_not_wake_the_watcher() {
     );
     assert_eq!(proxy.config_version(), v, "another file triggered a reload");
 
-    replace_config(&proxy, &routed_to(port, &services, "b", None));
+    // Written in place, then replaced by a rename: both reload, and the file that replaced the
+    // config is watched in turn.
+    std::fs::write(&proxy.config, routed_to(port, &services, "b", None)).expect("write");
+    wait_version_above(&proxy, v);
+    let v = proxy.config_version();
+    replace_config(&proxy, &routed_to(port, &services, "a", None));
+    wait_version_above(&proxy, v);
+    let v = proxy.config_version();
+    std::fs::write(&proxy.config, routed_to(port, &services, "b", None)).expect("write");
     wait_version_above(&proxy, v);
 }
 

@@ -1,13 +1,14 @@
 //! Noticing that config files changed.
 //!
-//! A config file is watched through its folder, so editors that save by writing a new file and
-//! renaming it over the old one, and Kubernetes, which swaps a ConfigMap volume's `..data`
-//! symlink, are seen. A folder watch sees every file in the folder, though, and a busy
-//! neighbour (an access log, a load generator's request log) would wake the watcher on each of
-//! its writes and pay for an event with each. So on Linux meshgate asks inotify only for what
-//! finishes a change: a file written and closed, renamed in or out, created, removed, or its
-//! attributes changed (`touch`). It never asks for every write (`IN_MODIFY`). Elsewhere the
-//! `notify` crate watches.
+//! Editors often save by writing a new file and renaming it over the old one, and Kubernetes
+//! updates a ConfigMap volume by swapping its `..data` symlink, so a config file's folder is
+//! watched as well as the file. On Linux meshgate asks inotify, for that folder, only about
+//! entries appearing, disappearing or being renamed, and for the file itself about writes
+//! finished (closed) and `touch`. A watch for file events on a whole folder would make the
+//! kernel treat every file in it as watched: a busy neighbour (an access log, a load
+//! generator's request log) would pay for that on each write, and with `IN_MODIFY` wake the
+//! watcher each time too. Config folders given with `--config` are watched for their files'
+//! content as well, recursively. Elsewhere the `notify` crate watches.
 
 use std::path::{Path, PathBuf};
 
@@ -74,52 +75,77 @@ mod platform {
     /// The watch runs on its own thread until the process ends or nobody listens any more.
     pub struct ConfigWatch;
 
-    /// The events that finish a change to a file in a watched folder, or end the folder.
-    const MASK: u32 = libc::IN_CLOSE_WRITE
+    /// A config file's folder: only its entries appearing, disappearing and being renamed.
+    /// These are not events on the files themselves, so the kernel does not mark the folder's
+    /// files as watched, and their writers pay nothing for the watch.
+    const ENTRIES: u32 = libc::IN_CREATE
         | libc::IN_MOVED_TO
         | libc::IN_MOVED_FROM
-        | libc::IN_CREATE
         | libc::IN_DELETE
-        | libc::IN_ATTRIB
         | libc::IN_DELETE_SELF
         | libc::IN_MOVE_SELF
         | libc::IN_ONLYDIR;
+    /// A config file itself (through symlinks): written and closed, or `touch`ed.
+    const CONTENT: u32 = libc::IN_CLOSE_WRITE | libc::IN_ATTRIB;
 
-    /// One watched folder.
+    /// What one watch descriptor stands for. One inode watched for several reasons keeps one
+    /// descriptor, so the reasons are merged.
     #[derive(Default)]
-    struct Folder {
+    struct Watch {
         path: PathBuf,
-        /// Config files named on the command line that live here.
-        files: Vec<OsString>,
-        /// Part of a config folder: its YAML files and subfolders count.
+        /// A config file's content.
+        file: bool,
+        /// The folder of these config files: an entry of that name changing is a new file.
+        file_names: Vec<OsString>,
+        /// A config folder or one below it: its YAML files and subfolders count.
         tree: bool,
     }
 
     struct Inotify {
         fd: OwnedFd,
-        folders: HashMap<i32, Folder>,
+        watches: HashMap<i32, Watch>,
     }
 
     impl Inotify {
-        fn add(&mut self, path: &Path, file: Option<&OsStr>, tree: bool) -> io::Result<()> {
+        fn add(&mut self, path: &Path, mask: u32) -> io::Result<&mut Watch> {
             let c_path = CString::new(path.as_os_str().as_bytes())
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
             // SAFETY: the fd is an inotify instance and `c_path` a NUL-terminated string.
-            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), MASK) };
+            // IN_MASK_ADD keeps what an earlier watch of the same inode asked for.
+            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), mask | libc::IN_MASK_ADD) };
             if wd < 0 {
                 return Err(io::Error::last_os_error());
             }
-            // Adding a folder twice gives the same descriptor: merge what it is watched for.
-            let folder = self.folders.entry(wd).or_default();
-            folder.path = path.to_path_buf();
-            folder.files.extend(file.map(OsStr::to_os_string));
-            folder.tree |= tree;
-            Ok(())
+            let watch = self.watches.entry(wd).or_default();
+            watch.path = path.to_path_buf();
+            Ok(watch)
+        }
+
+        /// A config file: its content, and its folder's entries, so a file renamed over it or
+        /// created in its place is seen (and then watched in turn).
+        fn add_file(&mut self, folder: &Path, name: &OsStr) -> io::Result<()> {
+            let parent = self.add(folder, ENTRIES)?;
+            if !parent.file_names.iter().any(|n| n == name) {
+                parent.file_names.push(name.to_os_string());
+            }
+            self.watch_content(&folder.join(name))
+        }
+
+        /// Watches the file now at `path`; a missing file is seen when it appears in its folder.
+        fn watch_content(&mut self, path: &Path) -> io::Result<()> {
+            match self.add(path, CONTENT) {
+                Ok(watch) => {
+                    watch.file = true;
+                    Ok(())
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
         }
 
         /// A config folder and every folder below it, as the config reader descends into them.
         fn add_tree(&mut self, root: &Path) -> io::Result<()> {
-            self.add(root, None, true)?;
+            self.add(root, ENTRIES | CONTENT)?.tree = true;
             for entry in std::fs::read_dir(root)?.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     self.add_tree(&entry.path())?;
@@ -128,30 +154,54 @@ mod platform {
             Ok(())
         }
 
-        /// Whether one event is a change to the config; watches folders created in a tree.
+        /// Whether one event is a change to the config. Starts watching what replaced a config
+        /// file, and folders created in a config folder.
         fn is_change(&mut self, wd: i32, mask: u32, name: &OsStr) -> bool {
             if mask & libc::IN_Q_OVERFLOW != 0 {
                 return true;
             }
             if mask & libc::IN_IGNORED != 0 {
-                self.folders.remove(&wd);
+                self.watches.remove(&wd);
                 return false;
             }
-            let Some(folder) = self.folders.get(&wd) else {
+            let Some(watch) = self.watches.get(&wd) else {
                 return false;
             };
             if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
                 return true;
             }
-            let tree = folder.tree;
-            if tree && mask & libc::IN_ISDIR != 0 && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
-                let path = folder.path.join(name);
+            if name.is_empty() {
+                // An event on a watched file itself: written and closed, or touched.
+                return watch.file;
+            }
+            let folder = watch.path.clone();
+            let tree = watch.tree;
+            let new_entry = mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
+            if name == KUBERNETES_DATA_LINK || watch.file_names.iter().any(|n| n == name) {
+                // A new file (or every file, after a `..data` swap) now answers to these names.
+                let names: Vec<OsString> = if name == KUBERNETES_DATA_LINK {
+                    watch.file_names.clone()
+                } else {
+                    vec![name.to_os_string()]
+                };
+                for name in names {
+                    if let Err(e) = self.watch_content(&folder.join(&name)) {
+                        tracing::warn!(file = %folder.join(&name).display(), error = %e, "cannot watch a config file; reload with SIGHUP");
+                    }
+                }
+                return true;
+            }
+            if !tree {
+                return false;
+            }
+            if new_entry && mask & libc::IN_ISDIR != 0 {
+                let path = folder.join(name);
                 if let Err(e) = self.add_tree(&path) {
                     tracing::warn!(folder = %path.display(), error = %e, "cannot watch a new config folder; reload with SIGHUP");
                 }
                 return true;
             }
-            folder.files.iter().any(|f| f == name) || (tree && is_yaml(Path::new(name))) || name == KUBERNETES_DATA_LINK
+            is_yaml(Path::new(name))
         }
 
         fn run(mut self, changed: mpsc::UnboundedSender<()>) {
@@ -196,10 +246,10 @@ mod platform {
         let mut inotify = Inotify {
             // SAFETY: `fd` is a fresh descriptor owned by nothing else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            folders: HashMap::new(),
+            watches: HashMap::new(),
         };
         for (folder, name) in &targets.files {
-            inotify.add(folder, Some(name), false)?;
+            inotify.add_file(folder, name)?;
         }
         for folder in &targets.folders {
             inotify.add_tree(folder)?;
