@@ -1204,4 +1204,15 @@ fn hash_on_cookie_sets_a_uuid_cookie_and_sticks_to_its_target() {
         owners.insert(served);
     }
     assert!(owners.len() >= 2, "12 cookies all hashed to {owners:?}");
+
+    // A cookie name that would smuggle attributes into Set-Cookie is refused.
+    let bad = scratch_dir("kong-cookie").join("bad.yaml");
+    std::fs::write(
+        &bad,
+        deck.replace("hash_on_cookie: kong-affinity", "hash_on_cookie: \"x; Domain=.evil\""),
+    )
+    .expect("write");
+    let (code, stdout) = analyze(&bad);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("upstreams[0].hash_on_cookie"), "{stdout}");
 }

@@ -498,6 +498,7 @@ fn a_config_folder_reloads_on_yaml_changes_only() {
 }
 
 /// The voluntary context switches of meshgate's config-watch thread: one per wake-up.
+#[cfg(target_os = "linux")]
 fn config_watch_wakeups(proxy: &Proxy) -> u64 {
     let tasks = format!("/proc/{}/task", proxy.child.id());
     for task in std::fs::read_dir(tasks).expect("tasks").flatten() {
@@ -517,6 +518,7 @@ fn config_watch_wakeups(proxy: &Proxy) -> u64 {
 /// A busy file next to the config (meshgate's own log here, an access log or a load
 /// generator's log in real life) must not wake the watcher on each write; replacing the
 /// config still reloads it.
+#[cfg(target_os = "linux")]
 #[test]
 fn writes_to_a_file_beside_the_config_do_not_wake_the_watcher() {
     let a = Echo::start("a");
@@ -587,4 +589,30 @@ fn a_configmap_style_symlink_swap_reloads() {
         headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
         "{headers:?}"
     );
+}
+
+/// A config file that is a symlink to a file elsewhere: the target's folder is watched too, so
+/// replacing the target by rename reloads, again and again.
+#[test]
+fn a_symlinked_config_reloads_when_its_target_is_replaced() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let dir = scratch_dir("symlinked");
+    let (link_dir, real_dir) = (dir.join("etc"), dir.join("srv"));
+    std::fs::create_dir_all(&link_dir).expect("mkdir");
+    std::fs::create_dir_all(&real_dir).expect("mkdir");
+    let real = real_dir.join("mesh.yaml");
+    std::fs::write(&real, routed_to(port, &services, "a", None)).expect("write");
+    std::os::unix::fs::symlink(&real, link_dir.join("mesh.yaml")).expect("symlink");
+    let proxy = Proxy::spawn(&link_dir.join("mesh.yaml"), &[]);
+    proxy.wait_ready();
+    for target in ["b", "a", "b"] {
+        let v = proxy.config_version();
+        let tmp = real_dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, routed_to(port, &services, target, None)).expect("write");
+        std::fs::rename(&tmp, &real).expect("rename");
+        wait_version_above(&proxy, v);
+    }
 }

@@ -570,6 +570,17 @@ spec:
     }
     assert!(owners.len() >= 2, "12 connections' cookies all hashed to {owners:?}");
 
+    // An empty cookie counts as none, as in Envoy: a new one is made.
+    let c = client(false);
+    let r = send(&c, get(port, "/shop", "x", &[("cookie", "session=\"\"")]))
+        .await
+        .expect("req");
+    assert!(
+        r.header("set-cookie").is_some_and(|v| v.starts_with("session=\"")),
+        "{:?}",
+        r.headers
+    );
+
     // Without ttl: no cookie is made, and requests are balanced as usual.
     let c = client(false);
     let r = send(&c, get(port, "/read-only", "x", &[])).await.expect("req");

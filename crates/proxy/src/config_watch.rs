@@ -51,8 +51,8 @@ fn is_yaml(name: &Path) -> bool {
 /// symlink over the old one; the file names the config points at stay the same.
 const KUBERNETES_DATA_LINK: &str = "..data";
 
-/// Starts watching; each change sends `()` on `changed`. The watch lasts as long as the returned
-/// value is kept.
+/// Starts watching; each change sends `()` on `changed`. Keep the returned value: with `notify`,
+/// dropping it ends the watch (on Linux the watch lasts until the process ends).
 pub fn start(paths: &[PathBuf], changed: mpsc::UnboundedSender<()>) -> std::io::Result<ConfigWatch> {
     platform::start(Targets::new(paths), changed)
 }
@@ -122,13 +122,25 @@ mod platform {
         }
 
         /// A config file: its content, and its folder's entries, so a file renamed over it or
-        /// created in its place is seen (and then watched in turn).
+        /// created in its place is seen (and then watched in turn). A config file that is a
+        /// symlink is watched in its target's folder too, where deploy tools replace it.
         fn add_file(&mut self, folder: &Path, name: &OsStr) -> io::Result<()> {
+            self.watch_name(folder, name)?;
+            if let Ok(target) = std::fs::canonicalize(folder.join(name))
+                && let (Some(target_folder), Some(target_name)) = (target.parent(), target.file_name())
+                && target_folder != folder
+            {
+                self.watch_name(target_folder, target_name)?;
+            }
+            self.watch_content(&folder.join(name))
+        }
+
+        fn watch_name(&mut self, folder: &Path, name: &OsStr) -> io::Result<()> {
             let parent = self.add(folder, ENTRIES)?;
             if !parent.file_names.iter().any(|n| n == name) {
                 parent.file_names.push(name.to_os_string());
             }
-            self.watch_content(&folder.join(name))
+            Ok(())
         }
 
         /// Watches the file now at `path`; a missing file is seen when it appears in its folder.
@@ -143,21 +155,61 @@ mod platform {
             }
         }
 
-        /// A config folder and every folder below it, as the config reader descends into them.
+        /// A config folder and every folder below it, following symlinks as the config reader
+        /// does. A folder that cannot be watched is logged and skipped, so the rest still is.
         fn add_tree(&mut self, root: &Path) -> io::Result<()> {
-            self.add(root, ENTRIES | CONTENT)?.tree = true;
-            for entry in std::fs::read_dir(root)?.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    self.add_tree(&entry.path())?;
+            let mut visited = std::collections::HashSet::new();
+            self.add_tree_below(root, &mut visited)
+        }
+
+        fn add_tree_below(
+            &mut self,
+            folder: &Path,
+            visited: &mut std::collections::HashSet<PathBuf>,
+        ) -> io::Result<()> {
+            // A symlink back up the tree must not loop.
+            if !visited.insert(std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf())) {
+                return Ok(());
+            }
+            self.add(folder, ENTRIES | CONTENT)?.tree = true;
+            for entry in std::fs::read_dir(folder)?.flatten() {
+                let path = entry.path();
+                if path.is_dir()
+                    && let Err(e) = self.add_tree_below(&path, visited)
+                {
+                    tracing::warn!(folder = %path.display(), error = %e, "cannot watch a config folder; reload with SIGHUP after changing it");
                 }
             }
             Ok(())
+        }
+
+        /// After lost events: watch whatever now answers to each config file's name, and every
+        /// folder of the config folders.
+        fn repair(&mut self) {
+            let names: Vec<PathBuf> = self
+                .watches
+                .values()
+                .flat_map(|w| w.file_names.iter().map(|n| w.path.join(n)))
+                .collect();
+            for path in names {
+                let _ = self.watch_content(&path);
+            }
+            let trees: Vec<PathBuf> = self
+                .watches
+                .values()
+                .filter(|w| w.tree)
+                .map(|w| w.path.clone())
+                .collect();
+            for tree in trees {
+                let _ = self.add_tree(&tree);
+            }
         }
 
         /// Whether one event is a change to the config. Starts watching what replaced a config
         /// file, and folders created in a config folder.
         fn is_change(&mut self, wd: i32, mask: u32, name: &OsStr) -> bool {
             if mask & libc::IN_Q_OVERFLOW != 0 {
+                self.repair();
                 return true;
             }
             if mask & libc::IN_IGNORED != 0 {
@@ -252,7 +304,9 @@ mod platform {
             inotify.add_file(folder, name)?;
         }
         for folder in &targets.folders {
-            inotify.add_tree(folder)?;
+            if let Err(e) = inotify.add_tree(folder) {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot watch a config folder; reload with SIGHUP after changing it");
+            }
         }
         std::thread::Builder::new()
             .name("config-watch".into())

@@ -1692,8 +1692,9 @@ fn request_hash<B>(key: &HashKey, req: &Request<B>, conn: &Connection) -> (Optio
                     return (None, None);
                 };
                 let (value, set_cookie) = match generate.value {
-                    // One value per downstream connection, as Envoy: its requests race for the
-                    // cookie and should all land on the endpoint it names.
+                    // One value per downstream connection, as Envoy (from the client's address
+                    // and the listener's): its requests race for the cookie and should all land
+                    // on the endpoint it names.
                     GeneratedCookieValue::ConnectionDigest => {
                         let value = format!("{:016x}", digest(&|h| (conn.remote, conn.listener).hash(h)));
                         let set_cookie = format!("{}=\"{value}\"{}", cookie.name, generate.attributes);
@@ -1722,20 +1723,20 @@ fn request_hash<B>(key: &HashKey, req: &Request<B>, conn: &Connection) -> (Optio
 }
 
 /// A cookie's value from the request's `Cookie` headers, without the double quotes RFC 6265
-/// allows around it (so a cookie the proxy made, sent back quoted, hashes as it did).
+/// allows around it (so a cookie the proxy made, sent back quoted, hashes as it did). An empty
+/// value counts as no cookie, as in Envoy.
 fn request_cookie<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
     let value = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim_start().strip_prefix(name)?.strip_prefix('='))?;
-    Some(
-        value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value),
-    )
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))?;
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    (!value.is_empty()).then_some(value)
 }
 
 /// Sends a cookie the proxy made for hashing with the upstream's response, as Envoy and

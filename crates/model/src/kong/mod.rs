@@ -2066,6 +2066,16 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
         }
         // Kong gives a request without the cookie a new UUID and sets it on the response.
         "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).and_then(|name| {
+            // The name goes into Set-Cookie as is: an HTTP token, as Kong requires.
+            let separators = b"()<>@,;:\\\"/[]?={}";
+            if !name.bytes().all(|b| b.is_ascii_graphic() && !separators.contains(&b)) {
+                diag.error(
+                    doc,
+                    at(path, "hash_on_cookie"),
+                    format!("{name:?} is not a valid cookie name"),
+                );
+                return None;
+            }
             let cookie_path = upstream.hash_on_cookie_path.as_deref().unwrap_or("/");
             if !cookie_path.starts_with('/') || cookie_path.bytes().any(|b| b == b';' || !b.is_ascii_graphic()) {
                 diag.error(
