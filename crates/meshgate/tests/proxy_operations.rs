@@ -616,3 +616,32 @@ fn a_symlinked_config_reloads_when_its_target_is_replaced() {
         wait_version_above(&proxy, v);
     }
 }
+
+/// A config file moved away (`mv config.yaml config.bak`) is no longer the config: writes to it
+/// do not reload, and a new file under the config's name does.
+#[test]
+fn a_config_moved_away_is_no_longer_watched() {
+    let a = Echo::start("a");
+    let b = Echo::start("b");
+    let port = free_port();
+    let services = [("a", a.port()), ("b", b.port())];
+    let proxy = Proxy::start(&routed_to(port, &services, "a", None));
+    let v = proxy.config_version();
+    let moved = proxy.config.with_file_name("config.bak");
+    std::fs::rename(&proxy.config, &moved).expect("mv");
+    // The move is a change: the reload finds no file and keeps the last good config.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&proxy, "meshgate_config_reload_failures_total") < 1 {
+        assert!(Instant::now() < deadline, "moving the config away did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&moved, routed_to(port, &services, "b", None)).expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        metric(&proxy, "meshgate_config_reload_failures_total"),
+        1,
+        "a write to the moved-away file reloaded"
+    );
+    std::fs::write(&proxy.config, routed_to(port, &services, "b", None)).expect("write");
+    wait_version_above(&proxy, v);
+}

@@ -155,6 +155,21 @@ mod platform {
             }
         }
 
+        /// Stops watching the content of the file that was at `path`.
+        fn unwatch_content(&mut self, path: &Path) {
+            let stale: Vec<i32> = self
+                .watches
+                .iter()
+                .filter(|(_, w)| w.file && w.path == path)
+                .map(|(wd, _)| *wd)
+                .collect();
+            for wd in stale {
+                self.watches.remove(&wd);
+                // SAFETY: removes a watch of this inotify instance; an unknown one is an error only.
+                unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            }
+        }
+
         /// A config folder and every folder below it, following symlinks as the config reader
         /// does. A folder that cannot be watched is logged and skipped, so the rest still is.
         fn add_tree(&mut self, root: &Path) -> io::Result<()> {
@@ -229,6 +244,13 @@ mod platform {
             let folder = watch.path.clone();
             let tree = watch.tree;
             let new_entry = mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0;
+            let gone = mask & (libc::IN_MOVED_FROM | libc::IN_DELETE) != 0;
+            if gone && watch.file_names.iter().any(|n| n == name) {
+                // The name no longer leads to the file watched for it (`mv config.yaml old.yaml`):
+                // that file's writes are not config changes any more.
+                self.unwatch_content(&folder.join(name));
+                return true;
+            }
             if name == KUBERNETES_DATA_LINK || watch.file_names.iter().any(|n| n == name) {
                 // A new file (or every file, after a `..data` swap) now answers to these names.
                 let names: Vec<OsString> = if name == KUBERNETES_DATA_LINK {
