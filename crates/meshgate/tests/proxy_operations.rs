@@ -203,6 +203,16 @@ fn invalid_config_is_rejected_and_the_last_good_one_keeps_serving() {
     assert!(!proxy.log_text().contains("panicked"));
 }
 
+/// The echo upstream that answers `GET /` on the proxy's `port`.
+fn served_by(port: u16) -> String {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
+    headers
+        .into_iter()
+        .find_map(|(k, v)| (k == "x-echo-name").then_some(v))
+        .unwrap_or_default()
+}
+
 fn metric(proxy: &Proxy, name: &str) -> u64 {
     let (_, text) = proxy.admin_get("/stats/prometheus");
     text.lines()
@@ -252,12 +262,7 @@ fn sighup_reloads() {
         .expect("kill");
     assert!(status.success());
     wait_version_above(&proxy, v);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
-    assert!(
-        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
-        "{headers:?}"
-    );
+    assert_eq!(served_by(port), "b");
 }
 
 #[test]
@@ -489,12 +494,7 @@ fn a_config_folder_reloads_on_yaml_changes_only() {
     assert_eq!(proxy.config_version(), v, "a non-YAML file triggered a reload");
     std::fs::write(dir.join("mesh.yaml"), routed_to(port, &services, "b", None)).expect("write");
     wait_version_above(&proxy, v);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
-    assert!(
-        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
-        "{headers:?}"
-    );
+    assert_eq!(served_by(port), "b");
 }
 
 /// The voluntary context switches of meshgate's config-watch thread: one per wake-up.
@@ -583,12 +583,7 @@ fn a_configmap_style_symlink_swap_reloads() {
     std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).expect("symlink");
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
     wait_version_above(&proxy, v);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let (_, headers, _) = raw_get(addr, "/", "x").expect("request");
-    assert!(
-        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "b"),
-        "{headers:?}"
-    );
+    assert_eq!(served_by(port), "b");
 }
 
 /// A config file that is a symlink to a file elsewhere: the target's folder is watched too, so

@@ -469,6 +469,40 @@ spec:
     assert!(owners.len() >= 2, "30 users all hashed to {owners:?}");
 }
 
+/// Two cookie-less `GET /shop` on one HTTP/1.1 connection (a pooled client may open another):
+/// each response's `Set-Cookie` and the echo upstream that served it.
+async fn two_on_one_connection(port: u16) -> [(Option<String>, String); 2] {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        sender.ready().await.expect("connection ready");
+        let req = http::Request::get("/shop")
+            .header("host", "x")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let reply = (header("set-cookie"), header("x-echo-name").unwrap_or_default());
+        resp.into_body().collect().await.expect("body");
+        replies.push(reply);
+    }
+    let second = replies.pop().expect("two replies");
+    let first = replies.pop().expect("two replies");
+    [first, second]
+}
+
 /// Istio `httpCookie` with a `ttl`, as Envoy does it: a request without the cookie gets one
 /// (`name="<16 hex>"; Max-Age; Path; attributes; HttpOnly`, one value per connection) and
 /// lands on the endpoint that value hashes to; requests that send it back stay there, quoted
@@ -534,11 +568,11 @@ spec:
     let _proxy = Proxy::start(&yaml);
     let mut owners = std::collections::BTreeSet::new();
     for _ in 0..12 {
-        // A new client is a new connection, so a new cookie value.
-        let c = client(false);
-        let first = send(&c, get(port, "/shop", "x", &[])).await.expect("req");
-        assert_eq!(first.status, 200);
-        let set_cookie = first.header("set-cookie").expect("a generated cookie").to_string();
+        // A new connection, so a new cookie value; its second cookie-less request gets the same
+        // cookie and endpoint.
+        let [(set_cookie, served), again] = two_on_one_connection(port).await;
+        let set_cookie = set_cookie.expect("a generated cookie");
+        assert_eq!(again, (Some(set_cookie.clone()), served.clone()));
         let (pair, attributes) = set_cookie.split_once(';').expect("attributes");
         assert_eq!(
             attributes,
@@ -552,21 +586,16 @@ spec:
             "{value}"
         );
 
-        // The same connection's next cookie-less request gets the same cookie and endpoint.
-        let again = send(&c, get(port, "/shop", "x", &[])).await.expect("req");
-        assert_eq!(again.header("set-cookie"), Some(set_cookie.as_str()));
-        assert_eq!(again.served_by(), first.served_by());
-
         // Sent back, quoted or not, from any connection: the same endpoint, no new cookie.
         for cookie in [format!("session={quoted}"), format!("a=1; session={value}")] {
             let other = client(false);
             let r = send(&other, get(port, "/shop", "x", &[("cookie", &cookie)]))
                 .await
                 .expect("req");
-            assert_eq!(r.served_by(), first.served_by(), "{cookie}");
+            assert_eq!(r.served_by(), served, "{cookie}");
             assert_eq!(r.header("set-cookie"), None);
         }
-        owners.insert(first.served_by());
+        owners.insert(served);
     }
     assert!(owners.len() >= 2, "12 connections' cookies all hashed to {owners:?}");
 

@@ -834,6 +834,14 @@ pub struct CookieKey {
 }
 
 impl CookieKey {
+    /// A name that can go into `Set-Cookie` as is: an HTTP token (RFC 9110 §5.6.2).
+    pub fn is_valid_name(name: &str) -> bool {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    }
+
     /// Only reads the cookie; without it the request is balanced as if unkeyed.
     pub fn read_only(name: impl Into<String>) -> Self {
         CookieKey {

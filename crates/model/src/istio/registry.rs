@@ -565,11 +565,7 @@ fn cookie_key(cookie: &HttpCookie) -> CookieKey {
 
 /// Errors in an `httpCookie` that would make a malformed `Set-Cookie` or `Cookie` lookup.
 fn validate_http_cookie(doc: &Document, path: &str, cookie: &HttpCookie, diag: &mut Diag) {
-    let token = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-    };
+    let token = CookieKey::is_valid_name;
     let attribute_text = |s: &str| s.bytes().all(|b| (b.is_ascii_graphic() || b == b' ') && b != b';');
     if !token(&cookie.name) {
         diag.error(

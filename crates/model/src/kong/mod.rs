@@ -2067,8 +2067,7 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
         // Kong gives a request without the cookie a new UUID and sets it on the response.
         "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).and_then(|name| {
             // The name goes into Set-Cookie as is: an HTTP token, as Kong requires.
-            let separators = b"()<>@,;:\\\"/[]?={}";
-            if !name.bytes().all(|b| b.is_ascii_graphic() && !separators.contains(&b)) {
+            if !CookieKey::is_valid_name(&name) {
                 diag.error(
                     doc,
                     at(path, "hash_on_cookie"),
