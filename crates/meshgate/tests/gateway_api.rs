@@ -78,6 +78,13 @@ spec:
   - matches: [{{path: {{type: Exact, value: /broken}}}}]
     backendRefs: [{{name: nonexistent, port: 8080}}]
   - backendRefs: [{{name: one, port: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: no-rules, namespace: apps}}
+spec:
+  parentRefs: [{{name: edge}}]
+  hostnames: ["empty.example.com"]
 "#,
         one_svc = service("one", one.port()),
         two_svc = service("two", two.port()),
@@ -108,6 +115,14 @@ spec:
     );
     assert_eq!(
         send(&c, get(port, "/broken", "shop.example.com", &[]))
+            .await
+            .expect("req")
+            .status,
+        500
+    );
+    // Omitted rules default to one catch-all rule with no backends (the CRD's default): 500.
+    assert_eq!(
+        send(&c, get(port, "/any/path", "empty.example.com", &[]))
             .await
             .expect("req")
             .status,

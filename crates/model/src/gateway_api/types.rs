@@ -171,9 +171,24 @@ pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     #[serde(default)]
     pub hostnames: Vec<String>,
-    #[serde(default)]
+    /// Omitted `rules` default to one rule matching every path (`PathPrefix /`) with no
+    /// backends, as the Gateway API CRD's default does; such a route answers 500. An explicit
+    /// empty list stays empty.
+    #[serde(default = "default_http_route_rules")]
     pub rules: Vec<HttpRouteRule>,
     pub use_default_gateways: Option<Value>,
+}
+
+fn default_http_route_rules() -> Vec<HttpRouteRule> {
+    vec![HttpRouteRule {
+        name: None,
+        matches: Vec::new(),
+        filters: Vec::new(),
+        backend_refs: None,
+        timeouts: None,
+        retry: None,
+        session_persistence: None,
+    }]
 }
 
 /// `GRPCRoute.spec`; compiled as the HTTPRoute it is equivalent to (see `grpc_routes`).
