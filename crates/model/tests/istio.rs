@@ -1114,3 +1114,28 @@ fn http_cookie_problems_are_errors_and_a_missing_ttl_is_a_warning() {
         c.warnings
     );
 }
+
+#[test]
+fn certificate_settings_on_a_plain_text_server_are_warnings() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+    tls: {httpsRedirect: true, credentialName: shop-cert}
+"#;
+    let c = ok(yaml);
+    assert!(c.snapshot.listeners[0].tls.is_none());
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = &c.warnings[0];
+    assert_eq!(w.field, "spec.servers[0].tls.credentialName");
+    assert!(
+        w.message.contains("credentialName has no effect on a HTTP server"),
+        "{}",
+        w.message
+    );
+}

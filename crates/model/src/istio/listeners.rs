@@ -204,11 +204,28 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
         });
     } else if let Some(tls) = &server.tls {
         https_redirect = tls.https_redirect.unwrap_or(false);
-        if tls.mode.is_some() {
+        // Only httpsRedirect means anything on a plain-text server; a certificate set here
+        // would otherwise look as if it served TLS.
+        let ignored: Vec<&str> = [
+            ("mode", tls.mode.is_some()),
+            ("serverCertificate", tls.server_certificate.is_some()),
+            ("privateKey", tls.private_key.is_some()),
+            ("caCertificates", tls.ca_certificates.is_some()),
+            ("credentialName", tls.credential_name.is_some()),
+            ("credentialNames", tls.credential_names.is_some()),
+            ("tlsCertificates", tls.tls_certificates.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect();
+        if let Some(first) = ignored.first() {
             diag.warn(
                 doc,
-                at(&tls_path, "mode"),
-                format!("tls mode has no effect on a {protocol} server, ignored"),
+                at(&tls_path, first),
+                format!(
+                    "tls {} has no effect on a {protocol} server (only httpsRedirect does), ignored",
+                    ignored.join(", ")
+                ),
             );
         }
     }
