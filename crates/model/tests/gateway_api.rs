@@ -11,7 +11,8 @@ use std::time::Duration;
 use http::HeaderMap;
 use meshgate_model::matcher::{RequestInfo, StringMatch};
 use meshgate_model::snapshot::{
-    Discovery, Forward, Listener, PathRewrite, RedirectPort, Route, RouteAction, Snapshot, TryFailure, UpstreamProtocol,
+    Discovery, Forward, HashKey, Listener, LoadBalancer, PathRewrite, RedirectPort, Route, RouteAction, Snapshot,
+    TryFailure, UpstreamProtocol,
 };
 use meshgate_model::{CompileOptions, Compiled, Finding, Findings, Severity, compile, source};
 use serde_json::{Value, json};
@@ -1678,4 +1679,52 @@ spec:
         "{:#?}",
         l.compiled.warnings.iter().map(|w| &w.message).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn destination_rules_set_the_traffic_policy_of_service_backends() {
+    // As in Istio, a DestinationRule for a Service's host applies to Gateway API backends fed
+    // from its EndpointSlices: the port-level policy first, then the rule's.
+    let rule = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: v1-policy, namespace: gateway-conformance-infra}
+spec:
+  host: infra-backend-v1
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    outlierDetection: {consecutive5xxErrors: 2}
+    connectionPool:
+      http: {h2UpgradePolicy: UPGRADE}
+    portLevelSettings:
+    - port: {number: 8080}
+      loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+"#;
+    let l = load_with("manifests/httproute-simple-same-namespace.yaml", rule, &[]);
+    let c = l
+        .snapshot()
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
+        .unwrap();
+    assert_eq!(
+        c.load_balancer,
+        LoadBalancer::ConsistentHash(HashKey::Header("x-user".into()))
+    );
+    assert_eq!(c.outlier.as_ref().map(|o| o.consecutive_5xx), Some(2));
+    assert_eq!(c.protocol, UpstreamProtocol::Http2);
+    assert_eq!(c.discovery, Discovery::Static);
+
+    // A rule for another host changes nothing.
+    let other = rule.replace("host: infra-backend-v1", "host: infra-backend-v2");
+    let l = load_with("manifests/httproute-simple-same-namespace.yaml", &other, &[]);
+    let c = l
+        .snapshot()
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
+        .unwrap();
+    assert_eq!(c.load_balancer, LoadBalancer::LeastRequest);
+    assert!(c.outlier.is_none());
+    assert_eq!(c.protocol, UpstreamProtocol::Http1);
 }

@@ -13,7 +13,8 @@
 //!
 //! Backends resolve to clusters named as Istio names them (`outbound|PORT||NAME.NS.svc.cluster.local`)
 //! in the registry shared with the Istio compiler: when an Istio ServiceEntry defines that host,
-//! its endpoints (and DestinationRules) are used, otherwise the Service's EndpointSlices.
+//! its endpoints are used, otherwise the Service's EndpointSlices; either way a DestinationRule
+//! for the host sets the cluster's traffic policy.
 
 mod backend_tls;
 mod grpc_routes;
@@ -446,23 +447,27 @@ impl Ctx<'_, '_, '_> {
                 ),
             );
         }
+        // A DestinationRule for the Service's host sets its traffic policy, as in Istio (which
+        // has no subsets here). PASSTHROUGH would send requests back to the gateway's own
+        // listener, so the Service's endpoints are kept.
+        let policy = self.registry.service_policy(&host, port);
         let id = self.registry.add_cluster(Cluster {
             name: cluster_name,
             service: host,
             subset: String::new(),
             port,
-            protocol: if h2c {
+            protocol: if h2c || policy.upgrade_to_http2 {
                 UpstreamProtocol::Http2
             } else {
                 UpstreamProtocol::Http1
             },
-            load_balancer: LoadBalancer::LeastRequest,
+            load_balancer: policy.load_balancer,
             discovery,
             endpoints,
-            pool: Default::default(),
-            outlier: None,
-            health_check: None,
-            tls: None,
+            pool: policy.pool,
+            outlier: policy.outlier,
+            health_check: policy.health_check,
+            tls: policy.tls,
         });
         // The cluster may exist already (another route to the same Service port): HTTP/2 asked
         // for by any of them holds for all, whatever the order of the documents.

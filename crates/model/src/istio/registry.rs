@@ -55,6 +55,19 @@ struct Rule<'r> {
     host: String,
 }
 
+/// The settings of a cluster that come from its DestinationRule.
+pub(crate) struct ClusterPolicy {
+    pub load_balancer: LoadBalancer,
+    /// `loadBalancer.simple: PASSTHROUGH`: connect to the request's original destination.
+    pub passthrough: bool,
+    /// `connectionPool.http.h2UpgradePolicy: UPGRADE`.
+    pub upgrade_to_http2: bool,
+    pub pool: crate::snapshot::ConnectionPoolSettings,
+    pub outlier: Option<crate::snapshot::OutlierDetection>,
+    pub health_check: Option<crate::snapshot::HealthCheck>,
+    pub tls: Option<crate::snapshot::UpstreamTls>,
+}
+
 pub(crate) struct Registry<'r> {
     pub services: Vec<Service<'r>>,
     by_host: HashMap<String, usize>,
@@ -360,6 +373,60 @@ impl<'r> Registry<'r> {
                 }
             }
         };
+        let policy = self.policy(rule, subset_spec, &svc_host, svc_port);
+        let protocol = if policy.upgrade_to_http2 {
+            UpstreamProtocol::Http2
+        } else {
+            protocol
+        };
+        let endpoints = match subset_spec {
+            Some(s) => {
+                let wanted = s.labels.clone().unwrap_or_default();
+                endpoints
+                    .into_iter()
+                    .filter(|e| is_subset(&wanted, &e.labels))
+                    .collect()
+            }
+            None => endpoints,
+        };
+        let id = self.clusters.len();
+        self.clusters.push(Cluster {
+            name: name.clone(),
+            service: svc_host,
+            subset: subset.to_string(),
+            port: svc_port,
+            protocol,
+            load_balancer: policy.load_balancer,
+            discovery: if policy.passthrough {
+                Discovery::OriginalDestination
+            } else {
+                discovery
+            },
+            endpoints,
+            pool: policy.pool,
+            outlier: policy.outlier,
+            health_check: policy.health_check,
+            tls: policy.tls,
+        });
+        self.cluster_ids.insert(name, id);
+        Some(id)
+    }
+
+    /// The traffic policy the DestinationRule for `host` (a full name) gives a Kubernetes
+    /// Service's `port`: the Gateway API's backends use the same rules as Istio routes.
+    pub(crate) fn service_policy(&self, host: &str, port: u16) -> ClusterPolicy {
+        let rule = self.rule_for(host).map(|r| r.res);
+        self.policy(rule, None, host, port)
+    }
+
+    /// What `rule` (and its `subset_spec`) set for `svc_host`'s `svc_port`.
+    fn policy(
+        &self,
+        rule: Option<&Res<'r, DestinationRuleSpec>>,
+        subset_spec: Option<&crate::istio::types::Subset>,
+        svc_host: &str,
+        svc_port: u16,
+    ) -> ClusterPolicy {
         // Precedence: subset port-level > subset > rule port-level > rule.
         let mut chain: Vec<&TrafficPolicy> = Vec::new();
         if let Some(tp) = subset_spec.and_then(|s| s.traffic_policy.as_ref()) {
@@ -398,7 +465,7 @@ impl<'r> Registry<'r> {
             // and wildcards name no one host).
             if tls.subject_alt_names.is_empty() && !tls.insecure_skip_verify {
                 tls.subject_alt_names = self
-                    .service_doc(&svc_host)
+                    .service_doc(svc_host)
                     .and_then(|d| d.body.pointer("/spec/subjectAltNames"))
                     .and_then(serde_json::Value::as_array)
                     .into_iter()
@@ -419,40 +486,17 @@ impl<'r> Registry<'r> {
             .and_then(|p| p.http.as_ref())
             .and_then(|h| h.h2_upgrade_policy.as_deref())
             == Some("UPGRADE");
-        let protocol = if upgrade { UpstreamProtocol::Http2 } else { protocol };
         // Invalid fields were reported by the DestinationRule's validation; they keep defaults.
         let pool = super::pool::settings(pool_chain.first().copied(), &mut |_, _| {});
-        let endpoints = match subset_spec {
-            Some(s) => {
-                let wanted = s.labels.clone().unwrap_or_default();
-                endpoints
-                    .into_iter()
-                    .filter(|e| is_subset(&wanted, &e.labels))
-                    .collect()
-            }
-            None => endpoints,
-        };
-        let id = self.clusters.len();
-        self.clusters.push(Cluster {
-            name: name.clone(),
-            service: svc_host,
-            subset: subset.to_string(),
-            port: svc_port,
-            protocol,
+        ClusterPolicy {
             load_balancer,
-            discovery: if passthrough {
-                Discovery::OriginalDestination
-            } else {
-                discovery
-            },
-            endpoints,
+            passthrough,
+            upgrade_to_http2: upgrade,
             pool,
             outlier,
             health_check: rule.and_then(|r| health_check_annotation(r.doc)),
             tls,
-        });
-        self.cluster_ids.insert(name, id);
-        Some(id)
+        }
     }
 
     /// The ServiceEntry that defined `host`.
