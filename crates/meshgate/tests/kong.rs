@@ -1170,7 +1170,7 @@ services:
 }
 
 /// Kong `hash_on: cookie`: a request without the cookie gets a new UUID in `Set-Cookie`
-/// (`name=<uuid>; Path=<hash_on_cookie_path>`), and requests that send it back stay on the
+/// (`name=<uuid>; Path=<hash_on_cookie_path>; Same-Site=Lax; HttpOnly`, as Kong writes it), and requests that send it back stay on the
 /// target it hashes to.
 #[test]
 fn hash_on_cookie_sets_a_uuid_cookie_and_sticks_to_its_target() {
@@ -1192,7 +1192,7 @@ fn hash_on_cookie_sets_a_uuid_cookie_and_sticks_to_its_target() {
         let set_cookie = header(&headers, "set-cookie").expect("a generated cookie");
         let value = set_cookie
             .strip_prefix("kong-affinity=")
-            .and_then(|v| v.strip_suffix("; Path=/app"))
+            .and_then(|v| v.strip_suffix("; Path=/app; Same-Site=Lax; HttpOnly"))
             .unwrap_or_else(|| panic!("{set_cookie}"));
         assert_eq!(value.len(), 36, "a UUID: {value}");
         let served = header(&headers, "x-echo-name").expect("echo").to_string();
@@ -1215,4 +1215,120 @@ fn hash_on_cookie_sets_a_uuid_cookie_and_sticks_to_its_target() {
     let (code, stdout) = analyze(&bad);
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("upstreams[0].hash_on_cookie"), "{stdout}");
+}
+
+/// Kong's other hash inputs: the authenticated consumer, the path, a header with a regex
+/// capture of the route's path as `hash_fallback`, and a header nobody sends (the empty string
+/// is hashed, so every request goes to one target).
+#[test]
+fn hash_on_consumer_path_header_and_uri_capture_fallback() {
+    let targets: Vec<Echo> = (0..4).map(|i| Echo::start(&format!("t{i}"))).collect();
+    let target_list: String = targets
+        .iter()
+        .map(|t| format!("  - target: 127.0.0.1:{}\n", t.port()))
+        .collect();
+    let mut deck = String::from("_format_version: \"3.0\"\nconsumers:\n");
+    for i in 0..8 {
+        deck.push_str(&format!(
+            "- username: user{i}\n  keyauth_credentials:\n  - key: key{i}\n"
+        ));
+    }
+    deck.push_str("upstreams:\n");
+    for (name, settings) in [
+        ("by-consumer", "hash_on: consumer"),
+        ("by-path", "hash_on: path"),
+        (
+            "by-header",
+            "hash_on: header\n  hash_on_header: x-user\n  hash_fallback: uri_capture\n  hash_fallback_uri_capture: id",
+        ),
+        (
+            "by-absent-header",
+            "hash_on: header\n  hash_on_header: x-nobody-sends-this",
+        ),
+    ] {
+        deck.push_str(&format!(
+            "- name: {name}\n  algorithm: consistent-hashing\n  {settings}\n  targets:\n{target_list}"
+        ));
+    }
+    deck.push_str(
+        r#"services:
+- name: consumer
+  host: by-consumer
+  routes: [{name: consumer, paths: [/consumer], plugins: [{name: key-auth}]}]
+- name: path
+  host: by-path
+  routes: [{name: path, paths: [/path]}]
+- name: users
+  host: by-header
+  routes: [{name: users, paths: ["~/users/(?<id>[0-9]+)"]}]
+- name: absent
+  host: by-absent-header
+  routes: [{name: absent, paths: [/absent]}]
+"#,
+    );
+    let listen = free_port();
+    let _proxy = Proxy::start_with(&deck, &["--listen", &format!("127.0.0.1:{listen}")]);
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
+    // Every request of one key, sent `tries` times, lands on one target; returns it.
+    let sticky = |path: &str, headers: &str, tries: usize| -> String {
+        let mut served = std::collections::BTreeSet::new();
+        for _ in 0..tries {
+            let (status, h, body) = request(addr, path, headers);
+            assert_eq!(status, 200, "{path} {headers}: {body}");
+            served.insert(header(&h, "x-echo-name").expect("echo").to_string());
+        }
+        assert_eq!(served.len(), 1, "{path} {headers} went to {served:?}");
+        served.into_iter().next().expect("one")
+    };
+
+    let by_consumer: std::collections::BTreeSet<String> = (0..8)
+        .map(|i| sticky("/consumer", &format!("apikey: key{i}\r\n"), 3))
+        .collect();
+    assert!(by_consumer.len() >= 2, "8 consumers all on {by_consumer:?}");
+
+    let by_path: std::collections::BTreeSet<String> = (0..8).map(|i| sticky(&format!("/path/{i}"), "", 3)).collect();
+    assert!(by_path.len() >= 2, "8 paths all on {by_path:?}");
+
+    // Without x-user, the `id` capture decides; with it, the header does, whatever the id.
+    let by_capture: std::collections::BTreeSet<String> =
+        (0..8).map(|i| sticky(&format!("/users/{i}"), "", 3)).collect();
+    assert!(by_capture.len() >= 2, "8 ids all on {by_capture:?}");
+    let header_target = sticky("/users/1", "x-user: alice\r\n", 2);
+    for id in 2..6 {
+        assert_eq!(sticky(&format!("/users/{id}"), "x-user: alice\r\n", 1), header_target);
+    }
+
+    // Nothing to hash: Kong hashes the empty string, so all such requests share one target.
+    sticky("/absent", "", 12);
+
+    // Kong's schema rules, as errors naming the field.
+    let dir = scratch_dir("kong-hash");
+    for (i, (from, to, field)) in [
+        (
+            "hash_on: path",
+            "hash_on: cookie\n  hash_on_cookie: c\n  hash_fallback: ip",
+            "upstreams[1].hash_fallback",
+        ),
+        (
+            "hash_fallback: uri_capture",
+            "hash_fallback: header",
+            "upstreams[2].hash_fallback_header",
+        ),
+        (
+            "hash_fallback: uri_capture\n  hash_fallback_uri_capture: id",
+            "hash_fallback: header\n  hash_fallback_header: X-User",
+            "upstreams[2].hash_fallback",
+        ),
+        ("hash_on: consumer", "hash_on: sticky", "upstreams[0].hash_on"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bad = dir.join(format!("bad{i}.yaml"));
+        assert!(deck.contains(from), "{from}");
+        std::fs::write(&bad, deck.replacen(from, to, 1)).expect("write");
+        let (code, stdout) = analyze(&bad);
+        assert_eq!(code, Some(1), "{to}: {stdout}");
+        assert!(stdout.contains(field), "{to}: expected {field} in {stdout}");
+    }
 }

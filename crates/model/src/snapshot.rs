@@ -878,4 +878,13 @@ pub enum HashKey {
     SourceIp,
     /// `httpQueryParameterName`.
     QueryParameter(String),
+    /// Kong `path`: the path the client sent (before any plugin rewrote it).
+    Path,
+    /// Kong `uri_capture`: a capture group of the route's regex path, by name or number.
+    UriCapture(String),
+    /// Kong `consumer`: the id of the consumer the auth plugins identified.
+    Consumer,
+    /// Kong's `hash_on` then `hash_fallback`: the first of these keys the request has. With
+    /// none, the empty string is hashed, so such requests all go to one endpoint, as in Kong.
+    FirstPresent(Vec<HashKey>),
 }

@@ -80,6 +80,8 @@ pub struct PluginEffects {
     /// The consumer the auth plugins identified (index in the chain's consumers), so the
     /// response phase runs the plugins scoped to them.
     consumer: Option<usize>,
+    /// That consumer's id, for upstreams that hash on the consumer.
+    consumer_id: Option<String>,
 }
 
 /// A response kept by proxy-cache.
@@ -98,6 +100,15 @@ const CACHE_BODY_LIMIT: usize = 1 << 20;
 /// Marks a request whose path a plugin set for the upstream as it is.
 #[derive(Clone, Copy)]
 pub struct FixedUpstreamPath;
+
+/// The id of the consumer the auth plugins identified (Kong `hash_on: consumer`).
+#[derive(Clone)]
+pub struct AuthenticatedConsumer(pub String);
+
+/// The path the client sent, kept when a plugin replaced the URI (Kong `hash_on: path` and
+/// `uri_capture` read the client's path, nginx's `$uri`).
+#[derive(Clone)]
+pub struct ClientPath(pub String);
 
 impl PluginEffects {
     fn set(&mut self, name: HeaderName, value: Option<HeaderValue>) {
@@ -122,7 +133,12 @@ impl PluginEffects {
             *req.method_mut() = method.clone();
         }
         if let Some(uri) = &self.request_uri {
+            let client_path = ClientPath(req.uri().path().to_string());
+            req.extensions_mut().insert(client_path);
             *req.uri_mut() = uri.clone();
+        }
+        if let Some(id) = &self.consumer_id {
+            req.extensions_mut().insert(AuthenticatedConsumer(id.clone()));
         }
         if self.upstream_path_fixed {
             req.extensions_mut().insert(FixedUpstreamPath);
@@ -224,6 +240,10 @@ pub async fn access<B>(
         .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let result = run_access(chain, req, client, route, state, &mut effects, &mut authenticated).await;
     effects.consumer = authenticated.as_ref().map(|a| a.consumer);
+    effects.consumer_id = authenticated
+        .as_ref()
+        .and_then(|a| a.consumers.list.get(a.consumer))
+        .map(|c| c.id.clone());
     // A consumer's own chain may add a log plugin.
     let logging = logging
         || !chain.by_consumer.is_empty()

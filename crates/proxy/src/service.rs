@@ -523,7 +523,9 @@ async fn forward_request(
 
     // Endpoint selection: the pool to use, the address to connect to, the endpoint index.
     let (hash, hash_cookie) = match &cluster.config.load_balancer {
-        LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => request_hash(key, &req, conn),
+        LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => {
+            request_hash(key, &req, conn, matched)
+        }
         _ => (None, None),
     };
     let target = if cluster.is_original_destination() {
@@ -1672,12 +1674,25 @@ fn redirect_location<B>(
 
 /// The consistent-hash key of a request, and the `Set-Cookie` to send back when the key is a
 /// cookie the proxy made because the request had none.
-fn request_hash<B>(key: &HashKey, req: &Request<B>, conn: &Connection) -> (Option<u64>, Option<HeaderValue>) {
+/// `None` when the request has no such value; `matched` is the route match (for regex
+/// captures).
+fn request_hash<B>(
+    key: &HashKey,
+    req: &Request<B>,
+    conn: &Connection,
+    matched: Option<&RequestMatch>,
+) -> (Option<u64>, Option<HeaderValue>) {
     use std::hash::{Hash, Hasher};
     let digest = |value: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         value(&mut h);
         h.finish()
+    };
+    // The path the client sent, as Kong (nginx's `$uri`) reads it.
+    let client_path = || {
+        req.extensions()
+            .get::<plugins::ClientPath>()
+            .map_or(req.uri().path(), |p| p.0.as_str())
     };
     let hash = match key {
         HashKey::Header(name) => req
@@ -1718,8 +1733,37 @@ fn request_hash<B>(key: &HashKey, req: &Request<B>, conn: &Connection) -> (Optio
                     .find_map(|p| p.strip_prefix(name.as_str())?.strip_prefix('='))
             })
             .map(|value| digest(&|h| value.hash(h))),
+        HashKey::Path => Some(digest(&|h| client_path().hash(h))),
+        HashKey::UriCapture(group) => uri_capture(matched, client_path(), group).map(|v| digest(&|h| v.hash(h))),
+        HashKey::Consumer => req
+            .extensions()
+            .get::<plugins::AuthenticatedConsumer>()
+            .map(|c| digest(&|h| c.0.as_str().hash(h))),
+        HashKey::FirstPresent(keys) => {
+            for key in keys {
+                let found = request_hash(key, req, conn, matched);
+                if found.0.is_some() {
+                    return found;
+                }
+            }
+            // Kong hashes the empty string when the request has none of its inputs.
+            Some(digest(&|h| "".hash(h)))
+        }
     };
     (hash, None)
+}
+
+/// Capture `group` (a name, or a number) of the route's regex path match on `path`.
+fn uri_capture<'p>(matched: Option<&RequestMatch>, path: &'p str, group: &str) -> Option<&'p str> {
+    let Some(StringMatch::Regex(regex)) = matched.and_then(|m| m.path.as_ref()).map(|p| &p.matcher) else {
+        return None;
+    };
+    let captures = regex.captures(path)?;
+    let capture = match group.parse::<usize>() {
+        Ok(index) => captures.get(index),
+        Err(_) => captures.name(group),
+    };
+    capture.map(|c| c.as_str())
 }
 
 /// A cookie's value from the request's `Cookie` headers, without the double quotes RFC 6265

@@ -2048,24 +2048,89 @@ fn kong_active_health_check(
     })
 }
 
+/// The hash input of a consistent-hashing upstream: `hash_on`, then `hash_fallback` when the
+/// request lacks the first (Kong hashes the empty string when it lacks both).
 fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) -> Option<HashKey> {
-    let named = |field: &str, value: &Option<String>, diag: &mut Diag| -> Option<String> {
+    let hash_on = upstream.hash_on.as_deref().unwrap_or("none");
+    let fallback = upstream.hash_fallback.as_deref().unwrap_or("none");
+    if fallback != "none" && matches!(hash_on, "none" | "cookie") {
+        diag.error(
+            doc,
+            at(path, "hash_fallback"),
+            format!("must be \"none\" when hash_on is {hash_on:?}"),
+        );
+        return None;
+    }
+    // `none` (or invalid settings): round-robin.
+    let primary = hash_input(doc, path, upstream, HashSide::On, diag)??;
+    let fallback = match hash_input(doc, path, upstream, HashSide::Fallback, diag)? {
+        None => None,
+        Some(key) if key == primary => {
+            diag.error(
+                doc,
+                at(path, "hash_fallback"),
+                "must differ from hash_on (for header, query_arg and uri_capture, by name)",
+            );
+            return None;
+        }
+        Some(key) => Some(key),
+    };
+    Some(HashKey::FirstPresent(
+        std::iter::once(primary).chain(fallback).collect(),
+    ))
+}
+
+/// `hash_on` or `hash_fallback`, whose fields are named `hash_on_*` or `hash_fallback_*`.
+#[derive(Clone, Copy, PartialEq)]
+enum HashSide {
+    On,
+    Fallback,
+}
+
+/// One side's input: `Some(None)` for `none`, `None` when the settings are invalid (reported).
+fn hash_input(
+    doc: &Document,
+    path: &str,
+    upstream: &Upstream,
+    side: HashSide,
+    diag: &mut Diag,
+) -> Option<Option<HashKey>> {
+    let (kind_field, kind, header, query_arg, uri_capture) = match side {
+        HashSide::On => (
+            "hash_on",
+            &upstream.hash_on,
+            ("hash_on_header", &upstream.hash_on_header),
+            ("hash_on_query_arg", &upstream.hash_on_query_arg),
+            ("hash_on_uri_capture", &upstream.hash_on_uri_capture),
+        ),
+        HashSide::Fallback => (
+            "hash_fallback",
+            &upstream.hash_fallback,
+            ("hash_fallback_header", &upstream.hash_fallback_header),
+            ("hash_fallback_query_arg", &upstream.hash_fallback_query_arg),
+            ("hash_fallback_uri_capture", &upstream.hash_fallback_uri_capture),
+        ),
+    };
+    let named = |(field, value): (&str, &Option<String>), diag: &mut Diag| -> Option<String> {
         match value {
             Some(v) if !v.is_empty() => Some(v.clone()),
             _ => {
-                diag.error(doc, at(path, field), "required by hash_on");
+                diag.error(doc, at(path, field), format!("required by {kind_field}"));
                 None
             }
         }
     };
-    match upstream.hash_on.as_deref().unwrap_or("none") {
-        "none" => None,
-        "ip" => Some(HashKey::SourceIp),
-        "header" => {
-            named("hash_on_header", &upstream.hash_on_header, diag).map(|h| HashKey::Header(h.to_ascii_lowercase()))
-        }
+    let key = match kind.as_deref().unwrap_or("none") {
+        "none" => return Some(None),
+        "ip" => HashKey::SourceIp,
+        "consumer" => HashKey::Consumer,
+        "path" => HashKey::Path,
+        "header" => HashKey::Header(named(header, diag)?.to_ascii_lowercase()),
+        "query_arg" => HashKey::QueryParameter(named(query_arg, diag)?),
+        "uri_capture" => HashKey::UriCapture(named(uri_capture, diag)?),
         // Kong gives a request without the cookie a new UUID and sets it on the response.
-        "cookie" => named("hash_on_cookie", &upstream.hash_on_cookie, diag).and_then(|name| {
+        "cookie" => {
+            let name = named(("hash_on_cookie", &upstream.hash_on_cookie), diag)?;
             // The name goes into Set-Cookie as is: an HTTP token, as Kong requires.
             if !CookieKey::is_valid_name(&name) {
                 diag.error(
@@ -2084,24 +2149,25 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
                 );
                 return None;
             }
-            Some(HashKey::Cookie(CookieKey {
+            HashKey::Cookie(CookieKey {
                 name,
                 generate: Some(GeneratedCookie {
                     value: GeneratedCookieValue::Uuid,
-                    attributes: format!("; Path={cookie_path}"),
+                    // Kong's attributes, its `Same-Site` spelling included.
+                    attributes: format!("; Path={cookie_path}; Same-Site=Lax; HttpOnly"),
                 }),
-            }))
-        }),
-        "query_arg" => named("hash_on_query_arg", &upstream.hash_on_query_arg, diag).map(HashKey::QueryParameter),
-        other => {
-            diag.warn(
-                doc,
-                at(path, "hash_on"),
-                format!("hashing on {other} is not supported yet; round-robin is used"),
-            );
-            None
+            })
         }
-    }
+        other => {
+            diag.error(
+                doc,
+                at(path, kind_field),
+                format!("unknown value {other:?} (none, consumer, ip, header, cookie, path, query_arg, uri_capture)"),
+            );
+            return None;
+        }
+    };
+    Some(Some(key))
 }
 
 /// Paths Kong prioritises together: the prefix length (`None`: the regex group) and the
