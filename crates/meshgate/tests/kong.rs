@@ -1301,25 +1301,37 @@ fn hash_on_consumer_path_header_and_uri_capture_fallback() {
     // Nothing to hash: Kong hashes the empty string, so all such requests share one target.
     sticky("/absent", "", 12);
 
-    // Kong's schema rules, as errors naming the field.
+    // Kong's schema rules, as errors naming the field (the name whole, not as a prefix of
+    // another field's).
+    let names_field = |out: &str, field: &str| {
+        out.match_indices(field).any(|(i, _)| {
+            out[i + field.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+        })
+    };
     let dir = scratch_dir("kong-hash");
+    let by_header = "hash_fallback: uri_capture\n  hash_fallback_uri_capture: id";
     for (i, (from, to, field)) in [
         (
             "hash_on: path",
             "hash_on: cookie\n  hash_on_cookie: c\n  hash_fallback: ip",
             "upstreams[1].hash_fallback",
         ),
+        (by_header, "hash_fallback: header", "upstreams[2].hash_fallback_header"),
         (
-            "hash_fallback: uri_capture",
-            "hash_fallback: header",
-            "upstreams[2].hash_fallback_header",
-        ),
-        (
-            "hash_fallback: uri_capture\n  hash_fallback_uri_capture: id",
-            "hash_fallback: header\n  hash_fallback_header: X-User",
+            by_header,
+            "hash_fallback: header\n  hash_fallback_header: x-user",
             "upstreams[2].hash_fallback",
         ),
         ("hash_on: consumer", "hash_on: sticky", "upstreams[0].hash_on"),
+        // Checked whatever the algorithm, as Kong does.
+        (
+            "algorithm: consistent-hashing\n  hash_on: consumer",
+            "algorithm: round-robin\n  hash_on: header",
+            "upstreams[0].hash_on_header",
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -1329,6 +1341,16 @@ fn hash_on_consumer_path_header_and_uri_capture_fallback() {
         std::fs::write(&bad, deck.replacen(from, to, 1)).expect("write");
         let (code, stdout) = analyze(&bad);
         assert_eq!(code, Some(1), "{to}: {stdout}");
-        assert!(stdout.contains(field), "{to}: expected {field} in {stdout}");
+        assert!(names_field(&stdout, field), "{to}: expected {field} in {stdout}");
     }
+    // Header names differing only in case pass Kong's check; the fallback is never used.
+    let case_only = dir.join("case-only.yaml");
+    std::fs::write(
+        &case_only,
+        deck.replacen(by_header, "hash_fallback: header\n  hash_fallback_header: X-User", 1),
+    )
+    .expect("write");
+    let (code, stdout) = analyze(&case_only);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(names_field(&stdout, "upstreams[2].hash_fallback_header"), "{stdout}");
 }

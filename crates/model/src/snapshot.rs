@@ -824,6 +824,13 @@ pub enum LoadBalancer {
     ConsistentHash(HashKey),
 }
 
+impl LoadBalancer {
+    /// Whether requests must carry the authenticated consumer for the pick.
+    pub fn hashes_on_consumer(&self) -> bool {
+        matches!(self, LoadBalancer::ConsistentHash(key) if key.uses_consumer())
+    }
+}
+
 /// A cookie whose value is the hash key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CookieKey {
@@ -880,11 +887,22 @@ pub enum HashKey {
     QueryParameter(String),
     /// Kong `path`: the path the client sent (before any plugin rewrote it).
     Path,
-    /// Kong `uri_capture`: a capture group of the route's regex path, by name or number.
+    /// Kong `uri_capture`: a named capture group of the route's regex path.
     UriCapture(String),
     /// Kong `consumer`: the id of the consumer the auth plugins identified.
     Consumer,
     /// Kong's `hash_on` then `hash_fallback`: the first of these keys the request has. With
     /// none, the empty string is hashed, so such requests all go to one endpoint, as in Kong.
     FirstPresent(Vec<HashKey>),
+}
+
+impl HashKey {
+    /// Whether this key (or one of its fallbacks) is the authenticated consumer.
+    pub fn uses_consumer(&self) -> bool {
+        match self {
+            HashKey::Consumer => true,
+            HashKey::FirstPresent(keys) => keys.iter().any(HashKey::uses_consumer),
+            _ => false,
+        }
+    }
 }

@@ -1727,4 +1727,26 @@ spec:
     assert_eq!(c.load_balancer, LoadBalancer::LeastRequest);
     assert!(c.outlier.is_none());
     assert_eq!(c.protocol, UpstreamProtocol::Http1);
+
+    // PASSTHROUGH cannot apply to a Service backend: a warning, and its endpoints are kept.
+    let passthrough = rule.replace(
+        "loadBalancer: {consistentHash: {httpHeaderName: x-user}}",
+        "loadBalancer: {simple: PASSTHROUGH}",
+    );
+    let l = load_with("manifests/httproute-simple-same-namespace.yaml", &passthrough, &[]);
+    let c = l
+        .snapshot()
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
+        .unwrap();
+    assert_eq!(c.discovery, Discovery::Static);
+    assert!(
+        l.compiled
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("asks for PASSTHROUGH")),
+        "{:?}",
+        l.compiled.warnings
+    );
 }

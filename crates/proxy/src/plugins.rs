@@ -55,7 +55,7 @@ struct LogContext {
 
 /// Who the request runs as after authentication.
 struct Authenticated<'a> {
-    consumers: &'a Consumers,
+    consumers: &'a Arc<Consumers>,
     consumer: usize,
     credential: Option<&'a str>,
 }
@@ -80,8 +80,8 @@ pub struct PluginEffects {
     /// The consumer the auth plugins identified (index in the chain's consumers), so the
     /// response phase runs the plugins scoped to them.
     consumer: Option<usize>,
-    /// That consumer's id, for upstreams that hash on the consumer.
-    consumer_id: Option<String>,
+    /// The consumers `consumer` indexes, for upstreams that hash on the consumer.
+    consumers: Option<Arc<Consumers>>,
 }
 
 /// A response kept by proxy-cache.
@@ -101,9 +101,18 @@ const CACHE_BODY_LIMIT: usize = 1 << 20;
 #[derive(Clone, Copy)]
 pub struct FixedUpstreamPath;
 
-/// The id of the consumer the auth plugins identified (Kong `hash_on: consumer`).
+/// The consumer the auth plugins identified, for Kong `hash_on: consumer`.
 #[derive(Clone)]
-pub struct AuthenticatedConsumer(pub String);
+pub struct AuthenticatedConsumer {
+    consumers: Arc<Consumers>,
+    index: usize,
+}
+
+impl AuthenticatedConsumer {
+    pub fn id(&self) -> Option<&str> {
+        self.consumers.list.get(self.index).map(|c| c.id.as_str())
+    }
+}
 
 /// The path the client sent, kept when a plugin replaced the URI (Kong `hash_on: path` and
 /// `uri_capture` read the client's path, nginx's `$uri`).
@@ -137,12 +146,17 @@ impl PluginEffects {
             req.extensions_mut().insert(client_path);
             *req.uri_mut() = uri.clone();
         }
-        if let Some(id) = &self.consumer_id {
-            req.extensions_mut().insert(AuthenticatedConsumer(id.clone()));
-        }
         if self.upstream_path_fixed {
             req.extensions_mut().insert(FixedUpstreamPath);
         }
+    }
+
+    /// The consumer the auth plugins identified, if any.
+    pub fn authenticated_consumer(&self) -> Option<AuthenticatedConsumer> {
+        Some(AuthenticatedConsumer {
+            consumers: Arc::clone(self.consumers.as_ref()?),
+            index: self.consumer?,
+        })
     }
 
     /// Adds the headers plugins asked for, runs response-transformer, and hands the request's
@@ -240,10 +254,7 @@ pub async fn access<B>(
         .any(|p| matches!(p, Plugin::FileLog(_) | Plugin::HttpLog(_)));
     let result = run_access(chain, req, client, route, state, &mut effects, &mut authenticated).await;
     effects.consumer = authenticated.as_ref().map(|a| a.consumer);
-    effects.consumer_id = authenticated
-        .as_ref()
-        .and_then(|a| a.consumers.list.get(a.consumer))
-        .map(|c| c.id.clone());
+    effects.consumers = authenticated.as_ref().map(|a| Arc::clone(a.consumers));
     // A consumer's own chain may add a log plugin.
     let logging = logging
         || !chain.by_consumer.is_empty()

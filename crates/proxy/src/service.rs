@@ -394,6 +394,11 @@ async fn route_request(
             let mut req = req;
             if let Some(effects) = &plugin_effects {
                 effects.apply_to_request(&mut req);
+                if cluster.config.load_balancer.hashes_on_consumer()
+                    && let Some(consumer) = effects.authenticated_consumer()
+                {
+                    req.extensions_mut().insert(consumer);
+                }
             }
             let kong_request_id = kong_origin.map(|(host, path)| {
                 kong_upstream_headers(&mut req, &conn.remote_ip, &host, path, conn.listener.port())
@@ -1734,11 +1739,12 @@ fn request_hash<B>(
             })
             .map(|value| digest(&|h| value.hash(h))),
         HashKey::Path => Some(digest(&|h| client_path().hash(h))),
-        HashKey::UriCapture(group) => uri_capture(matched, client_path(), group).map(|v| digest(&|h| v.hash(h))),
+        HashKey::UriCapture(name) => uri_capture(matched, client_path(), name).map(|v| digest(&|h| v.hash(h))),
         HashKey::Consumer => req
             .extensions()
             .get::<plugins::AuthenticatedConsumer>()
-            .map(|c| digest(&|h| c.0.as_str().hash(h))),
+            .and_then(plugins::AuthenticatedConsumer::id)
+            .map(|id| digest(&|h| id.hash(h))),
         HashKey::FirstPresent(keys) => {
             for key in keys {
                 let found = request_hash(key, req, conn, matched);
@@ -1753,17 +1759,13 @@ fn request_hash<B>(
     (hash, None)
 }
 
-/// Capture `group` (a name, or a number) of the route's regex path match on `path`.
-fn uri_capture<'p>(matched: Option<&RequestMatch>, path: &'p str, group: &str) -> Option<&'p str> {
+/// The named capture `name` of the route's regex path match on `path`. Kong looks captures up
+/// by the configured string, so only named groups can be used.
+fn uri_capture<'p>(matched: Option<&RequestMatch>, path: &'p str, name: &str) -> Option<&'p str> {
     let Some(StringMatch::Regex(regex)) = matched.and_then(|m| m.path.as_ref()).map(|p| &p.matcher) else {
         return None;
     };
-    let captures = regex.captures(path)?;
-    let capture = match group.parse::<usize>() {
-        Ok(index) => captures.get(index),
-        Err(_) => captures.name(group),
-    };
-    capture.map(|c| c.as_str())
+    regex.captures(path)?.name(name).map(|c| c.as_str())
 }
 
 /// A cookie's value from the request's `Cookie` headers, without the double quotes RFC 6265

@@ -447,10 +447,31 @@ impl Ctx<'_, '_, '_> {
                 ),
             );
         }
+        if !is_new {
+            // Another route to the same Service port built it.
+            let id = self
+                .registry
+                .cluster_id(&cluster_name)
+                .ok_or_else(|| format!("cluster {cluster_name} is missing"))?;
+            if h2c && let Some(c) = self.registry.cluster_mut(id) {
+                c.protocol = UpstreamProtocol::Http2;
+            }
+            self.apply_backend_tls(route_doc, field, (ns, name, service_port.name.as_deref()), id)?;
+            return Ok(id);
+        }
         // A DestinationRule for the Service's host sets its traffic policy, as in Istio (which
         // has no subsets here). PASSTHROUGH would send requests back to the gateway's own
         // listener, so the Service's endpoints are kept.
         let policy = self.registry.service_policy(&host, port);
+        if policy.passthrough {
+            self.diag.warn(
+                route_doc,
+                field.to_string(),
+                format!(
+                    "the DestinationRule for {host} asks for PASSTHROUGH, which a gateway cannot use for a Service backend; the Service's endpoints are used"
+                ),
+            );
+        }
         let id = self.registry.add_cluster(Cluster {
             name: cluster_name,
             service: host,
@@ -498,8 +519,8 @@ impl Ctx<'_, '_, '_> {
                 let Some(c) = self.registry.cluster_mut(id) else {
                     return Ok(());
                 };
-                // The cluster of an Istio ServiceEntry host is shared with Istio routes: say
-                // so when the policy replaces a DestinationRule's own TLS settings there.
+                // Say so when the policy replaces the TLS settings a DestinationRule gave the
+                // cluster (which Istio routes to the same host share).
                 let replaced = c.tls.as_ref().is_some_and(|old| old != tls);
                 let cluster = c.name.clone();
                 c.tls = Some(tls.clone());
@@ -508,7 +529,7 @@ impl Ctx<'_, '_, '_> {
                         route_doc,
                         field.to_string(),
                         format!(
-                            "the BackendTLSPolicy for Service {ns}/{name} replaces the DestinationRule tls of cluster {cluster}, which Istio routes share"
+                            "the BackendTLSPolicy for Service {ns}/{name} replaces the DestinationRule tls of cluster {cluster}"
                         ),
                     );
                 }

@@ -214,6 +214,13 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
             ("credentialName", tls.credential_name.is_some()),
             ("credentialNames", tls.credential_names.is_some()),
             ("tlsCertificates", tls.tls_certificates.is_some()),
+            ("caCrl", tls.ca_crl.is_some()),
+            ("subjectAltNames", tls.subject_alt_names.is_some()),
+            ("verifyCertificateSpki", tls.verify_certificate_spki.is_some()),
+            ("verifyCertificateHash", tls.verify_certificate_hash.is_some()),
+            ("minProtocolVersion", tls.min_protocol_version.is_some()),
+            ("maxProtocolVersion", tls.max_protocol_version.is_some()),
+            ("cipherSuites", tls.cipher_suites.is_some()),
         ]
         .into_iter()
         .filter_map(|(field, set)| set.then_some(field))

@@ -516,6 +516,10 @@ impl<'r> Registry<'r> {
         id
     }
 
+    pub(crate) fn cluster_id(&self, name: &str) -> Option<ClusterId> {
+        self.cluster_ids.get(name).copied()
+    }
+
     pub(crate) fn has_cluster(&self, name: &str) -> bool {
         self.cluster_ids.contains_key(name)
     }

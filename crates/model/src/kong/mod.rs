@@ -1808,6 +1808,7 @@ fn upstream_cluster(
         .healthchecks
         .as_ref()
         .and_then(|h| kong_active_health_check(doc, &at(path, "healthchecks"), h, diag));
+    let hashing = hash_key(doc, path, upstream, diag);
     let load_balancer = match upstream.algorithm.as_deref().unwrap_or("round-robin") {
         "round-robin" => LoadBalancer::RoundRobin,
         "least-connections" => LoadBalancer::LeastRequest,
@@ -1819,9 +1820,18 @@ fn upstream_cluster(
             );
             LoadBalancer::LeastRequest
         }
-        "consistent-hashing" => match hash_key(doc, path, upstream, diag) {
-            Some(key) => LoadBalancer::ConsistentHash(key),
-            None => LoadBalancer::RoundRobin,
+        "consistent-hashing" => match hashing {
+            Ok(Some(key)) => LoadBalancer::ConsistentHash(key),
+            Ok(None) => {
+                diag.warn(
+                    doc,
+                    at(path, "hash_on"),
+                    "consistent-hashing with hash_on none hashes the empty string: every request goes to one target, as in Kong",
+                );
+                LoadBalancer::ConsistentHash(HashKey::FirstPresent(Vec::new()))
+            }
+            // Reported: the config is rejected.
+            Err(()) => LoadBalancer::RoundRobin,
         },
         other => {
             diag.error(
@@ -2048,9 +2058,10 @@ fn kong_active_health_check(
     })
 }
 
-/// The hash input of a consistent-hashing upstream: `hash_on`, then `hash_fallback` when the
-/// request lacks the first (Kong hashes the empty string when it lacks both).
-fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) -> Option<HashKey> {
+/// The hash input of an upstream: `hash_on`, then `hash_fallback` when the request lacks the
+/// first (Kong hashes the empty string when it lacks both). `Ok(None)`: `hash_on: none`;
+/// `Err`: invalid settings, reported. Kong checks these whatever the algorithm.
+fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) -> Result<Option<HashKey>, ()> {
     let hash_on = upstream.hash_on.as_deref().unwrap_or("none");
     let fallback = upstream.hash_fallback.as_deref().unwrap_or("none");
     if fallback != "none" && matches!(hash_on, "none" | "cookie") {
@@ -2059,25 +2070,41 @@ fn hash_key(doc: &Document, path: &str, upstream: &Upstream, diag: &mut Diag) ->
             at(path, "hash_fallback"),
             format!("must be \"none\" when hash_on is {hash_on:?}"),
         );
-        return None;
+        return Err(());
     }
-    // `none` (or invalid settings): round-robin.
-    let primary = hash_input(doc, path, upstream, HashSide::On, diag)??;
-    let fallback = match hash_input(doc, path, upstream, HashSide::Fallback, diag)? {
-        None => None,
-        Some(key) if key == primary => {
-            diag.error(
-                doc,
-                at(path, "hash_fallback"),
-                "must differ from hash_on (for header, query_arg and uri_capture, by name)",
-            );
-            return None;
-        }
-        Some(key) => Some(key),
+    let primary = hash_input(doc, path, upstream, HashSide::On, diag).ok_or(())?;
+    let fallback = hash_input(doc, path, upstream, HashSide::Fallback, diag).ok_or(())?;
+    let Some(primary) = primary else {
+        return Ok(None);
     };
-    Some(HashKey::FirstPresent(
+    let fallback = match fallback {
+        Some(key) if key == primary => {
+            // Kong's `distinct` compares the settings as written: header names differing
+            // only in case pass it, though they name the same header.
+            let same_as_written = match &key {
+                HashKey::Header(_) => upstream.hash_on_header == upstream.hash_fallback_header,
+                _ => true,
+            };
+            if same_as_written {
+                diag.error(
+                    doc,
+                    at(path, "hash_fallback"),
+                    "must differ from hash_on (for header, query_arg and uri_capture, by name)",
+                );
+                return Err(());
+            }
+            diag.warn(
+                doc,
+                at(path, "hash_fallback_header"),
+                "names the hash_on_header header (header names are case-insensitive), so it is never used",
+            );
+            None
+        }
+        other => other,
+    };
+    Ok(Some(HashKey::FirstPresent(
         std::iter::once(primary).chain(fallback).collect(),
-    ))
+    )))
 }
 
 /// `hash_on` or `hash_fallback`, whose fields are named `hash_on_*` or `hash_fallback_*`.
