@@ -87,3 +87,32 @@ pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
         }
     }
 }
+
+/// `value` with every `field: null` of its objects left out, at any depth. The Kubernetes API
+/// server treats a null field as one not given (its default applies), so Kubernetes resources
+/// are decoded through this; a list's null items are kept, to be reported.
+pub(crate) fn without_null_fields(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
+    fn has_null_field(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Object(map) => map.values().any(|v| v.is_null() || has_null_field(v)),
+            serde_json::Value::Array(items) => items.iter().any(has_null_field),
+            _ => false,
+        }
+    }
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                map.retain(|_, v| !v.is_null());
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    if !has_null_field(value) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut owned = value.clone();
+    strip(&mut owned);
+    std::borrow::Cow::Owned(owned)
+}

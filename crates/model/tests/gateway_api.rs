@@ -1750,3 +1750,31 @@ spec:
         l.compiled.warnings
     );
 }
+
+#[test]
+fn null_fields_count_as_not_given() {
+    // `rules:` and `hostnames:` with no value: the API server applies the defaults, so the
+    // route gets the default catch-all rule, which has no backends (500).
+    let extra = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: nulls, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: same-namespace}]
+  hostnames:
+  rules:
+"#;
+    let l = load_with("manifests/httproute-simple-same-namespace.yaml", extra, &[]);
+    let names: Vec<&str> = l
+        .snapshot()
+        .listeners
+        .iter()
+        .flat_map(|li| li.routes.virtual_hosts.iter())
+        .flat_map(|vh| vh.routes.iter())
+        .map(|r| r.name.as_str())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("gateway-conformance-infra/nulls")),
+        "{names:?}"
+    );
+}

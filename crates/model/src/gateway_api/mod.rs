@@ -225,7 +225,7 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
 fn decode_spec<T: serde::de::DeserializeOwned>(doc: &Document, diag: &mut Diag) -> Option<T> {
     let empty = Value::Object(serde_json::Map::new());
     let spec = doc.body.get("spec").filter(|v| !v.is_null()).unwrap_or(&empty);
-    decode_value(doc, spec, "spec", diag)
+    decode_value(doc, &crate::diag::without_null_fields(spec), "spec", diag)
 }
 
 /// Decodes the top-level fields of objects without `spec` (EndpointSlice, Secret), leaving
@@ -237,7 +237,7 @@ fn decode_body<T: serde::de::DeserializeOwned>(doc: &Document, diag: &mut Diag) 
             map.remove(key);
         }
     }
-    decode_value(doc, &body, "", diag)
+    decode_value(doc, &crate::diag::without_null_fields(&body), "", diag)
 }
 
 fn report_unsupported(doc: &Document, diag: &mut Diag) {

@@ -122,5 +122,5 @@ pub(crate) fn decode_all<'a>(documents: &'a [Document], diag: &mut Diag) -> Reso
 fn decode<T: DeserializeOwned>(doc: &Document, diag: &mut Diag) -> Option<T> {
     let empty = serde_json::Value::Object(serde_json::Map::new());
     let spec = doc.body.get("spec").filter(|v| !v.is_null()).unwrap_or(&empty);
-    crate::diag::decode_value(doc, spec, "spec", diag)
+    crate::diag::decode_value(doc, &crate::diag::without_null_fields(spec), "spec", diag)
 }
