@@ -96,8 +96,12 @@ pub struct Shared {
     pub stats: stats::Stats,
     /// Per worker: the config version whose listeners are all bound (0 = not all bound).
     pub ready: Box<[AtomicU64]>,
-    /// Connection settings for downstream HTTP/1.1 and HTTP/2.
+    /// Connection settings for downstream HTTP/1.1 and HTTP/2 when the protocol is not known
+    /// before the first read (TLS without ALPN, or `--http2-server hyper`).
     pub http: auto::Builder<TokioExecutor>,
+    /// The same HTTP/1.1 settings, for connections known to be HTTP/1.1: they skip the
+    /// protocol sniffing (and the re-reading of its bytes) of the `auto` builder.
+    pub http1: hyper::server::conn::http1::Builder,
     /// Set on SIGTERM: `/ready` fails while requests in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
     /// Becomes `true` on SIGTERM, so HTTP/2 connections send GOAWAY and take no new streams.
@@ -120,13 +124,18 @@ impl Shared {
             None => None,
         };
         let mut http = auto::Builder::new(TokioExecutor::new());
-        let mut h1 = http.http1();
-        h1.max_buf_size(MAX_REQUEST_HEADERS_BYTES + 4 * 1024);
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        let max_buf_size = MAX_REQUEST_HEADERS_BYTES + 4 * 1024;
+        http.http1().max_buf_size(max_buf_size);
+        http1.max_buf_size(max_buf_size);
         // Slow-header (slowloris) protection. Envoy leaves `request_headers_timeout` unset, but
         // an edge proxy should not hold connections for clients that never finish their
         // headers. hyper arms one timer per request for it: a coarse one (see coarse_timer).
         if let Some(timeout) = options.request_headers_timeout {
-            h1.timer(coarse_timer::CoarseTimer).header_read_timeout(timeout);
+            http.http1()
+                .timer(coarse_timer::CoarseTimer)
+                .header_read_timeout(timeout);
+            http1.timer(coarse_timer::CoarseTimer).header_read_timeout(timeout);
         }
         http.http2()
             .timer(TokioTimer::new())
@@ -139,6 +148,7 @@ impl Shared {
             stats: stats::Stats::default(),
             ready,
             http,
+            http1,
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_signal: watch::channel(false).0,
             access_log,

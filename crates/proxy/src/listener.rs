@@ -179,10 +179,17 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             }
             let service =
                 service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
-            shared
-                .http
-                .serve_connection_with_upgrades(TokioIo::new(DownstreamSocket::new(stream)), service)
-                .await
+            let io = TokioIo::new(DownstreamSocket::new(stream));
+            if http2 {
+                shared.http.serve_connection_with_upgrades(io, service).await
+            } else {
+                shared
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+                    .map_err(Into::into)
+            }
         }
         Some(config) => {
             let accept = tokio_rustls::TlsAcceptor::from(config.clone()).accept(DownstreamSocket::new(stream));

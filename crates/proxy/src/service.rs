@@ -273,6 +273,14 @@ async fn route_request(
     let listener = &active.snapshot.listeners[li];
     let runtime = &active.listeners[li];
     runtime.stats.requests.fetch_add(1, Relaxed);
+    if matches!(req.body(), DownstreamBody::Hyper(_)) && request_head_size(&req) > crate::MAX_REQUEST_HEADERS_BYTES {
+        // hyper's own bound is its read buffer's, which a head arriving in large reads can
+        // pass; Envoy's `max_request_headers_kb` answers 431 and closes the connection.
+        let mut resp = local_reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let kong_started = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
 
     let authority = request_authority(&req).unwrap_or("");
@@ -458,6 +466,17 @@ async fn route_request(
         effects.apply_to_response(chain, &mut response, &conn.shared.plugin_state);
     }
     Ok(response)
+}
+
+/// The request head's size as Envoy counts it for `max_request_headers_kb`: method, target
+/// and every field's name and value.
+fn request_head_size<B>(req: &Request<B>) -> usize {
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    req.method().as_str().len() + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) + fields
 }
 
 /// RFC 9110 §15.5.20: on a TLS listener serving several host groups (Gateway listeners or
