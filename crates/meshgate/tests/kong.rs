@@ -1245,6 +1245,7 @@ fn hash_on_consumer_path_header_and_uri_capture_fallback() {
             "by-absent-header",
             "hash_on: header\n  hash_on_header: x-nobody-sends-this",
         ),
+        ("by-query", "hash_on: query_arg\n  hash_on_query_arg: user"),
     ] {
         deck.push_str(&format!(
             "- name: {name}\n  algorithm: consistent-hashing\n  {settings}\n  targets:\n{target_list}"
@@ -1264,6 +1265,9 @@ fn hash_on_consumer_path_header_and_uri_capture_fallback() {
 - name: absent
   host: by-absent-header
   routes: [{name: absent, paths: [/absent]}]
+- name: query
+  host: by-query
+  routes: [{name: query, paths: [/query]}]
 "#,
     );
     let listen = free_port();
@@ -1288,6 +1292,22 @@ fn hash_on_consumer_path_header_and_uri_capture_fallback() {
 
     let by_path: std::collections::BTreeSet<String> = (0..8).map(|i| sticky(&format!("/path/{i}"), "", 3)).collect();
     assert!(by_path.len() >= 2, "8 paths all on {by_path:?}");
+    // Kong hashes nginx's normalised `$uri`: escapes decoded, `//` merged, dot segments gone.
+    for i in 0..4 {
+        let plain = sticky(&format!("/path/item{i}"), "", 1);
+        assert_eq!(sticky(&format!("/path//item%{:02X}", b'0' + i), "", 1), plain);
+        assert_eq!(sticky(&format!("/path/x/../item{i}"), "", 1), plain);
+    }
+
+    // Repeated values are sorted and decoded before hashing, as Kong's get_uri_args reads them.
+    let by_query: std::collections::BTreeSet<String> = (0..8)
+        .map(|i| {
+            let target = sticky(&format!("/query?user=u{i}&user=v"), "", 2);
+            assert_eq!(sticky(&format!("/query?user=v&user=%75{i}"), "", 1), target);
+            target
+        })
+        .collect();
+    assert!(by_query.len() >= 2, "8 users all on {by_query:?}");
 
     // Without x-user, the `id` capture decides; with it, the header does, whatever the id.
     let by_capture: std::collections::BTreeSet<String> =

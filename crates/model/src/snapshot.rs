@@ -885,8 +885,12 @@ pub enum HashKey {
     SourceIp,
     /// `httpQueryParameterName`.
     QueryParameter(String),
-    /// Kong `path`: the path the client sent (before any plugin rewrote it).
+    /// Kong `path`: nginx's normalised `$uri` of the path the client sent (before any plugin
+    /// rewrote it): percent-decoded, `//` merged, dot segments resolved.
     Path,
+    /// Kong `query_arg`: the argument's decoded values, sorted and joined with `,`; a bare
+    /// `?name` counts as `true` (Kong's `get_uri_args`).
+    QueryArgument(String),
     /// Kong `uri_capture`: a named capture group of the route's regex path.
     UriCapture(String),
     /// Kong `consumer`: the id of the consumer the auth plugins identified.

@@ -26,6 +26,7 @@ pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod uri_decoding;
 pub mod uuid;
 pub mod worker;
 

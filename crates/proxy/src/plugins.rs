@@ -569,7 +569,7 @@ fn jwt_tokens<B>(j: &Jwt, req: &Request<B>) -> Vec<String> {
     if let Some(query) = req.uri().query() {
         for name in &j.uri_param_names {
             for v in query_values(query, name) {
-                push(percent_decode(v));
+                push(crate::uri_decoding::decode_query_value(v));
             }
         }
     }
@@ -1133,39 +1133,11 @@ fn find_key<B>(k: &KeyAuth, req: &Request<B>) -> Result<Option<(String, String, 
                 return Err(kong_error(401, "Duplicate API key found", ResponseFlags::UNAUTHORIZED));
             }
             if let Some(v) = values.first().filter(|v| !v.is_empty()) {
-                return Ok(Some((name.clone(), percent_decode(v), true)));
+                return Ok(Some((name.clone(), crate::uri_decoding::decode_query_value(v), true)));
             }
         }
     }
     Ok(None)
-}
-
-fn percent_decode(v: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                match (
-                    bytes.get(i + 1).copied().and_then(hex),
-                    bytes.get(i + 2).copied().and_then(hex),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `hide_credentials`: the key does not reach the upstream.
@@ -1508,9 +1480,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn query_keys_are_decoded() {
-        assert_eq!(percent_decode("a%2Bb+c"), "a+b c");
-        assert_eq!(percent_decode("100%"), "100%");
+    fn query_keys_are_matched_case_insensitively() {
         assert_eq!(query_values("apikey=1&x=2&APIKEY=3", "apikey"), ["1", "3"]);
     }
 }

@@ -1757,7 +1757,15 @@ fn request_hash<B>(
                     .find_map(|p| p.strip_prefix(name.as_str())?.strip_prefix('='))
             })
             .map(|value| digest(&|h| value.hash(h))),
-        HashKey::Path => Some(digest(&|h| client_path().hash(h))),
+        HashKey::Path => {
+            let path = crate::uri_decoding::nginx_normalized_path(client_path());
+            Some(digest(&|h| path.as_str().hash(h)))
+        }
+        HashKey::QueryArgument(name) => {
+            let mut values = crate::uri_decoding::query_argument_values(req.uri().query().unwrap_or(""), name);
+            values.sort_unstable();
+            (!values.is_empty()).then(|| digest(&|h| values.join(",").as_str().hash(h)))
+        }
         HashKey::UriCapture(name) => uri_capture(matched, client_path(), name).map(|v| digest(&|h| v.hash(h))),
         HashKey::Consumer => req
             .extensions()

@@ -2153,7 +2153,7 @@ fn hash_input(
         "consumer" => HashKey::Consumer,
         "path" => HashKey::Path,
         "header" => HashKey::Header(named(header, diag)?.to_ascii_lowercase()),
-        "query_arg" => HashKey::QueryParameter(named(query_arg, diag)?),
+        "query_arg" => HashKey::QueryArgument(named(query_arg, diag)?),
         "uri_capture" => HashKey::UriCapture(named(uri_capture, diag)?),
         // Kong gives a request without the cookie a new UUID and sets it on the response.
         "cookie" => {

@@ -259,7 +259,8 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, admin: Arc<KongAdmi
         .path()
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(percent_decode)
+        // Ids and names may be escaped by clients.
+        .map(crate::uri_decoding::decode_path_segment)
         .collect();
     let query = req.uri().query().unwrap_or("").to_string();
     let content_type = req
@@ -358,26 +359,6 @@ fn multipart_field(body: &Bytes, boundary: &str, name: &str) -> Option<Bytes> {
 fn database_error(e: &str) -> Reply {
     tracing::error!(error = %e, "Admin API database error");
     message(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred")
-}
-
-/// `%XX` escapes in a path segment (ids and names may be escaped by clients).
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = segment.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Endpoints that do not read the stored state.
