@@ -526,3 +526,130 @@ fn upstream_health_is_shown_and_set_by_hand() {
         400
     );
 }
+
+/// Kong's top-level credential lists (`/key-auths`, ...) show every consumer's credentials
+/// with their consumer, and create, read and delete them by id; a key deleted there stops
+/// authenticating.
+#[test]
+fn top_level_credential_lists_work_like_kongs() {
+    let app = Echo::start("creds-app");
+    let node = start("kong-credential-lists");
+    let svc = format!(r#"{{"name": "app", "url": "http://127.0.0.1:{}"}}"#, app.port());
+    assert_eq!(call(node.admin, "POST", "/services", &svc).0, 201);
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/services/app/routes",
+            r#"{"name": "r", "paths": ["/"]}"#
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        call(node.admin, "POST", "/routes/r/plugins", r#"{"name": "key-auth"}"#).0,
+        201
+    );
+    let (_, alice) = call(node.admin, "POST", "/consumers", r#"{"username": "alice"}"#);
+    assert_eq!(call(node.admin, "POST", "/consumers", r#"{"username": "bob"}"#).0, 201);
+    assert_eq!(
+        call(node.admin, "POST", "/consumers/bob/key-auth", r#"{"key": "bob-key"}"#).0,
+        201
+    );
+    let body = json!({"consumer": {"id": alice["id"]}, "key": "alice-key"}).to_string();
+    let (status, created) = call(node.admin, "POST", "/key-auths", &body);
+    assert_eq!(status, 201, "{created}");
+    let (status, refused) = call(
+        node.admin,
+        "POST",
+        "/key-auths",
+        r#"{"consumer": {"id": "00000000-0000-4000-8000-000000000000"}, "key": "x"}"#,
+    );
+    assert_eq!(status, 400, "{refused}");
+
+    let (status, list) = call(node.admin, "GET", "/key-auths", "");
+    assert_eq!(status, 200);
+    let mut owners: Vec<(String, String)> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|k| {
+            let consumer = k["consumer"]["id"].as_str().expect("consumer id").to_string();
+            (k["key"].as_str().expect("key").to_string(), consumer)
+        })
+        .collect();
+    owners.sort();
+    assert_eq!(owners.len(), 2, "{list}");
+    assert_eq!(
+        owners[0],
+        ("alice-key".to_string(), alice["id"].as_str().expect("id").to_string())
+    );
+    assert_eq!(owners[1].0, "bob-key");
+
+    // The new key authenticates; read and delete it by id; then it does not.
+    let authorized = |key: &str| {
+        raw_request(
+            node.gateway,
+            &format!("GET / HTTP/1.1\r\nHost: x\r\napikey: {key}\r\nConnection: close\r\n\r\n"),
+        )
+        .expect("request")
+        .0
+    };
+    assert_eq!(authorized("alice-key"), 200);
+    let id = created["id"].as_str().expect("id");
+    assert_eq!(
+        call(node.admin, "GET", &format!("/key-auths/{id}"), "").1["key"],
+        "alice-key"
+    );
+    assert_eq!(call(node.admin, "DELETE", &format!("/key-auths/{id}"), "").0, 204);
+    assert_eq!(call(node.admin, "GET", &format!("/key-auths/{id}"), "").0, 404);
+    assert_eq!(authorized("alice-key"), 401);
+    assert_eq!(authorized("bob-key"), 200);
+    // The other kinds are listed too.
+    assert_eq!(call(node.admin, "GET", "/acls", "").0, 200);
+    assert_eq!(call(node.admin, "GET", "/jwts", "").0, 200);
+    assert_eq!(call(node.admin, "GET", "/basic-auths", "").0, 200);
+}
+
+/// `/ca_certificates`: Kong's CA certificate entities, with their `cert_digest`, one per
+/// certificate, referred to by a service's `ca_certificates` (and kept by an export).
+#[test]
+fn ca_certificates_are_entities_that_services_refer_to() {
+    let node = start("kong-ca-certificates");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let ca = params.self_signed(&key).expect("ca");
+    let body = json!({"cert": ca.pem()}).to_string();
+    let (status, created) = call(node.admin, "POST", "/ca_certificates", &body);
+    assert_eq!(status, 201, "{created}");
+    let digest = created["cert_digest"].as_str().expect("digest");
+    let expected: String = ring::digest::digest(&ring::digest::SHA256, ca.der())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(digest, expected);
+    assert_eq!(call(node.admin, "POST", "/ca_certificates", &body).0, 409);
+    let (status, refused) = call(node.admin, "POST", "/ca_certificates", r#"{"cert": "not a pem"}"#);
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["message"].as_str().unwrap_or("").contains("cert"), "{refused}");
+    assert_eq!(
+        call(node.admin, "GET", "/ca_certificates", "").1["data"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+
+    let id = created["id"].as_str().expect("id");
+    let service = json!({"name": "secure", "url": "https://127.0.0.1:9", "tls_verify": true, "ca_certificates": [id]});
+    assert_eq!(call(node.admin, "POST", "/services", &service.to_string()).0, 201);
+    let bogus = json!({"name": "bogus", "url": "https://127.0.0.1:9", "tls_verify": true,
+                       "ca_certificates": ["00000000-0000-4000-8000-000000000000"]});
+    let (status, refused) = call(node.admin, "POST", "/services", &bogus.to_string());
+    assert_eq!(status, 400, "{refused}");
+    // The stored document keeps the entity and the reference.
+    let (_, config) = call(node.admin, "GET", "/config", "");
+    assert_eq!(config["ca_certificates"][0]["id"], json!(id), "{config}");
+    assert_eq!(call(node.admin, "DELETE", &format!("/ca_certificates/{id}"), "").0, 400);
+}

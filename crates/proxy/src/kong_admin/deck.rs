@@ -53,6 +53,12 @@ pub(super) fn referenced_ids(value: &Value, out: &mut std::collections::HashSet<
     match value {
         Value::Object(map) => {
             for (key, child) in map {
+                // A service's `ca_certificates` lists the ids of CA certificate entities.
+                if key == "ca_certificates"
+                    && let Value::Array(ids) = child
+                {
+                    out.extend(ids.iter().filter_map(Value::as_str).map(str::to_string));
+                }
                 if ["service", "route", "consumer", "upstream", "certificate"].contains(&key.as_str()) {
                     match child {
                         Value::String(s) => {

@@ -173,6 +173,7 @@ pub(super) fn with_kong_defaults(collection: &str, mut entity: Value) -> Value {
         }),
         "targets" => json!({"weight": 100, "tags": null}),
         "certificates" => json!({"cert_alt": null, "key_alt": null, "snis": [], "tags": null}),
+        "ca_certificates" => json!({"tags": null}),
         _ => return entity,
     };
     if let (Some(map), Value::Object(defaults)) = (entity.as_object_mut(), defaults) {
@@ -309,9 +310,115 @@ pub(super) fn prepare_new(collection: &str, fields: &mut Map<String, Value>) -> 
             }
         }
     }
+    if collection == "ca_certificates" {
+        let digest = ca_certificate_digest(fields.get("cert"))?;
+        fields.insert("cert_digest".to_string(), json!(digest));
+    }
     fields.entry("id").or_insert_with(|| Value::String(new_id()));
     fields.entry("created_at").or_insert_with(|| json!(now_secs()));
     Ok(())
+}
+
+/// Kong's `cert_digest` of a CA certificate entity: the SHA-256 of its (first) certificate, in
+/// hex. Errors name the field, as Kong's schema violations do.
+fn ca_certificate_digest(cert: Option<&Value>) -> Result<String, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let Some(pem) = cert.and_then(Value::as_str) else {
+        return Err("cert: required field missing".to_string());
+    };
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
+        return Err("cert: invalid certificate: no PEM certificate".to_string());
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Kong's top-level credential endpoints (`/key-auths` and the like): every consumer's
+/// credentials of one kind, each shown with its `consumer`; one is read, changed or deleted
+/// by id, and `POST` takes the owner as `consumer` (`{"id": ..}`, an id or a username).
+pub(super) fn credential_list(
+    call: &Call<'_>,
+    list: &str,
+    nested: &str,
+    rest: &[&str],
+    state: Value,
+    shared: &Shared,
+    admin: &KongAdmin,
+) -> Change<Reply> {
+    let Some(&(_, _, field, naming)) = NESTED.iter().find(|(c, n, _, _)| *c == "consumers" && *n == nested) else {
+        return not_found().into();
+    };
+    let consumers: Vec<Entry> = entries(&state, "consumers");
+    // (the consumer's pointer, its reference, a credential) for every credential.
+    let owned = || {
+        consumers.iter().flat_map(|c| {
+            let consumer = state.pointer(&c.pointer).cloned().unwrap_or(Value::Null);
+            let items = consumer
+                .get(field)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let reference = reference(&consumer, "username");
+            items
+                .into_iter()
+                .map(move |item| (c.pointer.clone(), reference.clone(), item))
+        })
+    };
+    match (call.method, rest) {
+        (&Method::GET, []) => {
+            let items = owned()
+                .map(|(_, reference, mut item)| {
+                    if let Some(map) = item.as_object_mut() {
+                        map.insert("consumer".to_string(), reference);
+                    }
+                    item
+                })
+                .collect();
+            page(items, call.query, list).into()
+        }
+        (&Method::POST, []) => {
+            let mut fields = match parse_body(call.body) {
+                Ok(f) => f,
+                Err(e) => return schema_violation(&e).into(),
+            };
+            let key = match fields.remove("consumer") {
+                Some(Value::String(key)) => key,
+                Some(Value::Object(r)) => match r.get("id").or_else(|| r.get("username")).and_then(Value::as_str) {
+                    Some(key) => key.to_string(),
+                    None => return schema_violation("consumer: required field missing").into(),
+                },
+                _ => return schema_violation("consumer: required field missing").into(),
+            };
+            let Some(owner) = find_entry(&state, "consumers", &key, "username") else {
+                return schema_violation(&format!("consumer: the consumer {key:?} does not exist")).into();
+            };
+            let body = Bytes::from(Value::Object(fields).to_string());
+            let call = Call {
+                method: call.method,
+                path: call.path,
+                query: call.query,
+                body: &body,
+            };
+            nested_entity(
+                &call,
+                &[],
+                &format!("{}/{field}", owner.pointer),
+                naming,
+                state,
+                shared,
+                admin,
+            )
+        }
+        (_, [key]) => match owned().find(|(_, _, item)| names(item, key, "id")) {
+            Some((pointer, _, _)) => {
+                nested_entity(call, &[key], &format!("{pointer}/{field}"), "id", state, shared, admin)
+            }
+            None if call.method == Method::DELETE => no_content().into(),
+            None => not_found().into(),
+        },
+        _ => not_found().into(),
+    }
 }
 
 pub(super) fn conflict(field: &str, value: &str) -> Reply {
@@ -348,7 +455,8 @@ pub(super) fn create(
     if let Err(e) = prepare_new(collection, &mut fields) {
         return schema_violation(&e).into();
     }
-    for unique in ["id", name_field] {
+    // Kong keeps one CA certificate entity per certificate.
+    for unique in ["id", name_field, "cert_digest"] {
         if let Some(value) = fields.get(unique).and_then(Value::as_str)
             && find_entry(&state, collection, value, unique).is_some()
         {

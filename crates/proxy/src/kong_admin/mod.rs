@@ -71,7 +71,7 @@ pub struct KongAdmin {
 }
 
 /// Top-level collections and the field that names their entities (besides `id`).
-const COLLECTIONS: [(&str, &str); 7] = [
+const COLLECTIONS: [(&str, &str); 8] = [
     ("services", "name"),
     ("routes", "name"),
     ("consumers", "username"),
@@ -79,6 +79,16 @@ const COLLECTIONS: [(&str, &str); 7] = [
     ("upstreams", "name"),
     ("certificates", "id"),
     ("snis", "name"),
+    ("ca_certificates", "id"),
+];
+
+/// Kong's top-level credential endpoints (`/key-auths`, ...): every consumer's credentials of
+/// one kind. (endpoint, the consumer's nested path segment.)
+const CREDENTIAL_LISTS: [(&str, &str); 4] = [
+    ("key-auths", "key-auth"),
+    ("basic-auths", "basic-auth"),
+    ("jwts", "jwt"),
+    ("acls", "acls"),
 ];
 
 /// Entities decK nests in a parent: (parent collection, path segment, decK field, naming
@@ -509,6 +519,9 @@ fn route(call: &Call<'_>, state: Value, shared: &Shared, admin: &KongAdmin) -> C
         (&Method::GET, ["upstreams", key, "health"]) => upstream_health(&state, key, shared).into(),
         (&Method::PUT | &Method::POST, ["upstreams", key, "targets", target, verdict @ ("healthy" | "unhealthy")]) => {
             set_target_health(&state, key, target, *verdict == "healthy", shared).into()
+        }
+        (_, [list, rest @ ..]) if let Some(&(_, nested)) = CREDENTIAL_LISTS.iter().find(|(l, _)| l == list) => {
+            entities::credential_list(call, list, nested, rest, state, shared, admin)
         }
         (_, [collection, rest @ ..]) if COLLECTIONS.iter().any(|(c, _)| c == collection) => {
             let mut state = state;
