@@ -653,3 +653,71 @@ fn ca_certificates_are_entities_that_services_refer_to() {
     assert_eq!(config["ca_certificates"][0]["id"], json!(id), "{config}");
     assert_eq!(call(node.admin, "DELETE", &format!("/ca_certificates/{id}"), "").0, 400);
 }
+
+/// Kong route `snis`: the route matches TLS connections whose server name it lists, and
+/// outranks an otherwise equal route (the SNI is one more matched field); other names and
+/// plain HTTP fall through to the next route.
+#[test]
+fn route_snis_match_the_tls_server_name() {
+    let a_app = Echo::start("sni-a");
+    let other_app = Echo::start("sni-other");
+    let node = start("kong-route-snis");
+    let (pem, key, der) = {
+        let cert = rcgen::generate_simple_self_signed(vec!["a.test".to_string(), "b.test".to_string()]).expect("cert");
+        (
+            cert.cert.pem(),
+            cert.signing_key.serialize_pem(),
+            cert.cert.der().to_vec(),
+        )
+    };
+    let body = json!({"cert": pem, "key": key, "snis": ["a.test", "b.test"]}).to_string();
+    assert_eq!(call(node.admin, "POST", "/certificates", &body).0, 201);
+    for (name, port) in [("a", a_app.port()), ("other", other_app.port())] {
+        let svc = json!({"name": name, "url": format!("http://127.0.0.1:{port}")}).to_string();
+        assert_eq!(call(node.admin, "POST", "/services", &svc).0, 201);
+    }
+    let (status, route) = call(
+        node.admin,
+        "POST",
+        "/services/a/routes",
+        r#"{"name": "by-sni", "paths": ["/"], "snis": ["A.test"], "protocols": ["https"]}"#,
+    );
+    assert_eq!(status, 201, "{route}");
+    assert_eq!(
+        call(
+            node.admin,
+            "POST",
+            "/services/other/routes",
+            r#"{"name": "any", "paths": ["/"]}"#
+        )
+        .0,
+        201
+    );
+    let tls = node.tls_gateway.expect("tls listener");
+    let served = |sni: &str| -> String {
+        let (status, body, _) = tls_get(tls, sni, &der, "/x").expect("tls");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).expect("json")["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(served("a.test"), "sni-a");
+    assert_eq!(served("b.test"), "sni-other");
+    let (status, headers, _) = raw_get(node.gateway, "/x", "a.test").expect("plain");
+    assert_eq!(status, 200);
+    assert!(
+        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "sni-other"),
+        "{headers:?}"
+    );
+
+    // snis need a TLS protocol, as Kong's schema says.
+    let (status, refused) = call(
+        node.admin,
+        "POST",
+        "/services/a/routes",
+        r#"{"name": "plain-sni", "paths": ["/p"], "snis": ["a.test"], "protocols": ["http"]}"#,
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["message"].as_str().unwrap_or("").contains("snis"), "{refused}");
+}

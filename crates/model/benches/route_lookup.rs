@@ -73,6 +73,7 @@ fn lookup(c: &mut Criterion) {
                             scheme: "http",
                             port: 80,
                             headers: &headers,
+                            sni: None,
                         };
                         let found = t.find(&req).expect("route");
                         black_box(found.route_index)

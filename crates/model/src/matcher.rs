@@ -148,6 +148,8 @@ pub struct RequestInfo<'a> {
     pub scheme: &'a str,
     pub port: u16,
     pub headers: &'a HeaderMap,
+    /// The TLS server name the client sent (SNI), if any.
+    pub sni: Option<&'a str>,
 }
 
 impl RequestMatch {
@@ -159,6 +161,10 @@ impl RequestMatch {
             && self.scheme.as_ref().is_none_or(|m| m.matches(req.scheme))
             && self.headers.iter().all(|h| h.matches(req.headers))
             && self.query.iter().all(|q| q.matches(req.query))
+            && (self.sni.is_empty()
+                || req
+                    .sni
+                    .is_some_and(|sni| self.sni.iter().any(|n| n.eq_ignore_ascii_case(sni))))
     }
 }
 

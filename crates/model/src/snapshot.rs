@@ -210,6 +210,9 @@ pub struct RequestMatch {
     pub scheme: Option<StringMatch>,
     /// The listener port the request arrived on.
     pub port: Option<u16>,
+    /// Kong route `snis`: the connection's TLS server name must be one of these (lower-case);
+    /// empty: any connection, TLS or not.
+    pub sni: Vec<String>,
 }
 
 /// What a matched route does.

@@ -172,6 +172,7 @@ impl Loaded {
             scheme: r.scheme,
             port: r.port,
             headers: &headers,
+            sni: None,
         };
         let m = listener.routes.find(&info)?;
         Some((m.route, host, authority))

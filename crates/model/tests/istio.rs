@@ -63,6 +63,7 @@ fn route(
         scheme: "http",
         port,
         headers: &map,
+        sni: None,
     };
     let listener = snap.listeners.iter().find(|l| l.port == port)?;
     let m = listener.routes.find(&req)?;

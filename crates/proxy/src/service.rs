@@ -295,6 +295,7 @@ async fn route_request(
         scheme,
         port: conn.listener.port(),
         headers: req.headers(),
+        sni: conn.sni.as_deref(),
     };
     if is_misdirected(listener, conn.sni.as_deref(), &host) {
         return Ok(local_reply(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request"));

@@ -2214,7 +2214,6 @@ fn compile_route(
     entries: &mut Vec<Entry>,
 ) {
     for (field, set) in [
-        ("snis", route.snis.is_some()),
         ("sources", route.sources.is_some()),
         ("destinations", route.destinations.is_some()),
         ("expression", route.expression.is_some()),
@@ -2252,11 +2251,14 @@ fn compile_route(
     let methods = route.methods.clone().unwrap_or_default();
     let hosts_in = route.hosts.clone().unwrap_or_default();
     let headers = route.headers.clone().unwrap_or_default();
-    if paths.is_empty() && methods.is_empty() && hosts_in.is_empty() && headers.is_empty() {
+    let Some(snis) = route_snis(doc, path, route.snis.as_ref(), &protocols, diag) else {
+        return;
+    };
+    if paths.is_empty() && methods.is_empty() && hosts_in.is_empty() && headers.is_empty() && snis.is_empty() {
         diag.error(
             doc,
             path,
-            "a route needs at least one of paths, hosts, methods or headers",
+            "a route needs at least one of paths, hosts, methods, headers or snis",
         );
         return;
     }
@@ -2309,6 +2311,7 @@ fn compile_route(
         !hosts.is_empty(),
         !headers.is_empty(),
         !paths.is_empty(),
+        !snis.is_empty(),
     ]
     .iter()
     .filter(|b| **b)
@@ -2363,6 +2366,7 @@ fn compile_route(
                 }),
                 headers: header_matches.clone(),
                 method: method.clone(),
+                sni: snis.clone(),
                 ..RequestMatch::default()
             });
         }
@@ -2370,6 +2374,7 @@ fn compile_route(
             matches.push(RequestMatch {
                 headers: header_matches.clone(),
                 method: method.clone(),
+                sni: snis.clone(),
                 ..RequestMatch::default()
             });
         }
@@ -2383,7 +2388,8 @@ fn compile_route(
         let action = RouteAction::Forward(forward(service, route, strip, strip_regex, legacy_concat));
         entries.push(Entry {
             hosts: hosts.clone(),
-            plain: !https_only,
+            // A plain-text connection has no server name for `snis` to match.
+            plain: !https_only && snis.is_empty(),
             tls: protocols.iter().any(|p| p == "https" || p == "grpcs"),
             priority: Priority {
                 match_weight: base_weight,
@@ -2411,6 +2417,47 @@ fn compile_route(
         });
         *seq += 1;
     }
+}
+
+/// A route's `snis`, lower-cased; `None` when they are invalid (reported). Kong allows them
+/// only on routes that take TLS, and matches them exactly.
+fn route_snis(
+    doc: &Document,
+    path: &str,
+    snis: Option<&Value>,
+    protocols: &[String],
+    diag: &mut Diag,
+) -> Option<Vec<String>> {
+    let Some(snis) = snis.filter(|v| !v.is_null()) else {
+        return Some(Vec::new());
+    };
+    let Some(list) = snis.as_array() else {
+        diag.error(doc, at(path, "snis"), "expected a list of server names");
+        return None;
+    };
+    if !list.is_empty() && !protocols.iter().any(|p| p == "https" || p == "grpcs") {
+        diag.error(
+            doc,
+            at(path, "snis"),
+            "snis can only be set when protocols has 'https' or 'grpcs'",
+        );
+        return None;
+    }
+    let mut names = Vec::with_capacity(list.len());
+    for (i, sni) in list.iter().enumerate() {
+        let name = sni.as_str().map(str::to_ascii_lowercase).unwrap_or_default();
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .split('.')
+                .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if !valid {
+            diag.error(doc, format!("{path}.snis[{i}]"), format!("invalid SNI {sni}"));
+            return None;
+        }
+        names.push(name);
+    }
+    Some(names)
 }
 
 fn header_matches(
