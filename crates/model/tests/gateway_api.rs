@@ -125,6 +125,14 @@ impl Loaded {
         &self.compiled.snapshot
     }
 
+    fn cluster(&self, name: &str) -> &meshgate_model::snapshot::Cluster {
+        self.snapshot()
+            .clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
     fn listener(&self, gateway: &str, port: u16) -> Option<&Listener> {
         let ip = self.addresses.get(gateway)?;
         self.snapshot()
@@ -1682,6 +1690,8 @@ spec:
     );
 }
 
+const V1_CLUSTER: &str = "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local";
+
 #[test]
 fn destination_rules_set_the_traffic_policy_of_service_backends() {
     // As in Istio, a DestinationRule for a Service's host applies to Gateway API backends fed
@@ -1702,12 +1712,7 @@ spec:
       loadBalancer: {consistentHash: {httpHeaderName: x-user}}
 "#;
     let l = load_with("manifests/httproute-simple-same-namespace.yaml", rule, &[]);
-    let c = l
-        .snapshot()
-        .clusters
-        .iter()
-        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
-        .unwrap();
+    let c = l.cluster(V1_CLUSTER);
     assert_eq!(
         c.load_balancer,
         LoadBalancer::ConsistentHash(HashKey::Header("x-user".into()))
@@ -1719,12 +1724,7 @@ spec:
     // A rule for another host changes nothing.
     let other = rule.replace("host: infra-backend-v1", "host: infra-backend-v2");
     let l = load_with("manifests/httproute-simple-same-namespace.yaml", &other, &[]);
-    let c = l
-        .snapshot()
-        .clusters
-        .iter()
-        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
-        .unwrap();
+    let c = l.cluster(V1_CLUSTER);
     assert_eq!(c.load_balancer, LoadBalancer::LeastRequest);
     assert!(c.outlier.is_none());
     assert_eq!(c.protocol, UpstreamProtocol::Http1);
@@ -1735,12 +1735,7 @@ spec:
         "loadBalancer: {simple: PASSTHROUGH}",
     );
     let l = load_with("manifests/httproute-simple-same-namespace.yaml", &passthrough, &[]);
-    let c = l
-        .snapshot()
-        .clusters
-        .iter()
-        .find(|c| c.name == "outbound|8080||infra-backend-v1.gateway-conformance-infra.svc.cluster.local")
-        .unwrap();
+    let c = l.cluster(V1_CLUSTER);
     assert_eq!(c.discovery, Discovery::Static);
     assert!(
         l.compiled
