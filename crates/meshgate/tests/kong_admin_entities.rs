@@ -597,10 +597,11 @@ fn top_level_credential_lists_work_like_kongs() {
     };
     assert_eq!(authorized("alice-key"), 200);
     let id = created["id"].as_str().expect("id");
-    assert_eq!(
-        call(node.admin, "GET", &format!("/key-auths/{id}"), "").1["key"],
-        "alice-key"
-    );
+    let (_, shown) = call(node.admin, "GET", &format!("/key-auths/{id}"), "");
+    assert_eq!(shown["key"], "alice-key");
+    assert_eq!(shown["consumer"]["id"], alice["id"], "{shown}");
+    // Kong also finds a key-auth by its key.
+    assert_eq!(call(node.admin, "GET", "/key-auths/alice-key", "").1["id"], json!(id));
     assert_eq!(call(node.admin, "DELETE", &format!("/key-auths/{id}"), "").0, 204);
     assert_eq!(call(node.admin, "GET", &format!("/key-auths/{id}"), "").0, 404);
     assert_eq!(authorized("alice-key"), 401);
@@ -651,7 +652,37 @@ fn ca_certificates_are_entities_that_services_refer_to() {
     // The stored document keeps the entity and the reference.
     let (_, config) = call(node.admin, "GET", "/config", "");
     assert_eq!(config["ca_certificates"][0]["id"], json!(id), "{config}");
+    // Kong refuses to delete a CA certificate a service lists, even one it would not compile
+    // (a disabled service).
+    let (status, refused) = call(node.admin, "DELETE", &format!("/ca_certificates/{id}"), "");
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("still referenced by services"),
+        "{refused}"
+    );
+    assert_eq!(
+        call(node.admin, "PATCH", "/services/secure", r#"{"enabled": false}"#).0,
+        200
+    );
     assert_eq!(call(node.admin, "DELETE", &format!("/ca_certificates/{id}"), "").0, 400);
+    // One certificate per entity.
+    let two = json!({"cert": format!("{}{}", ca.pem(), ca.pem())}).to_string();
+    let (status, refused) = call(node.admin, "POST", "/ca_certificates", &two);
+    assert_eq!(status, 400, "{refused}");
+    // A new certificate gets a new digest.
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let other = params.self_signed(&other_key).expect("ca");
+    let (status, patched) = call(
+        node.admin,
+        "PATCH",
+        &format!("/ca_certificates/{id}"),
+        &json!({"cert": other.pem()}).to_string(),
+    );
+    assert_eq!(status, 200, "{patched}");
+    assert_ne!(patched["cert_digest"], json!(digest), "{patched}");
 }
 
 /// Kong route `snis`: the route matches TLS connections whose server name it lists, and
@@ -676,13 +707,7 @@ fn route_snis_match_the_tls_server_name() {
         let svc = json!({"name": name, "url": format!("http://127.0.0.1:{port}")}).to_string();
         assert_eq!(call(node.admin, "POST", "/services", &svc).0, 201);
     }
-    let (status, route) = call(
-        node.admin,
-        "POST",
-        "/services/a/routes",
-        r#"{"name": "by-sni", "paths": ["/"], "snis": ["A.test"], "protocols": ["https"]}"#,
-    );
-    assert_eq!(status, 201, "{route}");
+    // The catch-all first: Kong breaks ties by age, so only the SNI can make `by-sni` win.
     assert_eq!(
         call(
             node.admin,
@@ -693,23 +718,42 @@ fn route_snis_match_the_tls_server_name() {
         .0,
         201
     );
+    let (status, route) = call(
+        node.admin,
+        "POST",
+        "/services/a/routes",
+        r#"{"name": "by-sni", "paths": ["/"], "snis": ["A.test."], "protocols": ["https"]}"#,
+    );
+    assert_eq!(status, 201, "{route}");
+    // With http too: plain requests are not checked against snis, as in Kong.
+    let (status, route) = call(
+        node.admin,
+        "POST",
+        "/services/a/routes",
+        r#"{"name": "both", "paths": ["/both"], "snis": ["a.test"], "protocols": ["http", "https"]}"#,
+    );
+    assert_eq!(status, 201, "{route}");
     let tls = node.tls_gateway.expect("tls listener");
-    let served = |sni: &str| -> String {
-        let (status, body, _) = tls_get(tls, sni, &der, "/x").expect("tls");
+    let served = |sni: &str, path: &str| -> String {
+        let (status, body, _) = tls_get(tls, sni, &der, path).expect("tls");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str::<Value>(&body).expect("json")["name"]
             .as_str()
             .unwrap_or_default()
             .to_string()
     };
-    assert_eq!(served("a.test"), "sni-a");
-    assert_eq!(served("b.test"), "sni-other");
-    let (status, headers, _) = raw_get(node.gateway, "/x", "a.test").expect("plain");
-    assert_eq!(status, 200);
-    assert!(
-        headers.iter().any(|(k, v)| k == "x-echo-name" && v == "sni-other"),
-        "{headers:?}"
-    );
+    assert_eq!(served("a.test", "/x"), "sni-a");
+    assert_eq!(served("b.test", "/x"), "sni-other");
+    assert_eq!(served("b.test", "/both"), "sni-other");
+    let plain = |path: &str| -> (u16, String) {
+        let (status, headers, _) = raw_get(node.gateway, path, "a.test").expect("plain");
+        let name = headers.iter().find(|(k, _)| k == "x-echo-name").map(|(_, v)| v.clone());
+        (status, name.unwrap_or_default())
+    };
+    assert_eq!(plain("/both"), (200, "sni-a".to_string()));
+    // The HTTPS-only route still matches a plain request (its snis are not checked there)
+    // and answers Kong's 426.
+    assert_eq!(plain("/x").0, 426);
 
     // snis need a TLS protocol, as Kong's schema says.
     let (status, refused) = call(

@@ -88,13 +88,29 @@ pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Fields whose value is a map of names to strings (labels, selectors, data): a null value in
+/// one is not a field left out but a bad entry, reported as before (dropping it would widen a
+/// selector).
+const STRING_MAP_FIELDS: &[&str] = &[
+    "labels",
+    "matchLabels",
+    "annotations",
+    "selector",
+    "sourceLabels",
+    "data",
+    "stringData",
+];
+
 /// `value` with every `field: null` of its objects left out, at any depth. The Kubernetes API
 /// server treats a null field as one not given (its default applies), so Kubernetes resources
-/// are decoded through this; a list's null items are kept, to be reported.
+/// are decoded through this; a list's null items, and null values in the string maps of
+/// [`STRING_MAP_FIELDS`], are kept, to be reported.
 pub(crate) fn without_null_fields(value: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
     fn has_null_field(value: &serde_json::Value) -> bool {
         match value {
-            serde_json::Value::Object(map) => map.values().any(|v| v.is_null() || has_null_field(v)),
+            serde_json::Value::Object(map) => map
+                .iter()
+                .any(|(k, v)| v.is_null() || (!STRING_MAP_FIELDS.contains(&k.as_str()) && has_null_field(v))),
             serde_json::Value::Array(items) => items.iter().any(has_null_field),
             _ => false,
         }
@@ -103,7 +119,11 @@ pub(crate) fn without_null_fields(value: &serde_json::Value) -> std::borrow::Cow
         match value {
             serde_json::Value::Object(map) => {
                 map.retain(|_, v| !v.is_null());
-                map.values_mut().for_each(strip);
+                for (key, child) in map.iter_mut() {
+                    if !STRING_MAP_FIELDS.contains(&key.as_str()) {
+                        strip(child);
+                    }
+                }
             }
             serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
             _ => {}

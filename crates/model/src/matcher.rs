@@ -162,6 +162,7 @@ impl RequestMatch {
             && self.headers.iter().all(|h| h.matches(req.headers))
             && self.query.iter().all(|q| q.matches(req.query))
             && (self.sni.is_empty()
+                || req.scheme != "https"
                 || req
                     .sni
                     .is_some_and(|sni| self.sni.iter().any(|n| n.eq_ignore_ascii_case(sni))))

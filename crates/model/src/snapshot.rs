@@ -210,8 +210,8 @@ pub struct RequestMatch {
     pub scheme: Option<StringMatch>,
     /// The listener port the request arrived on.
     pub port: Option<u16>,
-    /// Kong route `snis`: the connection's TLS server name must be one of these (lower-case);
-    /// empty: any connection, TLS or not.
+    /// Kong route `snis`: on a TLS connection, the server name must be one of these
+    /// (lower-case); plain-text requests are not checked, as in Kong. Empty: any.
     pub sni: Vec<String>,
 }
 

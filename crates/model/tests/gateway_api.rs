@@ -1774,3 +1774,24 @@ spec:
         "{names:?}"
     );
 }
+
+#[test]
+fn a_null_label_value_is_still_an_error() {
+    // Dropping it would widen the selector: `app: null` is a bad entry, not a field left out.
+    let extra = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: extra}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: extra}
+spec:
+  selector: {istio: null}
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+"#;
+    let errors = errors_of("manifests/httproute-simple-same-namespace.yaml", extra);
+    assert!(errors.iter().any(|e| e.field.contains("selector")), "{errors:?}");
+}

@@ -98,10 +98,11 @@ pub struct Shared {
     /// Per worker: the config version whose listeners are all bound (0 = not all bound).
     pub ready: Box<[AtomicU64]>,
     /// Connection settings for downstream HTTP/1.1 and HTTP/2 when the protocol is not known
-    /// before the first read (TLS without ALPN, or `--http2-server hyper`).
+    /// before the first read (TLS without ALPN, a client slow to send its first octets) or
+    /// HTTP/2 goes to hyper (`--http2-server hyper`).
     pub http: auto::Builder<TokioExecutor>,
-    /// The same HTTP/1.1 settings, for connections known to be HTTP/1.1: they skip the
-    /// protocol sniffing (and the re-reading of its bytes) of the `auto` builder.
+    /// The same HTTP/1.1 settings, for connections known to be HTTP/1.1 (from their first
+    /// octets, or ALPN `http/1.1`): they skip the `auto` builder's protocol detection.
     pub http1: hyper::server::conn::http1::Builder,
     /// Set on SIGTERM: `/ready` fails while requests in flight finish.
     pub draining: std::sync::atomic::AtomicBool,

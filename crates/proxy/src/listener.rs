@@ -171,24 +171,20 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             // A client that sends nothing is held no longer than a slow HTTP/1.1 head would be.
             let sniff = starts_with_http2_preface(&stream);
             let http2 = match shared.options.request_headers_timeout {
-                Some(limit) => tokio::time::timeout(limit, sniff).await.unwrap_or(false),
+                Some(limit) => tokio::time::timeout(limit, sniff).await.unwrap_or(None),
                 None => sniff.await,
             };
-            if own_http2 && http2 {
+            if own_http2 && http2 == Some(true) {
                 return serve_http2(stream, conn, remote).await;
             }
             let service =
                 service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
             let io = TokioIo::new(DownstreamSocket::new(stream));
-            if http2 {
-                shared.http.serve_connection_with_upgrades(io, service).await
+            if http2 == Some(false) {
+                serve_http1(&shared, io, service).await
             } else {
-                shared
-                    .http1
-                    .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
-                    .map_err(Into::into)
+                // HTTP/2 for hyper's codec, or not yet told: hyper-util looks again.
+                shared.http.serve_connection_with_upgrades(io, service).await
             }
         }
         Some(config) => {
@@ -205,14 +201,17 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
                     if own_http2 && http2 {
                         return serve_http2(tls_stream, conn, remote).await;
                     }
+                    let http1 = tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
                     tls_stream.get_mut().0.set_http2(http2);
                     let service = service_fn(move |req: Request<Incoming>| {
                         service::handle(req.map(DownstreamBody::Hyper), conn.clone())
                     });
-                    shared
-                        .http
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                        .await
+                    let io = TokioIo::new(tls_stream);
+                    if http1 {
+                        serve_http1(&shared, io, service).await
+                    } else {
+                        shared.http.serve_connection_with_upgrades(io, service).await
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -227,26 +226,46 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     }
 }
 
+/// Serves a connection known to speak HTTP/1.1 with hyper's HTTP/1.1 codec directly, without
+/// hyper-util's protocol detection (and the re-reading of the bytes it looked at).
+async fn serve_http1<IO, S>(shared: &Shared, io: IO, service: S) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    shared
+        .http1
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await
+        .map_err(Into::into)
+}
+
 /// Whether a plain-text connection opens with the HTTP/2 preface (h2c with prior knowledge),
-/// looked at without consuming it. Only `PRI ` is needed to tell it from HTTP/1.1 methods.
-async fn starts_with_http2_preface(stream: &TcpStream) -> bool {
+/// looked at without consuming it: `None` when it cannot be told yet (the connection closed,
+/// or the client sent under 4 octets for a while). Only `PRI ` is needed to tell it from
+/// HTTP/1.1 methods.
+async fn starts_with_http2_preface(stream: &TcpStream) -> Option<bool> {
     const DECISIVE: usize = 4;
     let mut first = [0u8; DECISIVE];
     // A first segment shorter than 4 octets is rare: look again shortly, a bounded number of times.
     for _ in 0..50 {
         let n = match stream.peek(&mut first).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(n) => n,
         };
         if first[..n] != http2::frame::PREFACE[..n] {
-            return false;
+            return Some(false);
         }
         if n == DECISIVE {
-            return true;
+            return Some(true);
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    false
+    None
 }
 
 /// Serves a connection with meshgate's HTTP/2 codec.

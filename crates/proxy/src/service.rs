@@ -270,9 +270,6 @@ async fn route_request(
         // The listener was removed by a reload while this connection stayed open.
         return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
     };
-    let listener = &active.snapshot.listeners[li];
-    let runtime = &active.listeners[li];
-    runtime.stats.requests.fetch_add(1, Relaxed);
     if matches!(req.body(), DownstreamBody::Hyper(_)) && request_head_size(&req) > crate::MAX_REQUEST_HEADERS_BYTES {
         // hyper's own bound is its read buffer's, which a head arriving in large reads can
         // pass; Envoy's `max_request_headers_kb` answers 431 and closes the connection.
@@ -281,6 +278,9 @@ async fn route_request(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
+    let listener = &active.snapshot.listeners[li];
+    let runtime = &active.listeners[li];
+    runtime.stats.requests.fetch_add(1, Relaxed);
     let kong_started = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
 
     let authority = request_authority(&req).unwrap_or("");

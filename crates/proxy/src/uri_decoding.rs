@@ -56,7 +56,8 @@ pub fn query_argument_values(query: &str, name: &str) -> Vec<String> {
 }
 
 /// nginx's `$uri` for a request path: percent-decoded, with runs of `/` merged and `.` and
-/// `..` segments resolved (a `..` above the root stays at the root).
+/// `..` segments resolved. nginx refuses a `..` above the root (400); here, for hashing, it
+/// stays at the root.
 pub fn nginx_normalized_path(path: &str) -> String {
     let decoded = decode_path_segment(path);
     let mut segments: Vec<&str> = Vec::new();

@@ -2388,8 +2388,7 @@ fn compile_route(
         let action = RouteAction::Forward(forward(service, route, strip, strip_regex, legacy_concat));
         entries.push(Entry {
             hosts: hosts.clone(),
-            // A plain-text connection has no server name for `snis` to match.
-            plain: !https_only && snis.is_empty(),
+            plain: !https_only,
             tls: protocols.iter().any(|p| p == "https" || p == "grpcs"),
             priority: Priority {
                 match_weight: base_weight,
@@ -2420,7 +2419,8 @@ fn compile_route(
 }
 
 /// A route's `snis`, lower-cased; `None` when they are invalid (reported). Kong allows them
-/// only on routes that take TLS, and matches them exactly.
+/// only on routes that take TLS, checks them on TLS connections only, and matches them
+/// exactly (wildcards are not supported here).
 fn route_snis(
     doc: &Document,
     path: &str,
@@ -2445,7 +2445,11 @@ fn route_snis(
     }
     let mut names = Vec::with_capacity(list.len());
     for (i, sni) in list.iter().enumerate() {
-        let name = sni.as_str().map(str::to_ascii_lowercase).unwrap_or_default();
+        // Kong drops a trailing dot (the root label) before matching.
+        let name = sni
+            .as_str()
+            .map(|n| n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase())
+            .unwrap_or_default();
         let valid = !name.is_empty()
             && name.len() <= 253
             && name

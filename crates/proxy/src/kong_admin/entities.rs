@@ -327,11 +327,20 @@ fn ca_certificate_digest(cert: Option<&Value>) -> Result<String, String> {
     let Some(pem) = cert.and_then(Value::as_str) else {
         return Err("cert: required field missing".to_string());
     };
-    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
+    let mut certs = CertificateDer::pem_slice_iter(pem.as_bytes());
+    let Some(Ok(der)) = certs.next() else {
         return Err("cert: invalid certificate: no PEM certificate".to_string());
     };
+    if certs.next().is_some() {
+        return Err("cert: please submit only one certificate at a time".to_string());
+    }
     let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The id in one entry of a service's `ca_certificates`: a string, or `{id: ..}`.
+fn ca_reference_id(entry: &Value) -> Option<&str> {
+    entry.as_str().or_else(|| entry.get("id").and_then(Value::as_str))
 }
 
 /// Kong's top-level credential endpoints (`/key-auths` and the like): every consumer's
@@ -410,9 +419,30 @@ pub(super) fn credential_list(
                 admin,
             )
         }
-        (_, [key]) => match owned().find(|(_, _, item)| names(item, key, "id")) {
-            Some((pointer, _, _)) => {
-                nested_entity(call, &[key], &format!("{pointer}/{field}"), "id", state, shared, admin)
+        // By id, or by the credential's own key (`key`, `username`, `group`), as in Kong.
+        (_, [key]) => match owned().find(|(_, _, item)| names(item, key, naming)) {
+            Some((_, reference, mut item)) if call.method == Method::GET => {
+                if let Some(map) = item.as_object_mut() {
+                    map.insert("consumer".to_string(), reference);
+                }
+                reply(StatusCode::OK, &item).into()
+            }
+            Some((pointer, _, item)) => {
+                // A credential stays with its consumer here: `consumer` in a change is left out.
+                let mut fields = match parse_body(call.body) {
+                    Ok(f) => f,
+                    Err(e) => return schema_violation(&e).into(),
+                };
+                fields.remove("consumer");
+                let body = Bytes::from(Value::Object(fields).to_string());
+                let call = Call {
+                    method: call.method,
+                    path: call.path,
+                    query: call.query,
+                    body: &body,
+                };
+                let id = item.get("id").and_then(Value::as_str).unwrap_or(key);
+                nested_entity(&call, &[id], &format!("{pointer}/{field}"), "id", state, shared, admin)
             }
             None if call.method == Method::DELETE => no_content().into(),
             None => not_found().into(),
@@ -518,6 +548,31 @@ pub(super) fn entity(
                             .into();
                         }
                     }
+                    // Kong refuses to delete a CA certificate a service still lists.
+                    if collection == "ca_certificates"
+                        && let Some(id) = state
+                            .pointer(&entry.pointer)
+                            .and_then(|c| c.get("id"))
+                            .and_then(Value::as_str)
+                    {
+                        let users: Vec<String> = entries(&state, "services")
+                            .iter()
+                            .filter_map(|e| state.pointer(&e.pointer))
+                            .filter(|s| {
+                                s.get("ca_certificates")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|ids| ids.iter().any(|i| ca_reference_id(i) == Some(id)))
+                            })
+                            .map(|s| s.get("id").and_then(Value::as_str).unwrap_or("?").to_string())
+                            .collect();
+                        if !users.is_empty() {
+                            return schema_violation(&format!(
+                                "ca certificate {id} is still referenced by services (id = {})",
+                                users.join(", ")
+                            ))
+                            .into();
+                        }
+                    }
                     remove(&mut state, &entry.pointer);
                     commit(shared, admin, state, StatusCode::NO_CONTENT, &Value::Null)
                 }
@@ -532,6 +587,24 @@ pub(super) fn entity(
                         && let Err(e) = expand_url(&mut fields)
                     {
                         return schema_violation(&e).into();
+                    }
+                    // The server sets the digest; a new certificate gets its own, which must
+                    // stay unique.
+                    if collection == "ca_certificates" {
+                        fields.remove("cert_digest");
+                    }
+                    if collection == "ca_certificates" && fields.contains_key("cert") {
+                        match ca_certificate_digest(fields.get("cert")) {
+                            Ok(digest) => {
+                                if let Some(other) = find_entry(&state, collection, &digest, "cert_digest")
+                                    && other.pointer != entry.pointer
+                                {
+                                    return conflict("cert_digest", &digest).into();
+                                }
+                                fields.insert("cert_digest".to_string(), json!(digest));
+                            }
+                            Err(e) => return schema_violation(&e).into(),
+                        }
                     }
                     let Some(target) = state.pointer_mut(&entry.pointer) else {
                         return not_found().into();
@@ -579,6 +652,12 @@ pub(super) fn entity(
                     };
                     if let Err(e) = prepare_new(collection, &mut fields) {
                         return schema_violation(&e).into();
+                    }
+                    if let Some(digest) = fields.get("cert_digest").and_then(Value::as_str)
+                        && let Some(other) = find_entry(&state, collection, digest, "cert_digest")
+                        && other.pointer != pointer
+                    {
+                        return conflict("cert_digest", digest).into();
                     }
                     fields.insert("updated_at".to_string(), json!(now_secs()));
                     if let Some(target) = state.pointer_mut(&pointer) {
