@@ -1997,7 +1997,6 @@ fn kong_active_health_check(
     value: &Value,
     diag: &mut Diag,
 ) -> Option<crate::snapshot::HealthCheck> {
-    let number = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(0.0);
     let active = value.get("active")?;
     let kind = active.get("type").and_then(Value::as_str).unwrap_or("http");
     if kind != "http" && kind != "https" {
@@ -2008,8 +2007,64 @@ fn kong_active_health_check(
         );
         return None;
     }
-    let healthy_interval = number(active.pointer("/healthy/interval"));
-    let unhealthy_interval = number(active.pointer("/unhealthy/interval"));
+    // Kong's limits: seconds are numbers 0..65535, counters integers 0..255. Anything else
+    // (a string, -1, 1e308) is an error naming the field, as Kong's schema rejects it; an
+    // out-of-range interval would otherwise be a Duration that cannot exist.
+    let number = |pointer: &str, default: f64, diag: &mut Diag| -> Option<f64> {
+        let (max, integer) = if pointer.ends_with("interval") || pointer.ends_with("timeout") {
+            (65_535.0, false)
+        } else {
+            (255.0, true)
+        };
+        match active.pointer(pointer) {
+            None | Some(Value::Null) => Some(default),
+            Some(v) => {
+                let n = v
+                    .as_f64()
+                    .filter(|n| (0.0..=max).contains(n) && (!integer || n.fract() == 0.0));
+                if n.is_none() {
+                    diag.error(
+                        doc,
+                        format!("{path}.active{}", pointer.replace('/', ".")),
+                        if integer {
+                            "must be an integer 0..255"
+                        } else {
+                            "must be a number of seconds 0..65535"
+                        },
+                    );
+                }
+                n
+            }
+        }
+    };
+    let healthy_interval = number("/healthy/interval", 0.0, diag);
+    let unhealthy_interval = number("/unhealthy/interval", 0.0, diag);
+    // Kong's default probe timeout: 1 s.
+    let timeout = number("/timeout", 1.0, diag);
+    let successes = number("/healthy/successes", 0.0, diag);
+    let http_failures = number("/unhealthy/http_failures", 0.0, diag);
+    let tcp_failures = number("/unhealthy/tcp_failures", 0.0, diag);
+    let timeouts = number("/unhealthy/timeouts", 0.0, diag);
+    let (
+        Some(healthy_interval),
+        Some(unhealthy_interval),
+        Some(timeout),
+        Some(successes),
+        Some(http_failures),
+        Some(tcp_failures),
+        Some(timeouts),
+    ) = (
+        healthy_interval,
+        unhealthy_interval,
+        timeout,
+        successes,
+        http_failures,
+        tcp_failures,
+        timeouts,
+    )
+    else {
+        return None;
+    };
     let interval = if healthy_interval > 0.0 {
         healthy_interval
     } else {
@@ -2027,13 +2082,7 @@ fn kong_active_health_check(
                 .collect()
         })
         .unwrap_or_else(|| vec![200, 302]);
-    let failures = [
-        number(active.pointer("/unhealthy/http_failures")),
-        number(active.pointer("/unhealthy/tcp_failures")),
-        number(active.pointer("/unhealthy/timeouts")),
-    ]
-    .into_iter()
-    .fold(0.0f64, f64::max);
+    let failures = http_failures.max(tcp_failures).max(timeouts);
     Some(crate::snapshot::HealthCheck {
         // `https` probes go over the service's TLS; `http` ones in plain text, even to an
         // `https` service, as in Kong.
@@ -2044,15 +2093,8 @@ fn kong_active_health_check(
             .unwrap_or("/")
             .to_string(),
         interval: Duration::from_secs_f64(interval),
-        // Kong's default probe timeout: 1 s.
-        timeout: Duration::from_secs_f64(
-            active
-                .get("timeout")
-                .and_then(Value::as_f64)
-                .unwrap_or(1.0)
-                .clamp(0.001, 3600.0),
-        ),
-        healthy_threshold: (number(active.pointer("/healthy/successes")) as u32).max(1),
+        timeout: Duration::from_secs_f64(timeout.clamp(0.001, 3600.0)),
+        healthy_threshold: (successes as u32).max(1),
         unhealthy_threshold: (failures as u32).max(1),
         healthy_statuses: statuses,
     })
