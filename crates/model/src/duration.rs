@@ -93,7 +93,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
             if scale == 0 {
                 break;
             }
-            nanos += u128::from(d - b'0') * scale;
+            nanos = nanos
+                .checked_add(u128::from(d - b'0') * scale)
+                .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)
@@ -139,6 +141,12 @@ mod tests {
         assert!(parse("10").unwrap_err().contains("missing unit"));
         assert!(parse("10x").unwrap_err().contains("unknown unit"));
         assert!(parse("99999999999999999999999999999999999999999h").is_err());
+        // The whole seconds fit in u128 nanoseconds, the fraction on top does not.
+        assert!(
+            parse("340282366920938463463374607431.9s")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 }
 

@@ -847,3 +847,22 @@ services:
         }
     }
 }
+
+/// A duration whose whole seconds fit in u128 nanoseconds but whose fraction does not
+/// overflowed in the fraction's addition.
+#[test]
+fn duration_overflowing_in_its_fraction_is_an_error() {
+    let findings = errors(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    timeout: 340282366920938463463374607431.9s
+"#,
+    );
+    assert_error(&findings, "spec.http[0].timeout", "too large");
+}
