@@ -866,3 +866,31 @@ spec:
     );
     assert_error(&findings, "spec.http[0].timeout", "too large");
 }
+
+/// An HTTPRoute rule's backendRef weights (each at most 1000000) were summed into a u32.
+#[test]
+fn gateway_api_weights_summing_past_u32_are_an_error() {
+    let mut yaml = format!(
+        "{GATEWAY_CLASS}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  gatewayClassName: {CLASS}
+  listeners: [{{name: http, port: 8080, protocol: HTTP}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: heavy}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules:
+  - backendRefs:
+"
+    );
+    for _ in 0..4295 {
+        yaml.push_str("    - {name: app, port: 80, weight: 1000000}\n");
+    }
+    let findings = errors(&yaml);
+    assert_error(&findings, "spec.rules[0].backendRefs", "the weights sum to 4295000000");
+}

@@ -863,10 +863,21 @@ fn forward(
             response_headers: filters.response_headers,
         });
     }
+    // Each weight is at most 1000000, but their sum must fit the u32 the data plane draws
+    // from (the API's 16-backendRefs limit is not checked; 4295 of them would overflow it).
+    let sum: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+    let total_weight = u32::try_from(sum).unwrap_or_else(|_| {
+        ctx.diag.error(
+            doc,
+            at(path, "backendRefs"),
+            format!("the weights sum to {sum}, above {}", u32::MAX),
+        );
+        ok = false;
+        0
+    });
     if !ok {
         return None;
     }
-    let total_weight: u32 = destinations.iter().map(|d| d.weight).sum();
     // No backends, all weights zero, or only invalid backends: every request gets 500.
     if destinations.iter().all(|d| d.invalid || d.weight == 0) {
         return Some(status_500());
