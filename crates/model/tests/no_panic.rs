@@ -848,6 +848,42 @@ services:
     }
 }
 
+/// Kong's schema for `healthchecks.active`: `type` is a string and `healthy.http_statuses`
+/// are statuses 100..999; anything else is an error, not silently dropped or defaulted.
+#[test]
+fn kong_active_health_check_type_and_statuses_are_checked() {
+    for (active, field) in [
+        (
+            "{type: 7, healthy: {interval: 1}}",
+            "upstreams[0].healthchecks.active.type",
+        ),
+        (
+            "{healthy: {interval: 1, http_statuses: [200, 42]}}",
+            "upstreams[0].healthchecks.active.healthy.http_statuses[1]",
+        ),
+        (
+            "{healthy: {interval: 1, http_statuses: 200}}",
+            "upstreams[0].healthchecks.active.healthy.http_statuses",
+        ),
+    ] {
+        let yaml = format!(
+            r#"_format_version: "3.0"
+upstreams:
+- name: orders-upstream
+  targets: [{{target: 10.0.0.11:8080}}]
+  healthchecks:
+    active: {active}
+services:
+- name: orders
+  host: orders-upstream
+  routes: [{{name: orders, paths: [/orders]}}]
+"#
+        );
+        let findings = errors(&yaml);
+        assert!(findings.iter().any(|f| f.field == field), "{field}: {findings:?}");
+    }
+}
+
 /// A duration whose whole seconds fit in u128 nanoseconds but whose fraction does not
 /// overflowed in the fraction's addition.
 #[test]

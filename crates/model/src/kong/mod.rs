@@ -1998,7 +1998,14 @@ fn kong_active_health_check(
     diag: &mut Diag,
 ) -> Option<crate::snapshot::HealthCheck> {
     let active = value.get("active")?;
-    let kind = active.get("type").and_then(Value::as_str).unwrap_or("http");
+    let kind = match active.get("type") {
+        None | Some(Value::Null) => "http",
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            diag.error(doc, at(path, "active.type"), "expected a string");
+            return None;
+        }
+    };
     if kind != "http" && kind != "https" {
         diag.warn(
             doc,
@@ -2073,15 +2080,35 @@ fn kong_active_health_check(
     if interval <= 0.0 {
         return None;
     }
-    let statuses: Vec<u16> = active
-        .pointer("/healthy/http_statuses")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_u64().and_then(|n| u16::try_from(n).ok()))
-                .collect()
-        })
-        .unwrap_or_else(|| vec![200, 302]);
+    // Kong's schema: HTTP statuses 100..999; anything else is an error, not left out.
+    let statuses: Vec<u16> = match active.pointer("/healthy/http_statuses") {
+        None | Some(Value::Null) => vec![200, 302],
+        Some(Value::Array(list)) => {
+            let mut statuses = Vec::with_capacity(list.len());
+            for (i, v) in list.iter().enumerate() {
+                match v.as_u64().filter(|n| (100..=999).contains(n)) {
+                    Some(n) => statuses.push(n as u16),
+                    None => {
+                        diag.error(
+                            doc,
+                            format!("{path}.active.healthy.http_statuses[{i}]"),
+                            "must be an HTTP status 100..999",
+                        );
+                        return None;
+                    }
+                }
+            }
+            statuses
+        }
+        Some(_) => {
+            diag.error(
+                doc,
+                at(path, "active.healthy.http_statuses"),
+                "expected a list of HTTP statuses",
+            );
+            return None;
+        }
+    };
     let failures = http_failures.max(tcp_failures).max(timeouts);
     Some(crate::snapshot::HealthCheck {
         // `https` probes go over the service's TLS; `http` ones in plain text, even to an
