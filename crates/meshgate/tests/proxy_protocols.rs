@@ -292,3 +292,65 @@ async fn one_gib_streams_up_and_down_with_flat_memory() {
     let peak = peak_rss_kib(proxy.child.id());
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB after moving 2 GiB");
 }
+
+/// Whether a TLS handshake offering only `version` succeeds against `port`.
+async fn handshake_with(
+    port: u16,
+    sni: &str,
+    trusted: &[u8],
+    version: &'static rustls::SupportedProtocolVersion,
+) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(trusted.to_vec()))
+        .expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[version])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
+/// Istio `minProtocolVersion` / `maxProtocolVersion` on an HTTPS server: a client offering
+/// only a version outside them fails its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_servers_offer_the_tls_versions_they_name() {
+    let dir = scratch_dir("tls-versions");
+    let (crt, key, der) = tls_files(&dir, "a.test");
+    let (only13, only12, both) = (free_port(), free_port(), free_port());
+    let server = |port: u16, versions: &str| {
+        format!(
+            "  - port: {{number: {port}, name: https-{port}, protocol: HTTPS}}\n    hosts: [\"a.test\"]\n    tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}{versions}}}\n",
+            crt.display(),
+            key.display()
+        )
+    };
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{}{}{}",
+        server(only13, ", minProtocolVersion: TLSV1_3"),
+        server(only12, ", maxProtocolVersion: TLSV1_2"),
+        server(both, ", minProtocolVersion: TLSV1_2, maxProtocolVersion: TLS_AUTO"),
+    );
+    let _proxy = Proxy::start(&yaml);
+    use rustls::version::{TLS12, TLS13};
+    for (port, v12, v13) in [(only13, false, true), (only12, true, false), (both, true, true)] {
+        assert_eq!(
+            handshake_with(port, "a.test", &der, &TLS12).await,
+            v12,
+            "TLS 1.2 on {port}"
+        );
+        assert_eq!(
+            handshake_with(port, "a.test", &der, &TLS13).await,
+            v13,
+            "TLS 1.3 on {port}"
+        );
+    }
+}

@@ -68,6 +68,19 @@ pub struct ListenerTls {
     pub certificates: Vec<TlsCertificate>,
     /// ALPN protocols offered, most preferred first (`h2`, `http/1.1`).
     pub alpn: Vec<String>,
+    /// The TLS versions offered.
+    pub versions: TlsVersions,
+}
+
+/// The TLS versions a listener offers (Istio `minProtocolVersion` / `maxProtocolVersion`;
+/// TLS 1.0 and 1.1 are not offered at all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum TlsVersions {
+    /// TLS 1.2 and 1.3, Envoy's defaults for a server.
+    #[default]
+    Tls12And13,
+    Tls12Only,
+    Tls13Only,
 }
 
 /// A certificate chain and key, already read from disk and validated as PEM.

@@ -1140,3 +1140,45 @@ spec:
         w.message
     );
 }
+
+#[test]
+fn tls_protocol_versions_are_checked() {
+    let gateway = |tls: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: https, protocol: HTTPS}}
+    hosts: ["*"]
+    tls: {{mode: SIMPLE, serverCertificate: /nonexistent.crt, privateKey: /nonexistent.key, {tls}}}
+"#
+        )
+    };
+    for (tls, field, message) in [
+        (
+            "minProtocolVersion: TLSV1_3, maxProtocolVersion: TLSV1_2",
+            "spec.servers[0].tls.minProtocolVersion",
+            "above maxProtocolVersion",
+        ),
+        (
+            "maxProtocolVersion: TLSV1_1",
+            "spec.servers[0].tls.maxProtocolVersion",
+            "leaves no version",
+        ),
+        (
+            "minProtocolVersion: SSLV3",
+            "spec.servers[0].tls.minProtocolVersion",
+            "unknown TLS version",
+        ),
+    ] {
+        let found = errors(&gateway(tls));
+        assert!(
+            found.iter().any(|f| f.field == field && f.message.contains(message)),
+            "{tls}: {found:?}"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use meshgate_model::snapshot::{ListenerTls, TlsCertificate, UpstreamTls};
+use meshgate_model::snapshot::{ListenerTls, TlsCertificate, TlsVersions, UpstreamTls};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -29,8 +29,13 @@ pub fn server_config(tls: &ListenerTls, listener: &str) -> Result<Arc<rustls::Se
     if certs.is_empty() {
         return Err(format!("listener {listener}: TLS without certificates"));
     }
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.versions {
+        TlsVersions::Tls12And13 => rustls::DEFAULT_VERSIONS,
+        TlsVersions::Tls12Only => &[&rustls::version::TLS12],
+        TlsVersions::Tls13Only => &[&rustls::version::TLS13],
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| format!("listener {listener}: {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs }));

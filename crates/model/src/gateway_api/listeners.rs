@@ -764,6 +764,7 @@ fn build_group(
         ListenerTls {
             certificates,
             alpn: vec!["h2".to_string(), "http/1.1".to_string()],
+            versions: Default::default(),
         }
     });
     Some(Listener {

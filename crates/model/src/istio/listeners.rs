@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use super::registry::{Registry, is_short};
 use super::routes::{CompiledVs, GatewayRef};
-use super::types::{GatewaySpec, Server};
+use super::types::{GatewaySpec, Server, ServerTls};
 use super::{Diag, Res, Resources, at};
 use crate::CompileOptions;
 use crate::diag::resource_name;
 use crate::snapshot::{
     Forward, HeaderOps, Listener, ListenerFlavor, ListenerTls, RetryPolicy, Route, RouteAction, RouteTable, Snapshot,
-    TlsCertificate, VirtualHost, WeightedDestination,
+    TlsCertificate, TlsVersions, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -26,6 +26,8 @@ struct ServerInfo<'a> {
     port: u16,
     certificate: Option<TlsCertificate>,
     https_redirect: bool,
+    /// `tls.minProtocolVersion` / `maxProtocolVersion` of an HTTPS server.
+    tls_versions: TlsVersions,
 }
 
 /// Warns about VirtualServices bound to the mesh that name a host an earlier one already
@@ -87,6 +89,20 @@ pub(crate) fn build(
                         );
                         continue;
                     }
+                    // One TLS configuration per port: its servers must offer the same versions.
+                    if info.certificate.is_some() && list[0].tls_versions != info.tls_versions {
+                        diag.error(
+                            info.doc,
+                            at(&info.path, "tls.minProtocolVersion"),
+                            format!(
+                                "servers on port {} must offer the same TLS versions (see {} {}); per-server versions are not supported yet",
+                                info.port,
+                                super::resource_name(list[0].doc),
+                                list[0].path
+                            ),
+                        );
+                        continue;
+                    }
                     list.push(info);
                 }
                 None => ports.push((info.port, vec![info])),
@@ -97,10 +113,12 @@ pub(crate) fn build(
         let mut table = RouteTable::default();
         bind(&servers, vss, port, &mut table);
         table.index();
+        let versions = servers.first().map(|s| s.tls_versions).unwrap_or_default();
         let certificates: Vec<TlsCertificate> = servers.into_iter().filter_map(|s| s.certificate).collect();
         let tls = (!certificates.is_empty()).then(|| ListenerTls {
             certificates,
             alpn: vec!["h2".to_string(), "http/1.1".to_string()],
+            versions,
         });
         snapshot.listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
@@ -161,6 +179,7 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
     let tls_path = at(&path, "tls");
     let mut https_redirect = false;
     let mut certificate = None;
+    let mut tls_versions = TlsVersions::default();
     if is_tls {
         let Some(tls) = &server.tls else {
             diag.error(doc, tls_path, "HTTPS servers need tls settings");
@@ -184,6 +203,7 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
             );
             return None;
         }
+        tls_versions = protocol_versions(doc, &tls_path, tls, diag)?;
         let base = doc.file.parent().unwrap_or(Path::new("."));
         let cert = read_pem(
             doc,
@@ -244,7 +264,62 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
         port: server.port.number,
         certificate,
         https_redirect,
+        tls_versions,
     })
+}
+
+/// The TLS versions an HTTPS server's `minProtocolVersion` and `maxProtocolVersion` leave.
+/// meshgate's TLS (rustls) offers 1.2 and 1.3 only: a minimum below 1.2 means 1.2 (warning),
+/// and a maximum below 1.2 leaves nothing (error). `None` when reported as an error.
+fn protocol_versions(doc: &Document, tls_path: &str, tls: &ServerTls, diag: &mut Diag) -> Option<TlsVersions> {
+    // Istio's names, as ordinals: 0 for TLS_AUTO (Envoy's default: 1.2 up to 1.3).
+    let version = |field: &str, value: &Option<serde_json::Value>, diag: &mut Diag| -> Option<u8> {
+        let Some(value) = value.as_ref().filter(|v| !v.is_null()) else {
+            return Some(0);
+        };
+        match value.as_str() {
+            Some("TLS_AUTO") => Some(0),
+            Some("TLSV1_0") => Some(10),
+            Some("TLSV1_1") => Some(11),
+            Some("TLSV1_2") => Some(12),
+            Some("TLSV1_3") => Some(13),
+            _ => {
+                diag.error(
+                    doc,
+                    at(tls_path, field),
+                    format!("unknown TLS version {value} (TLS_AUTO, TLSV1_0, TLSV1_1, TLSV1_2, TLSV1_3)"),
+                );
+                None
+            }
+        }
+    };
+    let min = version("minProtocolVersion", &tls.min_protocol_version, diag);
+    let max = version("maxProtocolVersion", &tls.max_protocol_version, diag);
+    let (min, max) = (min?, max?);
+    if min == 10 || min == 11 {
+        diag.warn(
+            doc,
+            at(tls_path, "minProtocolVersion"),
+            "TLS 1.0 and 1.1 are not offered (meshgate's TLS has 1.2 and 1.3 only): the minimum is TLS 1.2",
+        );
+    }
+    if max == 10 || max == 11 {
+        diag.error(
+            doc,
+            at(tls_path, "maxProtocolVersion"),
+            "TLS 1.0 and 1.1 are not offered (meshgate's TLS has 1.2 and 1.3 only), so this maximum leaves no version",
+        );
+        return None;
+    }
+    match (min == 13, max == 12) {
+        (true, true) => {
+            diag.error(doc, at(tls_path, "minProtocolVersion"), "is above maxProtocolVersion");
+            None
+        }
+        (true, false) => Some(TlsVersions::Tls13Only),
+        (false, true) => Some(TlsVersions::Tls12Only),
+        (false, false) => Some(TlsVersions::Tls12And13),
+    }
 }
 
 /// Reads a PEM file named by `tls.<field>`; relative paths are relative to the YAML file.

@@ -20,8 +20,6 @@ const GATEWAY: &[&str] = &[
     "servers[].tls.subjectAltNames",
     "servers[].tls.verifyCertificateSpki",
     "servers[].tls.verifyCertificateHash",
-    "servers[].tls.minProtocolVersion",
-    "servers[].tls.maxProtocolVersion",
     "servers[].tls.cipherSuites",
 ];
 

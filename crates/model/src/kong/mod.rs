@@ -174,6 +174,7 @@ pub(crate) fn build(
             tls: Some(ListenerTls {
                 certificates: certificates.clone(),
                 alpn: vec!["h2".to_string(), "http/1.1".to_string()],
+                versions: Default::default(),
             }),
             routes: route_table(&entries, port, true),
             flavor: ListenerFlavor::Kong,
