@@ -354,3 +354,101 @@ async fn https_servers_offer_the_tls_versions_they_name() {
         );
     }
 }
+
+/// A CA and a client certificate it signed, as PEM (CA certificate, client chain, client key).
+fn client_pki(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("key")).expect("ca");
+    let ca_path = dir.join(format!("{name}-ca.crt"));
+    std::fs::write(&ca_path, ca.pem()).expect("write ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let client = rcgen::CertificateParams::new(vec![format!("{name}.client.test")])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    (ca_path, client.pem(), key.serialize_pem())
+}
+
+/// Sends one request over TLS, with `client` (certificate chain and key PEM) if given; the
+/// status, or `None` when the handshake or the exchange failed.
+async fn mtls_status(port: u16, server_der: &[u8], client: Option<(&str, &str)>) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(server_der.to_vec()))
+        .expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => {
+            use rustls_pki_types::pem::PemObject;
+            let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+                .map(|c| c.expect("cert"))
+                .collect();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client auth")
+        }
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let name = rustls_pki_types::ServerName::try_from("a.test").expect("server name");
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let (status, _, _) = parse_response(&buf);
+    (status != 0).then_some(status)
+}
+
+/// Istio `tls.mode: MUTUAL` asks for a client certificate that chains to `caCertificates` and
+/// refuses clients without one; `OPTIONAL_MUTUAL` lets those in, but still refuses a
+/// certificate from another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_servers_verify_client_certificates() {
+    let echo = Echo::start("mtls-echo");
+    let dir = scratch_dir("tls-mutual");
+    let (crt, key, der) = tls_files(&dir, "a.test");
+    let (ca, client_chain, client_key) = client_pki(&dir, "trusted");
+    let (_, stranger_chain, stranger_key) = client_pki(&dir, "stranger");
+    let (mutual, optional) = (free_port(), free_port());
+    let server = |port: u16, mode: &str| {
+        format!(
+            "  - port: {{number: {port}, name: https-{port}, protocol: HTTPS}}\n    hosts: [\"a.test\"]\n    tls: {{mode: {mode}, serverCertificate: {}, privateKey: {}, caCertificates: {}}}\n",
+            crt.display(),
+            key.display(),
+            ca.display()
+        )
+    };
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{}{}---\n{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs}}\nspec:\n  hosts: [\"a.test\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: echo.test}}}}]\n",
+        server(mutual, "MUTUAL"),
+        server(optional, "OPTIONAL_MUTUAL"),
+        service_entry("echo", "echo.test", &[(echo.port(), "v1")]),
+    );
+    let _proxy = Proxy::start(&yaml);
+    let trusted = Some((client_chain.as_str(), client_key.as_str()));
+    let stranger = Some((stranger_chain.as_str(), stranger_key.as_str()));
+    assert_eq!(mtls_status(mutual, &der, trusted).await, Some(200));
+    assert_eq!(mtls_status(mutual, &der, None).await, None, "no client certificate");
+    assert_eq!(
+        mtls_status(mutual, &der, stranger).await,
+        None,
+        "another CA's certificate"
+    );
+    assert_eq!(mtls_status(optional, &der, None).await, Some(200));
+    assert_eq!(mtls_status(optional, &der, trusted).await, Some(200));
+    assert_eq!(
+        mtls_status(optional, &der, stranger).await,
+        None,
+        "another CA's certificate"
+    );
+}

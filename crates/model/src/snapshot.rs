@@ -70,6 +70,18 @@ pub struct ListenerTls {
     pub alpn: Vec<String>,
     /// The TLS versions offered.
     pub versions: TlsVersions,
+    /// Istio `MUTUAL` / `OPTIONAL_MUTUAL`: client certificates are verified against these CAs.
+    pub client_certificates: Option<ClientCertificates>,
+}
+
+/// Client certificate verification on a TLS listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientCertificates {
+    /// The CAs a client certificate must chain to (`caCertificates`).
+    pub ca: PemFile,
+    /// `MUTUAL`: a client without a certificate is refused; `OPTIONAL_MUTUAL`: let in, while a
+    /// certificate it presents must still verify.
+    pub required: bool,
 }
 
 /// The TLS versions a listener offers (Istio `minProtocolVersion` / `maxProtocolVersion`;

@@ -1182,3 +1182,26 @@ spec:
         );
     }
 }
+
+#[test]
+fn mutual_tls_needs_ca_certificates() {
+    let found = errors(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: MUTUAL, serverCertificate: /nonexistent.crt, privateKey: /nonexistent.key}
+"#,
+    );
+    assert!(
+        found
+            .iter()
+            .any(|f| f.field == "spec.servers[0].tls.caCertificates" && f.message.contains("required")),
+        "{found:?}"
+    );
+}

@@ -34,11 +34,27 @@ pub fn server_config(tls: &ListenerTls, listener: &str) -> Result<Arc<rustls::Se
         TlsVersions::Tls12Only => &[&rustls::version::TLS12],
         TlsVersions::Tls13Only => &[&rustls::version::TLS13],
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|e| format!("listener {listener}: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { certs }));
+        .map_err(|e| format!("listener {listener}: {e}"))?;
+    let builder = match &tls.client_certificates {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let roots = root_store(&client.ca.pem)
+                .map_err(|e| format!("listener {listener}: caCertificates {}: {e}", client.ca.path.display()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let verifier = if client.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("listener {listener}: caCertificates {}: {e}", client.ca.path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver { certs }));
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(config))
 }

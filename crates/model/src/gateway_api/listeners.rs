@@ -765,6 +765,7 @@ fn build_group(
             certificates,
             alpn: vec!["h2".to_string(), "http/1.1".to_string()],
             versions: Default::default(),
+            client_certificates: None,
         }
     });
     Some(Listener {

@@ -11,8 +11,8 @@ use super::{Diag, Res, Resources, at};
 use crate::CompileOptions;
 use crate::diag::resource_name;
 use crate::snapshot::{
-    Forward, HeaderOps, Listener, ListenerFlavor, ListenerTls, RetryPolicy, Route, RouteAction, RouteTable, Snapshot,
-    TlsCertificate, TlsVersions, VirtualHost, WeightedDestination,
+    ClientCertificates, Forward, HeaderOps, Listener, ListenerFlavor, ListenerTls, PemFile, RetryPolicy, Route,
+    RouteAction, RouteTable, Snapshot, TlsCertificate, TlsVersions, VirtualHost, WeightedDestination,
 };
 use crate::source::Document;
 
@@ -28,6 +28,8 @@ struct ServerInfo<'a> {
     https_redirect: bool,
     /// `tls.minProtocolVersion` / `maxProtocolVersion` of an HTTPS server.
     tls_versions: TlsVersions,
+    /// `MUTUAL` / `OPTIONAL_MUTUAL`: the CAs client certificates are verified against.
+    client_certificates: Option<ClientCertificates>,
 }
 
 /// Warns about VirtualServices bound to the mesh that name a host an earlier one already
@@ -89,7 +91,26 @@ pub(crate) fn build(
                         );
                         continue;
                     }
-                    // One TLS configuration per port: its servers must offer the same versions.
+                    // One TLS configuration per port: its servers must offer the same versions
+                    // and ask for client certificates alike.
+                    let same_client_auth = match (&list[0].client_certificates, &info.client_certificates) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a.required == b.required && a.ca.pem == b.ca.pem,
+                        _ => false,
+                    };
+                    if info.certificate.is_some() && !same_client_auth {
+                        diag.error(
+                            info.doc,
+                            at(&info.path, "tls.mode"),
+                            format!(
+                                "servers on port {} must ask for client certificates alike (tls mode and caCertificates; see {} {}); per-server client verification is not supported yet",
+                                info.port,
+                                super::resource_name(list[0].doc),
+                                list[0].path
+                            ),
+                        );
+                        continue;
+                    }
                     if info.certificate.is_some() && list[0].tls_versions != info.tls_versions {
                         diag.error(
                             info.doc,
@@ -114,11 +135,13 @@ pub(crate) fn build(
         bind(&servers, vss, port, &mut table);
         table.index();
         let versions = servers.first().map(|s| s.tls_versions).unwrap_or_default();
+        let client_certificates = servers.first().and_then(|s| s.client_certificates.clone());
         let certificates: Vec<TlsCertificate> = servers.into_iter().filter_map(|s| s.certificate).collect();
         let tls = (!certificates.is_empty()).then(|| ListenerTls {
             certificates,
             alpn: vec!["h2".to_string(), "http/1.1".to_string()],
             versions,
+            client_certificates,
         });
         snapshot.listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
@@ -180,6 +203,7 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
     let mut https_redirect = false;
     let mut certificate = None;
     let mut tls_versions = TlsVersions::default();
+    let mut client_certificates = None;
     if is_tls {
         let Some(tls) = &server.tls else {
             diag.error(doc, tls_path, "HTTPS servers need tls settings");
@@ -195,13 +219,30 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
         }
         // Istio's TLSmode enum defaults to PASSTHROUGH.
         let mode = tls.mode.as_deref().unwrap_or("PASSTHROUGH");
-        if mode != "SIMPLE" {
+        if !matches!(mode, "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") {
             diag.error(
                 doc,
                 at(&tls_path, "mode"),
-                format!("tls mode {mode} is not supported yet (only SIMPLE)"),
+                format!("tls mode {mode} is not supported yet (SIMPLE, MUTUAL, OPTIONAL_MUTUAL)"),
             );
             return None;
+        }
+        let ca_path = tls.ca_certificates.as_ref().and_then(serde_json::Value::as_str);
+        if mode == "SIMPLE" {
+            if tls.ca_certificates.is_some() {
+                diag.warn(
+                    doc,
+                    at(&tls_path, "caCertificates"),
+                    "has no effect with tls mode SIMPLE (client certificates are asked for with MUTUAL)",
+                );
+            }
+        } else {
+            let base = doc.file.parent().unwrap_or(Path::new("."));
+            let (path, pem) = read_pem(doc, &tls_path, "caCertificates", ca_path, base, diag)?;
+            client_certificates = Some(ClientCertificates {
+                ca: PemFile { path, pem },
+                required: mode == "MUTUAL",
+            });
         }
         tls_versions = protocol_versions(doc, &tls_path, tls, diag)?;
         let base = doc.file.parent().unwrap_or(Path::new("."));
@@ -265,6 +306,7 @@ fn server_info<'a>(gw: &Res<'a, GatewaySpec>, j: usize, server: &Server, diag: &
         certificate,
         https_redirect,
         tls_versions,
+        client_certificates,
     })
 }
 
@@ -333,7 +375,7 @@ fn read_pem(
 ) -> Option<(PathBuf, Vec<u8>)> {
     let field_path = at(tls_path, field);
     let Some(value) = value.filter(|v| !v.is_empty()) else {
-        diag.error(doc, field_path, format!("{field} is required with tls mode SIMPLE"));
+        diag.error(doc, field_path, format!("{field} is required with this tls mode"));
         return None;
     };
     let path = base.join(value);

@@ -15,7 +15,6 @@ const VIRTUAL_SERVICE: &[&str] = &["exportTo", "tcp", "tls", "http[].delegate", 
 const GATEWAY: &[&str] = &[
     "servers[].bind",
     "servers[].defaultEndpoint",
-    "servers[].tls.caCertificates",
     "servers[].tls.caCrl",
     "servers[].tls.subjectAltNames",
     "servers[].tls.verifyCertificateSpki",

@@ -175,6 +175,7 @@ pub(crate) fn build(
                 certificates: certificates.clone(),
                 alpn: vec!["h2".to_string(), "http/1.1".to_string()],
                 versions: Default::default(),
+                client_certificates: None,
             }),
             routes: route_table(&entries, port, true),
             flavor: ListenerFlavor::Kong,
