@@ -374,6 +374,12 @@ fn client_pki(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String,
 /// Sends one request over TLS, with `client` (certificate chain and key PEM) if given; the
 /// status, or `None` when the handshake or the exchange failed.
 async fn mtls_status(port: u16, server_der: &[u8], client: Option<(&str, &str)>) -> Option<u16> {
+    mtls_exchange(port, server_der, client).await.map(|(status, _)| status)
+}
+
+/// As [`mtls_status`], with the response body; the request carries a forged
+/// `x-forwarded-client-cert`.
+async fn mtls_exchange(port: u16, server_der: &[u8], client: Option<(&str, &str)>) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -400,13 +406,13 @@ async fn mtls_status(port: u16, server_der: &[u8], client: Option<(&str, &str)>)
         .connect(name, tcp)
         .await
         .ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Client-Cert: Hash=forged\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.ok()?;
-    let (status, _, _) = parse_response(&buf);
-    (status != 0).then_some(status)
+    let (status, _, body) = parse_response(&buf);
+    (status != 0).then_some((status, body))
 }
 
 /// Istio `tls.mode: MUTUAL` asks for a client certificate that chains to `caCertificates` and
@@ -451,4 +457,24 @@ async fn mutual_tls_servers_verify_client_certificates() {
         None,
         "another CA's certificate"
     );
+
+    // Envoy's SANITIZE_SET: the client's own x-forwarded-client-cert never reaches the
+    // upstream; a verified certificate is named by its SHA-256.
+    let forwarded = |body: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(body).expect("json")["headers"]["x-forwarded-client-cert"].clone()
+    };
+    let (_, body) = mtls_exchange(optional, &der, None).await.expect("exchange");
+    assert_eq!(forwarded(&body), serde_json::Value::Null, "{body}");
+    let (_, body) = mtls_exchange(mutual, &der, trusted).await.expect("exchange");
+    use rustls_pki_types::pem::PemObject;
+    let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(client_chain.as_bytes())
+        .next()
+        .expect("leaf")
+        .expect("der");
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(forwarded(&body), serde_json::json!(format!("Hash={hash}")), "{body}");
 }

@@ -152,7 +152,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
     let _open = OpenConnection(stats);
 
     let edge = shared.options.compile.mesh_port != Some(listener.port());
-    let connection = |sni: Option<Box<str>>| {
+    let connection = |sni: Option<Box<str>>, client_cert: Option<http::HeaderValue>| {
         Arc::new(Connection {
             shared: shared.clone(),
             listener,
@@ -162,12 +162,13 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             tls: tls.is_some(),
             sni,
             edge,
+            client_cert,
         })
     };
     let own_http2 = shared.options.http2_server == Http2Server::Meshgate;
     let result = match &tls {
         None => {
-            let conn = connection(None);
+            let conn = connection(None, None);
             // A client that sends nothing is held no longer than a slow HTTP/1.1 head would be.
             let sniff = starts_with_http2_preface(&stream);
             let http2 = match shared.options.request_headers_timeout {
@@ -197,7 +198,13 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
                         .1
                         .server_name()
                         .map(|n| n.to_ascii_lowercase().into());
-                    let conn = connection(sni);
+                    let client_cert = tls_stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| service::client_cert_header(leaf.as_ref()));
+                    let conn = connection(sni, client_cert);
                     if own_http2 && http2 {
                         return serve_http2(tls_stream, conn, remote).await;
                     }

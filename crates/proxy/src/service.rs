@@ -46,6 +46,25 @@ pub struct Connection {
     /// An edge listener (a gateway) regenerates `x-request-id` as Envoy does at the edge;
     /// the mesh (sidecar outbound) listener keeps the one the application propagates.
     pub edge: bool,
+    /// The `x-forwarded-client-cert` describing the client certificate the TLS handshake
+    /// verified (mutual TLS), if any.
+    pub client_cert: Option<HeaderValue>,
+}
+
+/// Envoy's header describing a client certificate to the upstream.
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// `Hash=<hex SHA-256 of the certificate>`: Envoy's `x-forwarded-client-cert` element for a
+/// verified client certificate (`der`, the leaf).
+pub fn client_cert_header(der: &[u8]) -> Option<HeaderValue> {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut value = String::with_capacity(5 + 64);
+    value.push_str("Hash=");
+    for b in digest.as_ref() {
+        let _ = write!(value, "{b:02x}");
+    }
+    HeaderValue::from_str(&value).ok()
 }
 
 /// Envoy's local-reply texts, so clients and scripts see familiar bodies.
@@ -608,6 +627,18 @@ async fn forward_request(
     );
     if conn.edge || !headers.contains_key(X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID, request_id());
+    }
+    if conn.edge {
+        // Envoy's SANITIZE_SET (Istio's gateway default): a client's own header never goes
+        // upstream; a certificate the handshake verified is described instead.
+        match &conn.client_cert {
+            Some(xfcc) => {
+                headers.insert(X_FORWARDED_CLIENT_CERT, xfcc.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_CLIENT_CERT);
+            }
+        }
     }
     // The Host sent upstream: a rewrite, else what the client sent (`:authority` for HTTP/2).
     match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
