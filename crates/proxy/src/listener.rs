@@ -182,7 +182,14 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
                 service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
             let io = TokioIo::new(DownstreamSocket::new(stream));
             if http2 == Some(false) {
-                serve_http1(&shared, io, service).await
+                // Awaited here rather than through `serve_http1`: one future layer less on
+                // every poll of the busiest path.
+                shared
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+                    .map_err(Into::into)
             } else {
                 // HTTP/2 for hyper's codec, or not yet told: hyper-util looks again.
                 shared.http.serve_connection_with_upgrades(io, service).await

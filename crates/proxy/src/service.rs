@@ -619,7 +619,15 @@ async fn forward_request(
     };
 
     let headers = &mut parts.headers;
-    remove_hop_by_hop(headers, upgrade);
+    // Envoy's SANITIZE_SET (Istio's gateway default): at the edge a client's own
+    // x-forwarded-client-cert never goes upstream; a certificate the handshake verified is
+    // described instead.
+    remove_hop_by_hop_and(headers, upgrade, conn.edge.then_some(&X_FORWARDED_CLIENT_CERT));
+    if conn.edge
+        && let Some(xfcc) = &conn.client_cert
+    {
+        headers.insert(X_FORWARDED_CLIENT_CERT, xfcc.clone());
+    }
     append_forwarded_for(headers, &conn.remote_ip);
     headers.insert(
         X_FORWARDED_PROTO,
@@ -628,18 +636,7 @@ async fn forward_request(
     if conn.edge || !headers.contains_key(X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID, request_id());
     }
-    if conn.edge {
-        // Envoy's SANITIZE_SET (Istio's gateway default): a client's own header never goes
-        // upstream; a certificate the handshake verified is described instead.
-        match &conn.client_cert {
-            Some(xfcc) => {
-                headers.insert(X_FORWARDED_CLIENT_CERT, xfcc.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_CLIENT_CERT);
-            }
-        }
-    }
+
     // The Host sent upstream: a rewrite, else what the client sent (`:authority` for HTTP/2).
     match forward.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
         Some(a) => {
@@ -1492,8 +1489,21 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers: those RFC 9110 §7.6.1 names and any listed in `Connection`.
 /// `TE: trailers` survives (gRPC needs it); an upgrade keeps `Connection`/`Upgrade`.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    remove_hop_by_hop_and(headers, keep_upgrade, None);
+}
+
+/// [`remove_hop_by_hop`], also removing `extra`, found in the same pass over the names.
+fn remove_hop_by_hop_and(headers: &mut HeaderMap, keep_upgrade: bool, extra: Option<&HeaderName>) {
     // Most messages carry none: one pass over the names instead of a lookup per name.
-    if !headers.keys().any(is_hop_by_hop) {
+    let (mut hop_by_hop, mut has_extra) = (false, false);
+    for name in headers.keys() {
+        hop_by_hop |= is_hop_by_hop(name);
+        has_extra |= extra == Some(name);
+    }
+    if let (true, Some(extra)) = (has_extra, extra) {
+        headers.remove(extra);
+    }
+    if !hop_by_hop {
         return;
     }
     if headers.contains_key(header::CONNECTION) {
