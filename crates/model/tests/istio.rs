@@ -1205,3 +1205,41 @@ spec:
         "{found:?}"
     );
 }
+
+#[test]
+fn https_servers_sharing_a_port_must_share_their_tls_settings() {
+    let dir = std::env::temp_dir().join(format!("meshgate-model-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for name in ["a.crt", "a.key", "ca.crt"] {
+        std::fs::write(dir.join(name), pem).expect("write");
+    }
+    let server = |name: &str, tls: &str| {
+        format!(
+            "  - port: {{number: 443, name: {name}, protocol: HTTPS}}\n    hosts: [\"{name}.test\"]\n    tls: {{mode: SIMPLE, serverCertificate: a.crt, privateKey: a.key{tls}}}\n"
+        )
+    };
+    for (second, field) in [
+        (
+            server("b", ", minProtocolVersion: TLSV1_3"),
+            "spec.servers[1].tls.minProtocolVersion",
+        ),
+        (
+            server("b", ", caCertificates: ca.crt").replace("SIMPLE", "MUTUAL"),
+            "spec.servers[1].tls.mode",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{}{second}",
+            server("a", "")
+        );
+        let found = match load_at(&dir.join("gw.yaml"), &yaml) {
+            Ok(_) => panic!("expected an error for {second}"),
+            Err(f) => f.errors().cloned().collect::<Vec<_>>(),
+        };
+        assert!(
+            found.iter().any(|f| f.field == field && f.message.contains("port 443")),
+            "{second}: {found:?}"
+        );
+    }
+}

@@ -78,45 +78,35 @@ pub(crate) fn build(
             };
             match ports.iter_mut().find(|(p, _)| *p == info.port) {
                 Some((_, list)) => {
-                    if list[0].certificate.is_some() != info.certificate.is_some() {
-                        diag.error(
-                            info.doc,
-                            at(&info.path, "port.number"),
-                            format!(
-                                "port {} mixes TLS and plain-text servers (see {} {})",
-                                info.port,
-                                super::resource_name(list[0].doc),
-                                list[0].path
-                            ),
-                        );
-                        continue;
-                    }
-                    // One TLS configuration per port: its servers must offer the same versions
-                    // and ask for client certificates alike.
+                    // One TLS configuration per port: its servers must all be TLS or all plain
+                    // text, offer the same versions and ask for client certificates alike.
                     let same_client_auth = match (&list[0].client_certificates, &info.client_certificates) {
                         (None, None) => true,
                         (Some(a), Some(b)) => a.required == b.required && a.ca.pem == b.ca.pem,
                         _ => false,
                     };
-                    if info.certificate.is_some() && !same_client_auth {
+                    let tls = info.certificate.is_some();
+                    let conflict = if list[0].certificate.is_some() != tls {
+                        Some(("port.number", "mixes TLS and plain-text servers"))
+                    } else if tls && !same_client_auth {
+                        Some((
+                            "tls.mode",
+                            "has servers asking for client certificates differently (tls mode and caCertificates; per-server client verification is not supported yet)",
+                        ))
+                    } else if tls && list[0].tls_versions != info.tls_versions {
+                        Some((
+                            "tls.minProtocolVersion",
+                            "has servers offering different TLS versions (per-server versions are not supported yet)",
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((field, problem)) = conflict {
                         diag.error(
                             info.doc,
-                            at(&info.path, "tls.mode"),
+                            at(&info.path, field),
                             format!(
-                                "servers on port {} must ask for client certificates alike (tls mode and caCertificates; see {} {}); per-server client verification is not supported yet",
-                                info.port,
-                                super::resource_name(list[0].doc),
-                                list[0].path
-                            ),
-                        );
-                        continue;
-                    }
-                    if info.certificate.is_some() && list[0].tls_versions != info.tls_versions {
-                        diag.error(
-                            info.doc,
-                            at(&info.path, "tls.minProtocolVersion"),
-                            format!(
-                                "servers on port {} must offer the same TLS versions (see {} {}); per-server versions are not supported yet",
+                                "port {} {problem} (see {} {})",
                                 info.port,
                                 super::resource_name(list[0].doc),
                                 list[0].path
