@@ -115,23 +115,31 @@ fn tls_files(dir: &std::path::Path, host: &str) -> (std::path::PathBuf, std::pat
     (cert_path, key_path, cert.cert.der().to_vec())
 }
 
+/// A TLS client trusting only the `trusted` certificates (DER), offering `versions`.
+fn client_builder(
+    trusted: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der.to_vec()))
+            .expect("root");
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+}
+
 async fn tls_connect(
     port: u16,
     sni: &str,
     trusted: &[Vec<u8>],
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in trusted {
-        roots
-            .add(rustls_pki_types::CertificateDer::from(der.clone()))
-            .expect("root");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let trusted: Vec<&[u8]> = trusted.iter().map(Vec::as_slice).collect();
+    let mut config = client_builder(&trusted, rustls::DEFAULT_VERSIONS).with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -300,15 +308,7 @@ async fn handshake_with(
     trusted: &[u8],
     version: &'static rustls::SupportedProtocolVersion,
 ) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(trusted.to_vec()))
-        .expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[version])
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = client_builder(&[trusted], &[version]).with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -381,14 +381,7 @@ async fn mtls_status(port: u16, server_der: &[u8], client: Option<(&str, &str)>)
 /// `x-forwarded-client-cert`.
 async fn mtls_exchange(port: u16, server_der: &[u8], client: Option<(&str, &str)>) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(server_der.to_vec()))
-        .expect("root");
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
+    let builder = client_builder(&[server_der], rustls::DEFAULT_VERSIONS);
     let config = match client {
         None => builder.with_no_client_auth(),
         Some((chain, key)) => {
