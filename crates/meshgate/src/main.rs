@@ -126,6 +126,11 @@ struct ProxyArgs {
     /// (the implementation used before; kept as a fallback).
     #[arg(long, value_enum, default_value = "meshgate")]
     http2_server: Http2ServerArg,
+    /// What serves HTTP/1.1 to clients: meshgate's own codec, or hyper's server (the
+    /// implementation used before; kept as a fallback). Upgrade requests (WebSocket,
+    /// CONNECT) are served by hyper either way.
+    #[arg(long, value_enum, default_value = "meshgate")]
+    http1_server: Http1ServerArg,
     /// Write an access log line per request to this file (`-` for standard output), in
     /// Envoy's default format, or JSON with `--access-log-format json`.
     #[arg(long)]
@@ -153,6 +158,12 @@ enum LogFormat {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Http2ServerArg {
+    Meshgate,
+    Hyper,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Http1ServerArg {
     Meshgate,
     Hyper,
 }
@@ -312,6 +323,10 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         http2_server: match args.http2_server {
             Http2ServerArg::Meshgate => meshgate_proxy::Http2Server::Meshgate,
             Http2ServerArg::Hyper => meshgate_proxy::Http2Server::Hyper,
+        },
+        http1_server: match args.http1_server {
+            Http1ServerArg::Meshgate => meshgate_proxy::Http1Server::Meshgate,
+            Http1ServerArg::Hyper => meshgate_proxy::Http1Server::Hyper,
         },
         kong_admin,
         access_log: args.access_log.map(|path| AccessLogOptions {

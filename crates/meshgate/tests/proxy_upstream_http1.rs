@@ -69,8 +69,8 @@ fn read_request(stream: &mut StdStream, pending: &mut Vec<u8>) -> Option<(String
     pending.drain(..head_end);
     let lower = head.to_ascii_lowercase();
     let mut body = Vec::new();
-    if lower.starts_with("post /duplex ") {
-        // Answers from the head alone; `serve` reads the body while it responds.
+    if lower.starts_with("post /duplex ") || lower.starts_with("post /reject-early ") {
+        // Answers from the head alone; `serve` reads the body while it responds, or never.
     } else if lower.contains("transfer-encoding: chunked") {
         // Up to the last chunk and the empty trailer section.
         loop {
@@ -141,6 +141,12 @@ fn serve(mut stream: StdStream, requests: &Mutex<Vec<String>>) {
                 let got: Vec<u8> = pending.drain(..len).collect();
                 let tail = format!("got {} bytes", got.len());
                 write(&mut stream, format!("{:X}\r\n{tail}\r\n0\r\n\r\n", tail.len()).as_bytes())
+            }
+            "/reject-early" => {
+                // Refuses the body unread and closes, which resets the connection while the
+                // proxy is still sending it.
+                write(&mut stream, b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big\n");
+                return;
             }
             "/close-delimited" => {
                 write(&mut stream, b"HTTP/1.1 200 OK\r\n\r\nuntil the end");
@@ -398,6 +404,26 @@ async fn a_request_body_keeps_flowing_after_an_early_response() {
     // The connection finished its request cleanly, so it is reused.
     assert_eq!(get_path(port, "/echo").await.status, 200);
     assert_eq!(upstream.accepted(), 1);
+}
+
+/// An upstream that answers before reading a large body and resets the connection: its
+/// answer still reaches the client (Envoy relays it too), and the connection is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_before_a_reset_reaches_the_client() {
+    let upstream = ScriptedUpstream::start();
+    let port = free_port();
+    let _proxy = Proxy::start(&config(port, upstream.addr.port()));
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/reject-early"))
+        .header("host", "app.test")
+        .body(Full::new(Bytes::from(vec![b'x'; 8 << 20])))
+        .expect("request");
+    let reply = tokio::time::timeout(Duration::from_secs(10), send(&client(false), req))
+        .await
+        .expect("no deadlock")
+        .expect("POST");
+    assert_eq!((reply.status, reply.body.as_str()), (413, "too big\n"));
+    assert_eq!(get_path(port, "/echo").await.status, 200);
+    assert_eq!(upstream.accepted(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,9 +173,11 @@ impl Body for UpstreamResponseBody {
     }
 }
 
-/// Body of a request from downstream: hyper's for HTTP/1.1, meshgate's own for HTTP/2.
+/// Body of a request from downstream: meshgate's own codecs', or hyper's (upgrades,
+/// connections whose protocol was not told apart, `--http1-server hyper`).
 pub enum DownstreamBody {
     Hyper(Incoming),
+    Http1(crate::http1::RequestBody),
     Http2(crate::http2::RequestBody),
 }
 
@@ -186,6 +188,7 @@ impl Body for DownstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             DownstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            DownstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             DownstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -193,6 +196,7 @@ impl Body for DownstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             DownstreamBody::Hyper(b) => b.is_end_stream(),
+            DownstreamBody::Http1(b) => b.is_end_stream(),
             DownstreamBody::Http2(b) => b.is_end_stream(),
         }
     }
@@ -200,6 +204,7 @@ impl Body for DownstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             DownstreamBody::Hyper(b) => b.size_hint(),
+            DownstreamBody::Http1(b) => b.size_hint(),
             DownstreamBody::Http2(b) => b.size_hint(),
         }
     }
@@ -362,13 +367,16 @@ struct ReplayState {
 
 impl ReplayableBody {
     pub fn new(source: UpstreamBody) -> Self {
+        // A body announced larger than the copy is never replayed, however much of it has
+        // arrived when a try fails.
+        let too_large = source.size_hint().lower() > REPLAY_BUFFER_LIMIT as u64;
         ReplayableBody {
             shared: Arc::new(Mutex::new(ReplayState {
                 source: Some(source),
                 chunks: Vec::new(),
                 trailers: None,
                 copied: 0,
-                lost: false,
+                lost: too_large,
                 current_try: 0,
             })),
         }

@@ -13,6 +13,8 @@ mod coarse_timer;
 mod config_watch;
 pub mod cors;
 mod downstream_socket;
+pub mod http1;
+mod http1_framing;
 pub mod http2;
 pub mod kong_admin;
 pub mod kong_store;
@@ -21,6 +23,7 @@ pub mod plugins;
 pub mod redis;
 pub mod reload;
 pub mod resident;
+mod response_date;
 pub mod response_flags;
 pub mod service;
 pub mod stats;
@@ -75,6 +78,18 @@ pub struct ProxyOptions {
     pub kong_admin: Option<kong_admin::KongAdminOptions>,
     /// Which implementation serves HTTP/2 to clients.
     pub http2_server: Http2Server,
+    /// Which implementation serves HTTP/1.1 to clients.
+    pub http1_server: Http1Server,
+}
+
+/// The implementation of downstream HTTP/1.1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Http1Server {
+    /// meshgate's own codec (`http1`); upgrade requests are handed to hyper.
+    #[default]
+    Meshgate,
+    /// hyper's HTTP/1.1 server, what meshgate used before its own codec.
+    Hyper,
 }
 
 /// The implementation of downstream HTTP/2.

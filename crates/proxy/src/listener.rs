@@ -21,11 +21,12 @@ use tokio::task::AbortHandle;
 
 use crate::body::DownstreamBody;
 use crate::downstream_socket::DownstreamSocket;
+use crate::http1;
 use crate::http2;
 use crate::service::{self, Connection};
 use crate::stats::ListenerStats;
 use crate::worker;
-use crate::{Http2Server, MAX_REQUEST_HEADERS_BYTES, Shared};
+use crate::{Http1Server, Http2Server, MAX_REQUEST_HEADERS_BYTES, Shared};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,6 +167,7 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
         })
     };
     let own_http2 = shared.options.http2_server == Http2Server::Meshgate;
+    let own_http1 = shared.options.http1_server == Http1Server::Meshgate;
     let result = match &tls {
         None => {
             let conn = connection(None, None);
@@ -177,6 +179,9 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
             };
             if own_http2 && http2 == Some(true) {
                 return serve_http2(stream, conn, remote).await;
+            }
+            if own_http1 && http2 == Some(false) {
+                return serve_own_http1(DownstreamSocket::new(stream), conn, remote).await;
             }
             let service =
                 service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
@@ -217,6 +222,9 @@ async fn serve(stream: TcpStream, remote: SocketAddr, listener: SocketAddr, shar
                     }
                     let http1 = tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1");
                     tls_stream.get_mut().0.set_http2(http2);
+                    if own_http1 && http1 {
+                        return serve_own_http1(tls_stream, conn, remote).await;
+                    }
                     let service = service_fn(move |req: Request<Incoming>| {
                         service::handle(req.map(DownstreamBody::Hyper), conn.clone())
                     });
@@ -256,6 +264,42 @@ where
         .with_upgrades()
         .await
         .map_err(Into::into)
+}
+
+/// Serves a connection known to speak HTTP/1.1 with meshgate's codec; a request that
+/// switches protocols hands the rest of the connection to hyper's.
+async fn serve_own_http1<IO>(io: IO, conn: Arc<Connection>, remote: SocketAddr)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = conn.shared.clone();
+    let settings = http1::ServerSettings {
+        max_head_bytes: MAX_REQUEST_HEADERS_BYTES,
+        head_timeout: shared.options.request_headers_timeout,
+    };
+    let handler_conn = conn.clone();
+    let served = http1::serve(io, settings, &shared.draining, move |req| {
+        let conn = handler_conn.clone();
+        async move {
+            match service::handle(req.map(DownstreamBody::Http1), conn).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    })
+    .await;
+    let result = match served {
+        Ok(http1::Ended::Closed) => Ok(()),
+        Ok(http1::Ended::Upgrade(io)) => {
+            let service =
+                service_fn(move |req: Request<Incoming>| service::handle(req.map(DownstreamBody::Hyper), conn.clone()));
+            serve_http1(&shared, TokioIo::new(io), service).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
 }
 
 /// Whether a plain-text connection opens with the HTTP/2 preface (h2c with prior knowledge),

@@ -71,6 +71,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         request_headers_timeout: Some(std::time::Duration::from_secs(30)),
         idle_timeout: Some(std::time::Duration::from_secs(3600)),
         http2_server: meshgate_proxy::Http2Server::default(),
+        http1_server: meshgate_proxy::Http1Server::default(),
         access_log: None,
         kong_admin: Some(meshgate_proxy::kong_admin::KongAdminOptions {
             addr: kong_admin,

@@ -1209,7 +1209,7 @@ where
         let (mut parts, body) = response.into_parts();
         strip_connection_specific(&mut parts.headers);
         if !parts.headers.contains_key(header::DATE) {
-            parts.headers.insert(header::DATE, date_value());
+            parts.headers.insert(header::DATE, crate::response_date::date_value());
         }
         let end = body.is_end_stream();
         self.head_scratch.clear();
@@ -1470,26 +1470,6 @@ fn strip_connection_specific(headers: &mut HeaderMap) {
     if te {
         headers.remove(header::TE);
     }
-}
-
-/// The `Date` field for responses that lack one, formatted once per second per thread.
-fn date_value() -> HeaderValue {
-    thread_local! {
-        static CACHED: std::cell::RefCell<(u64, HeaderValue)> =
-            const { std::cell::RefCell::new((0, HeaderValue::from_static(""))) };
-    }
-    let now = std::time::SystemTime::now();
-    let second = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHED.with(|cached| {
-        let mut cached = cached.borrow_mut();
-        if cached.0 != second {
-            let formatted = httpdate::fmt_http_date(now);
-            if let Ok(value) = HeaderValue::from_str(&formatted) {
-                *cached = (second, value);
-            }
-        }
-        cached.1.clone()
-    })
 }
 
 #[cfg(test)]

@@ -31,13 +31,12 @@ use super::connector::CountedStream;
 use super::pool::ReturnTo;
 use super::read_buffer::ReadBuffer;
 use crate::body::{BodyError, UpstreamBody};
+use crate::http1_framing::{ChunkState, Decoded, Length, decode_chunked};
 
 /// Response head bytes accepted from an upstream (Envoy's `max_request_headers_kb` default).
 const MAX_HEAD_BYTES: usize = 60 * 1024;
 /// Header fields accepted in one response head (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// A chunk-size line longer than this (extensions included) is a protocol error.
-const MAX_CHUNK_LINE: usize = 1024;
 /// Request body bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -204,36 +203,6 @@ fn common_response_field(name: &[u8]) -> Option<HeaderName> {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// What the `Content-Length` fields of a message say, as they are read one by one.
-#[derive(Clone, Copy, PartialEq)]
-enum Length {
-    Absent,
-    Valid(u64),
-    /// Not a number, or fields that disagree.
-    Invalid,
-}
-
-impl Length {
-    /// Adds one field's value (which may list several, comma-separated).
-    fn and(self, raw: &[u8]) -> Length {
-        let mut seen = self;
-        for part in raw.split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Length::Invalid;
-            } else {
-                part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
-            };
-            seen = match seen {
-                Length::Absent => Length::Valid(n),
-                Length::Valid(m) if m == n => seen,
-                _ => return Length::Invalid,
-            };
-        }
-        seen
-    }
-}
-
 /// Why an exchange failed.
 pub enum ExchangeError {
     /// A reused connection turned out closed before any of the request could be written (the
@@ -257,6 +226,8 @@ struct Outgoing {
     body_done: bool,
     /// The body was polled: from here on the request cannot be sent again.
     body_touched: bool,
+    /// Writing to the connection failed (the upstream reset or closed it).
+    write_failed: bool,
 }
 
 impl Outgoing {
@@ -273,6 +244,7 @@ impl Outgoing {
             if self.written == self.out.len() {
                 // All written; TLS may still hold the last records.
                 if let Err(e) = ready!(conn.poll_flush(cx)) {
+                    self.write_failed = true;
                     return Poll::Ready(Err(e.to_string()));
                 }
                 return if self.body_done {
@@ -282,7 +254,10 @@ impl Outgoing {
                 };
             }
             match ready!(conn.poll_write(cx, &self.out[self.written..])) {
-                Ok(0) => return Poll::Ready(Err("upstream connection closed".to_string())),
+                Ok(0) => {
+                    self.write_failed = true;
+                    return Poll::Ready(Err("upstream connection closed".to_string()));
+                }
                 Ok(n) => {
                     *sent += n;
                     self.written += n;
@@ -291,7 +266,10 @@ impl Outgoing {
                         self.written = 0;
                     }
                 }
-                Err(e) => return Poll::Ready(Err(e.to_string())),
+                Err(e) => {
+                    self.write_failed = true;
+                    return Poll::Ready(Err(e.to_string()));
+                }
             }
         }
     }
@@ -387,10 +365,12 @@ pub async fn exchange(
     head: &[u8],
     framing: RequestFraming,
     body: UpstreamBody,
-    head_request: bool,
+    method: &Method,
     home: ReturnTo,
 ) -> Result<Response<Http1Body>, ExchangeError> {
+    let head_request = *method == Method::HEAD;
     let reused = conn.requests > 1;
+    let has_body = framing != RequestFraming::Empty;
     let mut outgoing = Outgoing {
         remaining: match framing {
             RequestFraming::Length(n) => n,
@@ -407,6 +387,7 @@ pub async fn exchange(
         },
         written: 0,
         body_touched: false,
+        write_failed: false,
     };
     // Bytes of the request written so far.
     let mut sent = 0usize;
@@ -415,6 +396,7 @@ pub async fn exchange(
     } else {
         head.len()
     };
+    let mut write_error = None;
     let result = poll_fn(|cx| {
         // The head first (a bodiless request is only its head), then the body as it comes;
         // the response is read meanwhile, since an upstream may answer before the body is in.
@@ -429,8 +411,15 @@ pub async fn exchange(
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if let Poll::Ready(Err(e)) = outgoing.poll_send(&mut conn, &mut sent, cx) {
-            return Poll::Ready(Err(e));
+        if write_error.is_none()
+            && let Poll::Ready(Err(e)) = outgoing.poll_send(&mut conn, &mut sent, cx)
+        {
+            if !outgoing.write_failed {
+                return Poll::Ready(Err(e));
+            }
+            // The upstream stopped reading: it may have answered already (413, 503, ...)
+            // and reset the connection, and its answer is still there to read.
+            write_error = Some(e);
         }
         loop {
             match parse_head(&mut conn.buf, &mut conn.spans, head_request) {
@@ -442,9 +431,13 @@ pub async fn exchange(
                 return Poll::Ready(Err("upstream response headers too large".to_string()));
             }
             match ready!(conn.poll_fill(cx)) {
-                Ok(0) => return Poll::Ready(Err("upstream connection closed before response".to_string())),
+                Ok(0) => {
+                    return Poll::Ready(Err(write_error
+                        .take()
+                        .unwrap_or_else(|| "upstream connection closed before response".to_string())));
+                }
                 Ok(_) => {}
-                Err(e) => return Poll::Ready(Err(e.to_string())),
+                Err(e) => return Poll::Ready(Err(write_error.take().unwrap_or_else(|| e.to_string()))),
             }
         }
     })
@@ -459,8 +452,14 @@ pub async fn exchange(
     };
     // An upstream may answer before the whole request body went out (and go on reading it
     // while it responds): the body keeps being sent as the response is read.
-    let sending = (!outgoing.is_done() || conn.unflushed).then(|| Box::new(outgoing));
-    let body = Http1Body::start(conn, framing, keep_alive, sending, home);
+    let write_failed = outgoing.write_failed;
+    let sending = (!write_failed && (!outgoing.is_done() || conn.unflushed)).then(|| Box::new(outgoing));
+    // An error status to a request with a body ends the connection: a server that answers
+    // without reading the whole body usually closes once it has answered (hyper's and Go's
+    // do; RFC 9110 §10.1.1), and its reset can arrive only after the connection went to the
+    // next request, which would then fail with its body already taken.
+    let reusable = keep_alive && !write_failed && !(has_body && parts.status.as_u16() >= 400);
+    let body = Http1Body::start(conn, framing, reusable, sending, home);
     Ok(Response::from_parts(parts, body))
 }
 
@@ -471,16 +470,6 @@ enum ResponseFraming {
     Chunked(ChunkState),
     /// Until the upstream closes the connection.
     UntilClose,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum ChunkState {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-    /// Trailers were handed out; nothing follows.
-    End,
 }
 
 type ParsedHead = (http::response::Parts, ResponseFraming, bool);
@@ -689,11 +678,13 @@ impl Reading {
                 ResponseFraming::UntilClose if !buf.is_empty() => {
                     return Poll::Ready(Ok(Some(Frame::data(buf.split().freeze()))));
                 }
-                ResponseFraming::Chunked(state) => match decode_chunked(state, buf)? {
-                    Decoded::Frame(frame) => return Poll::Ready(Ok(Some(frame))),
-                    Decoded::End => return Poll::Ready(Ok(None)),
-                    Decoded::NeedMore => {}
-                },
+                ResponseFraming::Chunked(state) => {
+                    match decode_chunked(state, buf).map_err(|e| format!("upstream response: {e}"))? {
+                        Decoded::Frame(frame) => return Poll::Ready(Ok(Some(frame))),
+                        Decoded::End => return Poll::Ready(Ok(None)),
+                        Decoded::NeedMore => {}
+                    }
+                }
                 _ => {}
             }
             match ready!(self.conn.poll_fill(cx)) {
@@ -708,108 +699,6 @@ impl Reading {
             }
         }
     }
-}
-
-enum Decoded {
-    Frame(Frame<Bytes>),
-    End,
-    NeedMore,
-}
-
-/// Steps the chunked decoder over what `buf` holds.
-fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Result<Decoded, String> {
-    loop {
-        match *state {
-            ChunkState::Size => {
-                let Some(line_end) = find_crlf(buf) else {
-                    if buf.len() > MAX_CHUNK_LINE {
-                        return Err("upstream chunk size line too long".to_string());
-                    }
-                    return Ok(Decoded::NeedMore);
-                };
-                let line = &buf[..line_end];
-                let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-                if digits == 0 || digits > 15 {
-                    return Err("invalid upstream chunk size".to_string());
-                }
-                let rest = &line[digits..];
-                if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
-                    return Err("invalid upstream chunk size".to_string());
-                }
-                let size = std::str::from_utf8(&line[..digits])
-                    .ok()
-                    .and_then(|s| u64::from_str_radix(s, 16).ok())
-                    .ok_or_else(|| "invalid upstream chunk size".to_string())?;
-                buf.advance(line_end + 2);
-                *state = if size == 0 {
-                    ChunkState::Trailers
-                } else {
-                    ChunkState::Data(size)
-                };
-            }
-            ChunkState::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let n = left.min(buf.len() as u64);
-                let data = buf.split_to(n as usize).freeze();
-                *state = if n == left {
-                    ChunkState::DataEnd
-                } else {
-                    ChunkState::Data(left - n)
-                };
-                return Ok(Decoded::Frame(Frame::data(data)));
-            }
-            ChunkState::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(Decoded::NeedMore);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err("upstream chunk not followed by CRLF".to_string());
-                }
-                buf.advance(2);
-                *state = ChunkState::Size;
-            }
-            ChunkState::End => return Ok(Decoded::End),
-            ChunkState::Trailers => {
-                if buf.len() < 2 {
-                    return Ok(Decoded::NeedMore);
-                }
-                if buf.starts_with(b"\r\n") {
-                    buf.advance(2);
-                    return Ok(Decoded::End);
-                }
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    if buf.len() > MAX_HEAD_BYTES {
-                        return Err("upstream trailers too large".to_string());
-                    }
-                    return Ok(Decoded::NeedMore);
-                };
-                let block = buf.split_to(end + 4);
-                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let trailers = match httparse::parse_headers(&block, &mut fields) {
-                    Ok(httparse::Status::Complete((_, fields))) => {
-                        let mut map = HeaderMap::with_capacity(fields.len());
-                        for f in fields {
-                            let name = HeaderName::from_bytes(f.name.as_bytes())
-                                .map_err(|_| "invalid upstream trailer name".to_string())?;
-                            let value = HeaderValue::from_bytes(f.value)
-                                .map_err(|_| "invalid upstream trailer value".to_string())?;
-                            map.append(name, value);
-                        }
-                        map
-                    }
-                    _ => return Err("invalid upstream trailers".to_string()),
-                };
-                *state = ChunkState::End;
-                return Ok(Decoded::Frame(Frame::trailers(trailers)));
-            }
-        }
-    }
-}
-
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
 }
 
 impl Body for Http1Body {

@@ -297,7 +297,6 @@ impl EndpointPool {
             return Box::pin(self.send_upgrade(address, stats, req, tls)).await;
         }
         let (head, framing) = http1::encode_head(parts, &body, address);
-        let head_request = parts.method == http::Method::HEAD;
         let mut pending: Option<Pending<'_>> = None;
         let mut fresh_only = false;
         loop {
@@ -315,7 +314,7 @@ impl EndpointPool {
                 pool: self.clone(),
                 stats: stats.clone(),
             };
-            match http1::exchange(conn, &head, framing, body, head_request, home).await {
+            match http1::exchange(conn, &head, framing, body, &parts.method, home).await {
                 Ok(resp) => return Ok((resp.map(UpstreamResponseBody::Http1), slot)),
                 Err(ExchangeError::Stale(unsent)) => {
                     body = unsent;

@@ -1,0 +1,155 @@
+//! HTTP/1.1 message framing shared by the upstream client and the downstream server:
+//! `Content-Length` values and the chunked transfer coding (RFC 9112 §6 and §7.1).
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::body::Frame;
+
+use crate::upstream::read_buffer::ReadBuffer;
+
+/// A chunk-size line longer than this (extensions included) is a protocol error.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Trailer section bytes accepted (as a head: Envoy's `max_request_headers_kb` default).
+const MAX_TRAILER_BYTES: usize = 60 * 1024;
+/// Trailer fields accepted (hyper's and Envoy's header count limit).
+const MAX_TRAILERS: usize = 100;
+
+/// What the `Content-Length` fields of a message say, as they are read one by one.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Length {
+    Absent,
+    Valid(u64),
+    /// Not a number, or fields that disagree.
+    Invalid,
+}
+
+impl Length {
+    /// Adds one field's value (which may list several, comma-separated).
+    pub(crate) fn and(self, raw: &[u8]) -> Length {
+        let mut seen = self;
+        for part in raw.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Length::Invalid;
+            } else {
+                part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+            };
+            seen = match seen {
+                Length::Absent => Length::Valid(n),
+                Length::Valid(m) if m == n => seen,
+                _ => return Length::Invalid,
+            };
+        }
+        seen
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    /// Trailers were handed out; nothing follows.
+    End,
+}
+
+pub(crate) enum Decoded {
+    Frame(Frame<Bytes>),
+    End,
+    NeedMore,
+}
+
+/// Steps the chunked decoder over what `buf` holds.
+pub(crate) fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Result<Decoded, &'static str> {
+    loop {
+        match *state {
+            ChunkState::Size => {
+                let Some(line_end) = find_crlf(buf) else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err("chunk size line too long");
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let line = &buf[..line_end];
+                let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits == 0 || digits > 15 {
+                    return Err("invalid chunk size");
+                }
+                let rest = &line[digits..];
+                if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
+                    return Err("invalid chunk size");
+                }
+                let size = std::str::from_utf8(&line[..digits])
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s, 16).ok())
+                    .ok_or("invalid chunk size")?;
+                buf.advance(line_end + 2);
+                *state = if size == 0 {
+                    ChunkState::Trailers
+                } else {
+                    ChunkState::Data(size)
+                };
+            }
+            ChunkState::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = left.min(buf.len() as u64);
+                let data = buf.split_to(n as usize).freeze();
+                *state = if n == left {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left - n)
+                };
+                return Ok(Decoded::Frame(Frame::data(data)));
+            }
+            ChunkState::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("chunk not followed by CRLF");
+                }
+                buf.advance(2);
+                *state = ChunkState::Size;
+            }
+            ChunkState::End => return Ok(Decoded::End),
+            ChunkState::Trailers => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    return Ok(Decoded::End);
+                }
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if buf.len() > MAX_TRAILER_BYTES {
+                        return Err("trailers too large");
+                    }
+                    return Ok(Decoded::NeedMore);
+                };
+                let block = buf.split_to(end + 4);
+                let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+                let trailers = match httparse::parse_headers(&block, &mut fields) {
+                    Ok(httparse::Status::Complete((_, fields))) => {
+                        let mut map = HeaderMap::with_capacity(fields.len());
+                        for f in fields {
+                            let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid trailer name")?;
+                            let value = HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
+                            map.append(name, value);
+                        }
+                        map
+                    }
+                    _ => return Err("invalid trailers"),
+                };
+                *state = ChunkState::End;
+                return Ok(Decoded::Frame(Frame::trailers(trailers)));
+            }
+        }
+    }
+}
+
+pub(crate) fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
