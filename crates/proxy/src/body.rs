@@ -361,14 +361,16 @@ struct ReplayState {
     copied: usize,
     /// The body outgrew the copy (or the downstream body failed): no replay is possible.
     lost: bool,
+    /// The body announced more than the copy holds: it is not copied, and once any of it was
+    /// read no replay is tried (a try that failed before reading it, such as a connect
+    /// failure, can still be retried).
+    too_large: bool,
     /// The try allowed to read.
     current_try: u32,
 }
 
 impl ReplayableBody {
     pub fn new(source: UpstreamBody) -> Self {
-        // A body announced larger than the copy is never replayed, however much of it has
-        // arrived when a try fails.
         let too_large = source.size_hint().lower() > REPLAY_BUFFER_LIMIT as u64;
         ReplayableBody {
             shared: Arc::new(Mutex::new(ReplayState {
@@ -376,7 +378,8 @@ impl ReplayableBody {
                 chunks: Vec::new(),
                 trailers: None,
                 copied: 0,
-                lost: too_large,
+                lost: false,
+                too_large,
                 current_try: 0,
             })),
         }
@@ -446,7 +449,7 @@ impl ReplayReader {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     state.copied += data.len();
-                    if state.copied > REPLAY_BUFFER_LIMIT {
+                    if state.copied > REPLAY_BUFFER_LIMIT || state.too_large {
                         state.lost = true;
                         state.chunks = Vec::new();
                     } else if !state.lost {

@@ -76,8 +76,11 @@ pub(crate) fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Re
                 if digits == 0 || digits > 15 {
                     return Err("invalid chunk size");
                 }
+                // Only whitespace and `;` extensions may follow the size (RFC 9112 §7.1.1), and
+                // no control characters (a lone CR or LF could end the line for another parser).
                 let rest = &line[digits..];
-                if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
+                let rest = &rest[rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count()..];
+                if !(rest.is_empty() || rest[0] == b';') || rest.iter().any(|&b| b < b' ' && b != b'\t' || b == 0x7f) {
                     return Err("invalid chunk size");
                 }
                 let size = std::str::from_utf8(&line[..digits])
@@ -116,33 +119,33 @@ pub(crate) fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Re
             }
             ChunkState::End => return Ok(Decoded::End),
             ChunkState::Trailers => {
-                if buf.len() < 2 {
-                    return Ok(Decoded::NeedMore);
-                }
                 if buf.starts_with(b"\r\n") {
                     buf.advance(2);
                     return Ok(Decoded::End);
                 }
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    if buf.len() > MAX_TRAILER_BYTES {
-                        return Err("trailers too large");
-                    }
+                if buf.len() < 2 {
                     return Ok(Decoded::NeedMore);
-                };
-                let block = buf.split_to(end + 4);
+                }
+                // httparse says where the trailer section ends, so the bytes after it (the
+                // next message) stay in the buffer.
                 let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
-                let trailers = match httparse::parse_headers(&block, &mut fields) {
-                    Ok(httparse::Status::Complete((_, fields))) => {
+                let (used, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((used, fields))) => {
                         let mut map = HeaderMap::with_capacity(fields.len());
-                        for f in fields {
+                        for f in fields.iter() {
                             let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid trailer name")?;
                             let value = HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
                             map.append(name, value);
                         }
-                        map
+                        (used, map)
                     }
-                    _ => return Err("invalid trailers"),
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILER_BYTES => {
+                        return Err("trailers too large");
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err("invalid trailers"),
                 };
+                buf.advance(used);
                 *state = ChunkState::End;
                 return Ok(Decoded::Frame(Frame::trailers(trailers)));
             }

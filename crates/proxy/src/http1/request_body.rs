@@ -36,9 +36,20 @@ struct ChannelState {
     reader_gone: bool,
 }
 
-/// The connection's end of a streaming body.
-#[derive(Clone)]
+/// The connection's end of a streaming body. Dropped before the body ended (the exchange
+/// finished first, or the connection failed), it ends the body with an error, so a reader
+/// elsewhere (an upstream HTTP/2 stream's task) is not left waiting.
 pub(crate) struct BodySender(Arc<Mutex<ChannelState>>);
+
+impl Drop for BodySender {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0);
+        if !state.ended && state.error.is_none() {
+            state.error = Some("the connection stopped reading the body");
+            Self::wake_reader(state);
+        }
+    }
+}
 
 /// What the connection should do for the body next.
 pub(crate) enum Demand {
@@ -74,7 +85,8 @@ impl BodySender {
         }
     }
 
-    /// `100 Continue` went out: the connection may read the body now.
+    /// `100 Continue` went out, or is no longer owed (the final response started): the
+    /// connection may read the body now.
     pub(crate) fn continue_sent(&self) {
         let mut state = lock(&self.0);
         state.continue_pending = false;

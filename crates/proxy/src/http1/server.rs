@@ -152,8 +152,13 @@ where
         }
         match keep_alive {
             KeepAlive::Yes => {}
-            KeepAlive::No => {
+            KeepAlive::No if buf.is_empty() => {
                 let _ = io.shutdown().await;
+                return Ok(Ended::Closed);
+            }
+            // Pipelined requests that will not be answered are unread input.
+            KeepAlive::No => {
+                close_lingering(&mut io).await;
                 return Ok(Ended::Closed);
             }
             KeepAlive::NoWithUnreadInput => {
@@ -222,16 +227,21 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     timer: &mut HeadTimer,
 ) -> Result<Option<ParsedHead>, HeadError> {
     let mut waiting_since = None;
+    // Bytes already known not to end a head: a head arriving in small pieces is parsed again
+    // only once a line break that could end it arrives, not on every read.
+    let mut scanned = 0;
     poll_fn(|cx| {
         loop {
-            if !buf.is_empty() {
-                if let Some(head) = parse_head(buf, spans, settings.max_head_bytes)? {
-                    return Poll::Ready(Ok(Some(head)));
-                }
-                if buf.len() > settings.max_head_bytes {
-                    return Poll::Ready(Err(HeadError::Reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
-                }
+            if buf.len() > scanned
+                && could_end_head(&buf[scanned.saturating_sub(3)..])
+                && let Some(head) = parse_head(buf, spans, settings.max_head_bytes)?
+            {
+                return Poll::Ready(Ok(Some(head)));
             }
+            if buf.len() > settings.max_head_bytes {
+                return Poll::Ready(Err(HeadError::Reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
+            }
+            scanned = buf.len();
             match buf.poll_fill(io, cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
                 Poll::Ready(Ok(_)) => {}
@@ -253,6 +263,14 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
         }
     })
     .await
+}
+
+/// Whether `bytes` hold a blank line (`\n\n` or `\n\r\n`), without which no head is complete.
+fn could_end_head(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// The request-head timeout of one connection: one coarse sleep, kept across requests and
@@ -441,12 +459,16 @@ async fn await_response<IO: AsyncRead + Unpin, F: Future<Output = Response<Respo
     settings: &ServerSettings,
     mut response: Pin<&mut F>,
 ) -> Option<Response<ResponseBody>> {
+    let mut watching = true;
     poll_fn(|cx| {
         if let Poll::Ready(response) = response.as_mut().poll(cx) {
             return Poll::Ready(Some(response));
         }
-        while buf.len() <= settings.max_head_bytes {
+        while watching && buf.len() <= settings.max_head_bytes {
             match buf.poll_fill(io, cx) {
+                // A client that half-closed after pipelining requests still wants them
+                // answered; otherwise the end means it left.
+                Poll::Ready(Ok(0)) if !buf.is_empty() => watching = false,
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => break,
@@ -476,9 +498,14 @@ async fn await_response_sending_continue<W: AsyncWrite + Unpin, F: Future<Output
         })
         .await;
         match ready {
-            Some(response) => return Ok(response),
+            Some(response) => {
+                // A client still waiting for `100 Continue` reads the final response instead
+                // (RFC 9110 §10.1.1); a body read after this point is read as it comes.
+                sender.continue_sent();
+                return Ok(response);
+            }
             None => {
-                io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                send(io, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
                 sender.continue_sent();
             }
         }
@@ -580,7 +607,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
     drop(parts);
     let complete = match framing {
         ResponseFraming::None => {
-            io.write_all(out).await?;
+            send(io, out).await?;
             true
         }
         _ => write_body(io, out, &mut body, &mut framing).await?,
@@ -618,19 +645,21 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
 
-    let mut length = Length::Absent;
-    let mut wrote_length = false;
+    // The first valid `Content-Length`, which is the one written; later ones are dropped.
+    let mut written_length: Option<u64> = None;
     let mut has_date = false;
     let mut says_close = false;
     let mut says_keep_alive = false;
     let mut trailers: Vec<HeaderName> = Vec::new();
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
-            length = length.and(value.as_bytes());
-            if !may_have_length || wrote_length || !matches!(length, Length::Valid(_)) {
+            let Length::Valid(n) = Length::Absent.and(value.as_bytes()) else {
+                continue;
+            };
+            if !may_have_length || written_length.is_some() {
                 continue;
             }
-            wrote_length = true;
+            written_length = Some(n);
         } else if *name == header::TRANSFER_ENCODING {
             // The framing is this codec's to choose.
             continue;
@@ -659,12 +688,12 @@ fn encode_head(
         keep_alive = false;
     }
 
-    let framing = match length {
-        Length::Valid(n) if may_have_body => ResponseFraming::Length(n),
+    let framing = match written_length {
+        Some(n) if may_have_body => ResponseFraming::Length(n),
         _ if !may_have_body => {
             // A HEAD response says how long the body would be when the header did not.
             if may_have_length
-                && !wrote_length
+                && written_length.is_none()
                 && let Some(n) = body.size_hint().exact()
                 && n > 0
             {
@@ -706,6 +735,13 @@ fn encode_head(
     (framing, keep_alive)
 }
 
+/// Writes `bytes` and pushes them out: TLS holds encrypted records back until flushed, and the
+/// connection may wait for the client next.
+async fn send<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
 fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -740,17 +776,17 @@ async fn write_body<W: AsyncWrite + Unpin>(
         .await;
         match step {
             Step::Flush => {
-                io.write_all(out).await?;
+                send(io, out).await?;
                 out.clear();
             }
             Step::Frame(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     if !encode_data(out, framing, &data) {
-                        io.write_all(out).await?;
+                        send(io, out).await?;
                         return Ok(false);
                     }
                     if out.len() >= WRITE_BATCH {
-                        io.write_all(out).await?;
+                        send(io, out).await?;
                         out.clear();
                     }
                 }
@@ -763,7 +799,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
             Step::Frame(Some(Err(e))) => {
                 // What was gathered goes out; the missing end tells the client the body broke.
                 tracing::debug!(error = %e, "response body failed");
-                io.write_all(out).await?;
+                send(io, out).await?;
                 return Ok(false);
             }
             Step::Frame(None) => {
@@ -781,7 +817,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
                     }
                     ResponseFraming::UntilClose | ResponseFraming::None => true,
                 };
-                io.write_all(out).await?;
+                send(io, out).await?;
                 out.clear();
                 return Ok(complete);
             }
@@ -846,7 +882,7 @@ async fn error_reply<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO, status: St
     out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
     write_field(&mut out, b"date", crate::response_date::date_value().as_bytes());
     out.extend_from_slice(b"\r\n");
-    if io.write_all(&out).await.is_ok() {
+    if send(io, &out).await.is_ok() {
         close_lingering(io).await;
     }
 }
@@ -1075,6 +1111,46 @@ mod tests {
             text.contains("POST /c body=abcde trailers={\"x-sum\": \"5\"}"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_trailer_section_ends_where_httparse_says_and_the_next_request_follows() {
+        let (mut client, _task) = start();
+        // Trailers ended by a bare LF blank line, then a pipelined request.
+        client
+            .write_all(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nx-a: 1\n\nGET /next HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_all(&mut client).await;
+        assert!(text.contains("POST /c body=a trailers={\"x-a\": \"1\"}"), "{text}");
+        assert!(text.ends_with("GET /next body= trailers="), "{text}");
+    }
+
+    #[tokio::test]
+    async fn chunk_sizes_with_junk_after_them_fail_the_body() {
+        for size_line in ["3 junk", "3\rx", "3;ext\x01"] {
+            let (mut client, _task) = start();
+            let request =
+                format!("POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}\r\nabc\r\n0\r\n\r\n");
+            client.write_all(request.as_bytes()).await.unwrap();
+            let text = read_all(&mut client).await;
+            assert!(
+                text.contains("error: HTTP/1.1 request body: invalid chunk size"),
+                "{size_line:?}: {text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_after_the_client_half_closes() {
+        let (mut client, _task) = start();
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let text = read_all(&mut client).await;
+        assert!(text.contains("GET /1 body=") && text.contains("GET /2 body="), "{text}");
     }
 
     #[tokio::test]

@@ -55,6 +55,10 @@ pub struct Http1Connection {
     pub server_name: Option<ServerName<'static>>,
     /// Bytes were written that the transport may still hold (TLS records): flush before waiting.
     unflushed: bool,
+    /// Its last response was an error to a request with a body, which the upstream may not
+    /// have read: it may close the connection right after answering, so the next pick looks
+    /// at the socket itself rather than at what the runtime has seen of it.
+    suspect: bool,
 }
 
 impl Http1Connection {
@@ -64,6 +68,7 @@ impl Http1Connection {
             io,
             server_name,
             unflushed: false,
+            suspect: false,
             buf: ReadBuffer::default(),
             spans: Vec::new(),
             opened: now,
@@ -76,10 +81,22 @@ impl Http1Connection {
     /// upstream's FIN or reset, or bytes nobody asked for) means so. Reads only the readiness
     /// the runtime recorded, so checking costs no system call. (A read that drained the socket
     /// cleared that readiness, so a healthy idle connection shows none.)
-    pub fn is_closed(&self) -> bool {
+    pub fn is_closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        if std::mem::take(&mut self.suspect) {
+            // One `recv(MSG_PEEK)`: a close or reset that arrived since the response was read
+            // shows here even before the runtime has polled for it.
+            let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+            return !matches!(
+                socket2::SockRef::from(self.io.tcp()).peek(&mut byte),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            );
+        }
         // `try_io` runs the closure only when the runtime has readiness recorded, and a check
         // this way registers no waiter (a `ready()` future takes the registration's lock twice).
-        !self.buf.is_empty() || self.io.tcp().try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
+        self.io.tcp().try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok()
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at the connection's end.
@@ -422,10 +439,12 @@ pub async fn exchange(
             write_error = Some(e);
         }
         loop {
-            match parse_head(&mut conn.buf, &mut conn.spans, head_request) {
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
-                Ok(None) => {}
+            if !conn.buf.is_empty() {
+                match parse_head(&mut conn.buf, &mut conn.spans, head_request) {
+                    Err(e) => return Poll::Ready(Err(e)),
+                    Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
+                    Ok(None) => {}
+                }
             }
             if conn.buf.len() > MAX_HEAD_BYTES {
                 return Poll::Ready(Err("upstream response headers too large".to_string()));
@@ -454,11 +473,11 @@ pub async fn exchange(
     // while it responds): the body keeps being sent as the response is read.
     let write_failed = outgoing.write_failed;
     let sending = (!write_failed && (!outgoing.is_done() || conn.unflushed)).then(|| Box::new(outgoing));
-    // An error status to a request with a body ends the connection: a server that answers
-    // without reading the whole body usually closes once it has answered (hyper's and Go's
-    // do; RFC 9110 §10.1.1), and its reset can arrive only after the connection went to the
-    // next request, which would then fail with its body already taken.
-    let reusable = keep_alive && !write_failed && !(has_body && parts.status.as_u16() >= 400);
+    // A server that answers an error without reading the whole body usually closes once it
+    // has answered (hyper's and Go's do; RFC 9110 §10.1.1): the connection is checked at the
+    // socket before it serves again, so the next request does not meet that reset.
+    conn.suspect = has_body && parts.status.as_u16() >= 400;
+    let reusable = keep_alive && !write_failed;
     let body = Http1Body::start(conn, framing, reusable, sending, home);
     Ok(Response::from_parts(parts, body))
 }

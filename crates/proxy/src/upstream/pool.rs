@@ -238,7 +238,7 @@ impl EndpointPool {
                         let mut idle = locked(&p.idle);
                         let now = Instant::now();
                         idle.http1
-                            .retain(|c| now.saturating_duration_since(c.idle_since) < timeout && !c.is_closed());
+                            .retain_mut(|c| now.saturating_duration_since(c.idle_since) < timeout && !c.is_closed());
                         if idle.http2.as_ref().is_some_and(|c| {
                             now.saturating_duration_since(c.last_used) >= timeout || c.sender.is_closed()
                         }) {
