@@ -5,6 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -218,6 +219,32 @@ spec:
     assert_eq!(status, 200);
     let j: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(j["headers"]["x-forwarded-proto"], "https");
+
+    // A large response on a kept-alive HTTP/1.1 connection over TLS arrives whole: its last
+    // TLS records are flushed, not left behind while the connection waits for the next request.
+    let mut s = tls_connect(https, "a.test", std::slice::from_ref(&a_der), &[b"http/1.1"]).await;
+    const SIZE: usize = 4 << 20;
+    s.write_all(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Read late, so the proxy's socket fills and TLS records wait in rustls.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let whole = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            if head_end.is_some_and(|h| got.len() - h >= SIZE) {
+                return true;
+            }
+            match s.read(&mut chunk).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                _ => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(whole, Ok(true), "the response's end never arrived");
 
     // HTTP/2 negotiated by ALPN, to b.test with b's certificate.
     let s = tls_connect(https, "b.test", &[b_der], &[b"h2", b"http/1.1"]).await;
