@@ -227,21 +227,29 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     timer: &mut HeadTimer,
 ) -> Result<Option<ParsedHead>, HeadError> {
     let mut waiting_since = None;
-    // Bytes already known not to end a head: a head arriving in small pieces is parsed again
-    // only once a line break that could end it arrives, not on every read.
-    let mut scanned = 0;
+    // The buffer's length when a parse last found the head incomplete: a head arriving in
+    // small pieces is parsed again only once a blank line can have arrived, not on every read.
+    let mut partial_at: Option<usize> = None;
     poll_fn(|cx| {
         loop {
-            if buf.len() > scanned
-                && could_end_head(&buf[scanned.saturating_sub(3)..])
-                && let Some(head) = parse_head(buf, spans, settings.max_head_bytes)?
-            {
-                return Poll::Ready(Ok(Some(head)));
+            let worth_parsing = match partial_at {
+                None => !buf.is_empty(),
+                Some(n) => {
+                    let could_end = buf.len() > n && could_end_head(&buf[n.saturating_sub(3)..]);
+                    // What was looked at need not be looked at again.
+                    partial_at = Some(buf.len());
+                    could_end
+                }
+            };
+            if worth_parsing {
+                match parse_head(buf, spans, settings.max_head_bytes)? {
+                    Some(head) => return Poll::Ready(Ok(Some(head))),
+                    None => partial_at = Some(buf.len()),
+                }
             }
             if buf.len() > settings.max_head_bytes {
                 return Poll::Ready(Err(HeadError::Reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
             }
-            scanned = buf.len();
             match buf.poll_fill(io, cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
                 Poll::Ready(Ok(_)) => {}
@@ -267,10 +275,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
 
 /// Whether `bytes` hold a blank line (`\n\n` or `\n\r\n`), without which no head is complete.
 fn could_end_head(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// The request-head timeout of one connection: one coarse sleep, kept across requests and
@@ -1060,6 +1065,17 @@ mod tests {
             "{text}"
         );
         assert!(task.await.unwrap().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_head_sent_one_octet_at_a_time_is_served() {
+        let (mut client, _task) = start();
+        for &octet in b"GET /slow HTTP/1.1\r\nHost: x\nX-A: 1\r\nConnection: close\r\n\r\n" {
+            client.write_all(&[octet]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let text = read_all(&mut client).await;
+        assert!(text.ends_with("GET /slow body= trailers="), "{text}");
     }
 
     #[tokio::test]
