@@ -2,7 +2,7 @@
 //! `Content-Length` values and the chunked transfer coding (RFC 9112 §6 and §7.1).
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::Frame;
 
 use crate::upstream::read_buffer::ReadBuffer;
@@ -13,6 +13,35 @@ const MAX_CHUNK_LINE: usize = 1024;
 const MAX_TRAILER_BYTES: usize = 60 * 1024;
 /// Trailer fields accepted (hyper's and Envoy's header count limit).
 const MAX_TRAILERS: usize = 100;
+
+/// The field names nearly every client and upstream sends, in the spellings they use, so the
+/// common case skips `HeaderName::from_bytes` (which lower-cases into a scratch buffer and
+/// looks the name up again, about 120 instructions per field).
+pub(crate) fn common_field_name(name: &[u8]) -> Option<HeaderName> {
+    Some(match name {
+        b"Host" | b"host" => header::HOST,
+        b"User-Agent" | b"user-agent" => header::USER_AGENT,
+        b"Accept" | b"accept" => header::ACCEPT,
+        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
+        b"Server" | b"server" => header::SERVER,
+        b"Date" | b"date" => header::DATE,
+        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
+        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
+        b"Connection" | b"connection" => header::CONNECTION,
+        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
+        b"Keep-Alive" | b"keep-alive" => HeaderName::from_static("keep-alive"),
+        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
+        b"ETag" | b"Etag" | b"etag" => header::ETAG,
+        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
+        b"Vary" | b"vary" => header::VARY,
+        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
+        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
+        b"Location" | b"location" => header::LOCATION,
+        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
+        b"Expires" | b"expires" => header::EXPIRES,
+        _ => return None,
+    })
+}
 
 /// What the `Content-Length` fields of a message say, as they are read one by one.
 #[derive(Clone, Copy, PartialEq)]
@@ -155,4 +184,32 @@ pub(crate) fn decode_chunked(state: &mut ChunkState, buf: &mut ReadBuffer) -> Re
 
 pub(crate) fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_field_names_are_the_ones_the_general_parser_gives() {
+        for name in [
+            "Server",
+            "date",
+            "Content-Type",
+            "content-length",
+            "ETag",
+            "Etag",
+            "Set-Cookie",
+            "keep-alive",
+            "Host",
+            "user-agent",
+        ] {
+            let fast = common_field_name(name.as_bytes());
+            assert_eq!(fast, Some(HeaderName::from_bytes(name.as_bytes()).unwrap()), "{name}");
+        }
+        // Other spellings and other fields take the general parser.
+        for name in ["CONTENT-TYPE", "X-Upstream", "content-type "] {
+            assert_eq!(common_field_name(name.as_bytes()), None, "{name}");
+        }
+    }
 }

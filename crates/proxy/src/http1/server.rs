@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::request_body::{BodySender, Demand, RequestBody};
 use crate::body::ResponseBody;
 use crate::coarse_timer::CoarseTimer;
-use crate::http1_framing::{ChunkState, Decoded, Length, decode_chunked};
+use crate::http1_framing::{ChunkState, Decoded, Length, common_field_name, decode_chunked};
 use crate::upstream::read_buffer::ReadBuffer;
 
 /// Header fields accepted in one request head (hyper's and Envoy's default).
@@ -373,7 +373,7 @@ fn parse_head(
     let mut only_chunked = false;
     let mut expect_continue = false;
     for &(ns, ne, vs, ve) in spans.iter() {
-        let name = match common_request_field(&head[ns..ne]) {
+        let name = match common_field_name(&head[ns..ne]) {
             Some(name) => name,
             None => HeaderName::from_bytes(&head[ns..ne]).map_err(|_| bad())?,
         };
@@ -439,21 +439,6 @@ fn parse_head(
         framing,
         expect_continue,
     }))
-}
-
-/// The request fields clients send most, in the spellings they use, so the common case skips
-/// `HeaderName::from_bytes` (a lower-casing copy and a second lookup).
-fn common_request_field(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"Host" | b"host" => header::HOST,
-        b"User-Agent" | b"user-agent" => header::USER_AGENT,
-        b"Accept" | b"accept" => header::ACCEPT,
-        b"Accept-Encoding" | b"accept-encoding" => header::ACCEPT_ENCODING,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Connection" | b"connection" => header::CONNECTION,
-        _ => return None,
-    })
 }
 
 /// Polls the service's future while watching the connection: `None` when the client closed

@@ -31,7 +31,7 @@ use super::connector::CountedStream;
 use super::pool::ReturnTo;
 use super::read_buffer::ReadBuffer;
 use crate::body::{BodyError, UpstreamBody};
-use crate::http1_framing::{ChunkState, Decoded, Length, decode_chunked};
+use crate::http1_framing::{ChunkState, Decoded, Length, common_field_name, decode_chunked};
 
 /// Response head bytes accepted from an upstream (Envoy's `max_request_headers_kb` default).
 const MAX_HEAD_BYTES: usize = 60 * 1024;
@@ -190,31 +190,6 @@ fn request_framing(parts: &mut Parts, body: &UpstreamBody) -> RequestFraming {
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     RequestFraming::Chunked
-}
-
-/// The response fields nearly every upstream sends, in the spellings servers use, so the
-/// common case skips `HeaderName::from_bytes` (which lower-cases into a scratch buffer and
-/// looks the name up again, about 120 instructions per field).
-fn common_response_field(name: &[u8]) -> Option<HeaderName> {
-    Some(match name {
-        b"Server" | b"server" => header::SERVER,
-        b"Date" | b"date" => header::DATE,
-        b"Content-Type" | b"content-type" => header::CONTENT_TYPE,
-        b"Content-Length" | b"content-length" => header::CONTENT_LENGTH,
-        b"Connection" | b"connection" => header::CONNECTION,
-        b"Transfer-Encoding" | b"transfer-encoding" => header::TRANSFER_ENCODING,
-        b"Keep-Alive" | b"keep-alive" => KEEP_ALIVE,
-        b"Cache-Control" | b"cache-control" => header::CACHE_CONTROL,
-        b"ETag" | b"Etag" | b"etag" => header::ETAG,
-        b"Last-Modified" | b"last-modified" => header::LAST_MODIFIED,
-        b"Vary" | b"vary" => header::VARY,
-        b"Accept-Ranges" | b"accept-ranges" => header::ACCEPT_RANGES,
-        b"Content-Encoding" | b"content-encoding" => header::CONTENT_ENCODING,
-        b"Location" | b"location" => header::LOCATION,
-        b"Set-Cookie" | b"set-cookie" => header::SET_COOKIE,
-        b"Expires" | b"expires" => header::EXPIRES,
-        _ => return None,
-    })
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -544,7 +519,7 @@ fn parse_head(
         let mut length = Length::Absent;
         let mut listed: Vec<HeaderName> = Vec::new();
         for &(ns, ne, vs, ve) in spans.iter() {
-            let name = match common_response_field(&head[ns..ne]) {
+            let name = match common_field_name(&head[ns..ne]) {
                 Some(name) => name,
                 None => {
                     HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid upstream header name".to_string())?
@@ -799,32 +774,6 @@ impl Http1Body {
             if reusable && sending.is_none() && conn.buf.is_empty() {
                 home.put_back(conn);
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn common_response_fields_name_the_same_field_as_the_general_parser() {
-        for name in [
-            "Server",
-            "date",
-            "Content-Type",
-            "content-length",
-            "ETag",
-            "Etag",
-            "Set-Cookie",
-            "keep-alive",
-        ] {
-            let fast = common_response_field(name.as_bytes());
-            assert_eq!(fast, Some(HeaderName::from_bytes(name.as_bytes()).unwrap()), "{name}");
-        }
-        // Other spellings and other fields take the general parser.
-        for name in ["CONTENT-TYPE", "X-Upstream", "content-type "] {
-            assert_eq!(common_response_field(name.as_bytes()), None, "{name}");
         }
     }
 }
