@@ -156,12 +156,8 @@ where
                 let _ = io.shutdown().await;
                 return Ok(Ended::Closed);
             }
-            // Pipelined requests that will not be answered are unread input.
-            KeepAlive::No => {
-                close_lingering(&mut io).await;
-                return Ok(Ended::Closed);
-            }
-            KeepAlive::NoWithUnreadInput => {
+            // Pipelined requests that will not be answered are unread input too.
+            KeepAlive::No | KeepAlive::NoWithUnreadInput => {
                 close_lingering(&mut io).await;
                 return Ok(Ended::Closed);
             }
