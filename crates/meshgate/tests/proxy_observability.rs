@@ -150,3 +150,40 @@ fn a_client_leaving_before_its_response_is_logged_with_dc() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_client_leaving_after_sending_its_body_is_logged_with_dc() {
+    use std::io::Write;
+    let echo = Echo::start("slow");
+    let port = free_port();
+    let dir = scratch_dir("access-log-dc-body");
+    let log = dir.join("access.log");
+    let proxy = Proxy::start_with(
+        &config(port, &echo, free_port()),
+        &["--access-log", log.to_str().expect("utf-8 path")],
+    );
+    // The route's upstream answers after 150 ms (under the 200 ms route timeout); the client
+    // hangs up after 50 ms.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // The body follows its head separately, so it is streamed to the upstream rather than
+    // read with the head; the client leaves once it is sent.
+    stream
+        .write_all(b"POST /delay/150 HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\n")
+        .expect("write");
+    std::thread::sleep(Duration::from_millis(20));
+    stream.write_all(b"hello").expect("body");
+    std::thread::sleep(Duration::from_millis(30));
+    drop(stream);
+    let lines = wait_for_lines(&log, 1);
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.contains("\"POST /delay/150 HTTP/1.1\" 0 DC ")),
+        "{lines:?}"
+    );
+    let (_, metrics) = proxy.admin_get("/stats/prometheus");
+    assert!(
+        metrics.contains("meshgate_response_flags_total{flag=\"DC\"} 1"),
+        "{metrics}"
+    );
+}

@@ -118,7 +118,15 @@ where
             }
             Some((sender, framing)) => {
                 let (mut read_half, mut write_half) = tokio::io::split(&mut io);
-                let mut pump = pin!(pump_body(&mut read_half, &mut buf, framing, &sender));
+                let complete = AtomicBool::new(false);
+                let mut pump = pin!(pump_then_watch(
+                    &mut read_half,
+                    &mut buf,
+                    framing,
+                    &sender,
+                    &settings,
+                    &complete
+                ));
                 let mut exchange = pin!(async {
                     let response = await_response_sending_continue(&mut write_half, &sender, response).await?;
                     write_response(&mut write_half, &mut out, response, &facts, draining).await
@@ -130,19 +138,29 @@ where
                     {
                         body_end = Some(end);
                     }
+                    if body_end == Some(BodyEnd::ClientLeft) {
+                        return Poll::Ready(None);
+                    }
                     let written = std::task::ready!(exchange.as_mut().poll(cx));
                     if body_end.is_none()
                         && let Poll::Ready(end) = pump.as_mut().poll(cx)
                     {
                         body_end = Some(end);
                     }
-                    Poll::Ready(written)
+                    Poll::Ready(Some(written))
                 })
-                .await?;
+                .await;
+                let Some(written) = written else {
+                    // Gone before its response: dropping the exchange cancels the request
+                    // upstream, as for a bodiless request.
+                    return Ok(Ended::Closed);
+                };
+                let written = written?;
                 // A body the service did not read to its end leaves the connection mid-request.
-                match body_end {
-                    Some(BodyEnd::Complete) => KeepAlive::from(written),
-                    _ => KeepAlive::NoWithUnreadInput,
+                if complete.load(Relaxed) {
+                    KeepAlive::from(written)
+                } else {
+                    KeepAlive::NoWithUnreadInput
                 }
             }
         };
@@ -450,19 +468,33 @@ async fn await_response<IO: AsyncRead + Unpin, F: Future<Output = Response<Respo
         if let Poll::Ready(response) = response.as_mut().poll(cx) {
             return Poll::Ready(Some(response));
         }
-        while watching && buf.len() <= settings.max_head_bytes {
-            match buf.poll_fill(io, cx) {
-                // A client that half-closed after pipelining requests still wants them
-                // answered; otherwise the end means it left.
-                Poll::Ready(Ok(0)) if !buf.is_empty() => watching = false,
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Pending => break,
-            }
+        if client_left(io, buf, settings, &mut watching, cx) {
+            return Poll::Ready(None);
         }
         Poll::Pending
     })
     .await
+}
+
+/// Reads what the client sends while its request is served (a pipelined request is kept, up
+/// to a head's size): whether it closed the connection. A client that half-closed after
+/// pipelining requests still wants them answered: the watch stops (`watching`) instead.
+fn client_left<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut ReadBuffer,
+    settings: &ServerSettings,
+    watching: &mut bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    while *watching && buf.len() <= settings.max_head_bytes {
+        match buf.poll_fill(io, cx) {
+            Poll::Ready(Ok(0)) if !buf.is_empty() => *watching = false,
+            Poll::Ready(Ok(0) | Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => break,
+        }
+    }
+    false
 }
 
 /// Polls the service's future; when its request body is first read and the client waits for
@@ -504,6 +536,34 @@ enum BodyEnd {
     Complete,
     /// The service stopped reading it, or it was malformed or cut short.
     Incomplete,
+    /// Read to its end, then the client closed the connection before its response.
+    ClientLeft,
+}
+
+/// Feeds the body (`pump_body`); once it was read whole, sets `complete` and watches the
+/// connection as `await_response` does, ending with `ClientLeft` if the client goes away.
+async fn pump_then_watch<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut ReadBuffer,
+    framing: Framing,
+    sender: &BodySender,
+    settings: &ServerSettings,
+    complete: &AtomicBool,
+) -> BodyEnd {
+    let end = pump_body(io, buf, framing, sender).await;
+    if end != BodyEnd::Complete {
+        return end;
+    }
+    complete.store(true, Relaxed);
+    let mut watching = true;
+    poll_fn(|cx| {
+        if client_left(io, buf, settings, &mut watching, cx) {
+            Poll::Ready(BodyEnd::ClientLeft)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Feeds a streaming request body from the connection, one piece per demand of its reader.
