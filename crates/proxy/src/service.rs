@@ -92,10 +92,7 @@ pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Resu
     };
     // The request's work is one heap allocation: hyper moves the future it gets from here
     // (into its dispatcher, or into a task per HTTP/2 stream), and a small one moves cheaply.
-    let mut resp = match Box::pin(route_request(req, &conn)).await {
-        Ok(resp) => resp,
-        Err(never) => match never {},
-    };
+    let mut resp = Box::pin(route_request(req, &conn)).await;
     if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
         timing.add_headers(resp.headers_mut());
         // Kong (3.5+) names every response with its request id, local answers included.
@@ -207,10 +204,19 @@ fn kong_timed(
     started: Option<std::time::Instant>,
     forwarded_at: Option<std::time::Instant>,
 ) -> Response<ResponseBody> {
+    mark_kong_timed(&mut resp, started, forwarded_at);
+    resp
+}
+
+/// [`kong_timed`] in place, so the hot path does not move the response in and out.
+fn mark_kong_timed(
+    resp: &mut Response<ResponseBody>,
+    started: Option<std::time::Instant>,
+    forwarded_at: Option<std::time::Instant>,
+) {
     if let Some(started) = started {
         resp.extensions_mut().insert(KongTiming { started, forwarded_at });
     }
-    resp
 }
 
 impl KongTiming {
@@ -280,14 +286,11 @@ impl Drop for RequestInFlight<'_> {
     }
 }
 
-async fn route_request(
-    req: Request<DownstreamBody>,
-    conn: &Arc<Connection>,
-) -> Result<Response<ResponseBody>, Infallible> {
+async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> Response<ResponseBody> {
     let active = conn.shared.active.load_full();
     let Some(li) = active.listener_index(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
-        return Ok(flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE));
+        return flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE);
     };
     if matches!(req.body(), DownstreamBody::Hyper(_)) && request_head_size(&req) > crate::MAX_REQUEST_HEADERS_BYTES {
         // hyper's own bound is its read buffer's, which a head arriving in large reads can
@@ -295,7 +298,7 @@ async fn route_request(
         let mut resp = local_reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+        return resp;
     }
     let listener = &active.snapshot.listeners[li];
     let runtime = &active.listeners[li];
@@ -317,22 +320,22 @@ async fn route_request(
         sni: conn.sni.as_deref(),
     };
     if is_misdirected(listener, conn.sni.as_deref(), &host) {
-        return Ok(local_reply(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request"));
+        return local_reply(StatusCode::MISDIRECTED_REQUEST, "Misdirected Request");
     }
     let Some(vh_index) = listener.routes.virtual_host_index(&host) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(kong_timed(no_route(listener.flavor), kong_started, None));
+        return kong_timed(no_route(listener.flavor), kong_started, None);
     };
     let virtual_host = &listener.routes.virtual_hosts[vh_index];
     if virtual_host.https_redirect && !conn.tls {
         // Gateway `tls.httpsRedirect`: every plain-HTTP request to these hosts, routed or not.
         let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
         let location = format!("https://{host}{pq}");
-        return Ok(redirect_reply(StatusCode::MOVED_PERMANENTLY, &location));
+        return redirect_reply(StatusCode::MOVED_PERMANENTLY, &location);
     }
     let Some((route_index, matched)) = virtual_host.find(&info) else {
         runtime.stats.no_route.fetch_add(1, Relaxed);
-        return Ok(kong_timed(no_route(listener.flavor), kong_started, None));
+        return kong_timed(no_route(listener.flavor), kong_started, None);
     };
     let route = &virtual_host.routes[route_index];
     let stats = &runtime.route_stats[vh_index][route_index];
@@ -352,7 +355,7 @@ async fn route_request(
             Err(mut resp) => {
                 stats[0].record(resp.status().as_u16());
                 apply_header_ops(resp.headers_mut(), &route.response_headers);
-                return Ok(kong_timed(*resp, kong_started, None));
+                return kong_timed(*resp, kong_started, None);
             }
         },
         None => None,
@@ -360,7 +363,7 @@ async fn route_request(
     let cors_origin = match &route.cors {
         Some(policy) => {
             if let Some(resp) = cors::preflight(policy, &req) {
-                return Ok(resp);
+                return resp;
             }
             req.headers().get(header::ORIGIN).cloned()
         }
@@ -402,7 +405,7 @@ async fn route_request(
                     stats[0].record(resp.status().as_u16());
                     ResponseFlags::mark(&mut resp, injected | ResponseFlags::FAULT_INJECTED);
                     apply_header_ops(resp.headers_mut(), &route.response_headers);
-                    return Ok(resp);
+                    return resp;
                 }
             }
             let pick = pick_destination(forward);
@@ -412,7 +415,7 @@ async fn route_request(
                 stats[pick].record(500);
                 let mut resp = local_reply(StatusCode::INTERNAL_SERVER_ERROR, "");
                 apply_header_ops(resp.headers_mut(), &route.response_headers);
-                return Ok(resp);
+                return resp;
             }
             let cluster = &active.clusters[destination.cluster];
             // Kong's upstream headers name the request as the client sent it (nginx's `$host`,
@@ -455,7 +458,7 @@ async fn route_request(
             if !injected.is_empty() {
                 ResponseFlags::mark(&mut resp, injected);
             }
-            let mut resp = kong_timed(resp, kong_started, forwarded_at);
+            mark_kong_timed(&mut resp, kong_started, forwarded_at);
             if conn.shared.access_log.is_some() {
                 let host = resp.extensions_mut().remove::<UpstreamHost>();
                 resp.extensions_mut().insert(UpstreamInfo {
@@ -469,8 +472,8 @@ async fn route_request(
         }
     };
     let mut response = response;
-    if response.extensions().get::<KongTiming>().is_none() {
-        response = kong_timed(response, kong_started, None);
+    if kong_started.is_some() && response.extensions().get::<KongTiming>().is_none() {
+        mark_kong_timed(&mut response, kong_started, None);
     }
     if conn.shared.access_log.is_some() && response.extensions().get::<UpstreamInfo>().is_none() {
         response.extensions_mut().insert(UpstreamInfo {
@@ -485,7 +488,7 @@ async fn route_request(
     if let (Some(effects), Some(chain)) = (plugin_effects, &route.plugins) {
         effects.apply_to_response(chain, &mut response, &conn.shared.plugin_state);
     }
-    Ok(response)
+    response
 }
 
 /// The request head's size as Envoy counts it for `max_request_headers_kb`: method, target
@@ -708,7 +711,9 @@ async fn forward_request(
             };
             let outcome = send_try(conn, cluster, &target, use_http2, &mut parts, body, timeout).await;
             let hash_cookie = hash_cookie.filter(|_| outcome.is_ok());
-            return with_hash_cookie(finish(outcome, cluster, stats, downstream_upgrade, flavor), hash_cookie);
+            let mut resp = finish(outcome, cluster, stats, downstream_upgrade, flavor);
+            add_hash_cookie(&mut resp, hash_cookie);
+            return resp;
         }
     };
 
@@ -754,15 +759,15 @@ async fn forward_request(
             }
             let exhausted = retriable && retrying.retries >= policy.num_retries;
             let hash_cookie = hash_cookie.filter(|_| outcome.is_ok());
-            let resp = with_hash_cookie(finish(outcome, cluster, stats, None, flavor), hash_cookie);
-            return if exhausted {
-                flagged(resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED)
+            let mut resp = finish(outcome, cluster, stats, None, flavor);
+            add_hash_cookie(&mut resp, hash_cookie);
+            if exhausted {
+                ResponseFlags::mark(&mut resp, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
             } else if retrying.overflowed {
                 // As Envoy: the failed try's outcome, marked as a retry overflow.
-                flagged(resp, ResponseFlags::UPSTREAM_OVERFLOW)
-            } else {
-                resp
-            };
+                ResponseFlags::mark(&mut resp, ResponseFlags::UPSTREAM_OVERFLOW);
+            }
+            return resp;
         }
         // The failed response is dropped unread, which closes its connection, as Envoy resets
         // the upstream stream of a try it retries.
@@ -1856,11 +1861,10 @@ fn request_cookie<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
 
 /// Sends a cookie the proxy made for hashing with the upstream's response, as Envoy and
 /// Kong do (never with a reply the proxy makes itself).
-fn with_hash_cookie(mut resp: Response<ResponseBody>, set_cookie: Option<HeaderValue>) -> Response<ResponseBody> {
+fn add_hash_cookie(resp: &mut Response<ResponseBody>, set_cookie: Option<HeaderValue>) {
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    resp
 }
 
 /// Applies header edits in Envoy's order: remove, set, add.
