@@ -92,7 +92,9 @@ pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Resu
     };
     // The request's work is one heap allocation: hyper moves the future it gets from here
     // (into its dispatcher, or into a task per HTTP/2 stream), and a small one moves cheaply.
-    let mut resp = Box::pin(route_request(req, &conn)).await;
+    // The request stays here: the layers below borrow it rather than move its head along.
+    let mut req = req;
+    let mut resp = Box::pin(route_request(&mut req, &conn)).await;
     if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
         timing.add_headers(resp.headers_mut());
         // Kong (3.5+) names every response with its request id, local answers included.
@@ -286,13 +288,13 @@ impl Drop for RequestInFlight<'_> {
     }
 }
 
-async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> Response<ResponseBody> {
+async fn route_request(req: &mut Request<DownstreamBody>, conn: &Arc<Connection>) -> Response<ResponseBody> {
     let active = conn.shared.active.load_full();
     let Some(li) = active.listener_index(&conn.listener) else {
         // The listener was removed by a reload while this connection stayed open.
         return flagged(local_reply(StatusCode::NOT_FOUND, ""), ResponseFlags::NO_ROUTE);
     };
-    if matches!(req.body(), DownstreamBody::Hyper(_)) && request_head_size(&req) > crate::MAX_REQUEST_HEADERS_BYTES {
+    if matches!(req.body(), DownstreamBody::Hyper(_)) && request_head_size(req) > crate::MAX_REQUEST_HEADERS_BYTES {
         // hyper's own bound is its read buffer's, which a head arriving in large reads can
         // pass; Envoy's `max_request_headers_kb` answers 431 and closes the connection.
         let mut resp = local_reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "");
@@ -305,7 +307,7 @@ async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> 
     runtime.stats.requests.fetch_add(1, Relaxed);
     let kong_started = (listener.flavor == ListenerFlavor::Kong).then(std::time::Instant::now);
 
-    let authority = request_authority(&req).unwrap_or("");
+    let authority = request_authority(req).unwrap_or("");
     let host = host_of(authority);
     let scheme = if conn.tls { "https" } else { "http" };
     let info = RequestInfo {
@@ -344,7 +346,7 @@ async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> 
         // branch, and each request moves this one into place.
         Some(chain) => match Box::pin(plugins::access(
             chain,
-            &req,
+            req,
             conn.remote.ip().to_canonical(),
             &route.name,
             &conn.shared.plugin_state,
@@ -362,7 +364,7 @@ async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> 
     };
     let cors_origin = match &route.cors {
         Some(policy) => {
-            if let Some(resp) = cors::preflight(policy, &req) {
+            if let Some(resp) = cors::preflight(policy, req) {
                 return resp;
             }
             req.headers().get(header::ORIGIN).cloned()
@@ -383,7 +385,7 @@ async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> 
             resp
         }
         RouteAction::Redirect(r) => {
-            let location = redirect_location(r, &req, scheme, &host, conn.listener.port(), matched);
+            let location = redirect_location(r, req, scheme, &host, conn.listener.port(), matched);
             let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
             stats[0].record(status.as_u16());
             redirect_reply(status, &location)
@@ -422,18 +424,16 @@ async fn route_request(req: Request<DownstreamBody>, conn: &Arc<Connection>) -> 
             // `$request_uri`), and are set after the plugins' edits, as nginx sets them last.
             let kong_origin = (listener.flavor == ListenerFlavor::Kong)
                 .then(|| (host.to_string(), HeaderValue::from_str(req.uri().path()).ok()));
-            let mut req = req;
             if let Some(effects) = &plugin_effects {
-                effects.apply_to_request(&mut req);
+                effects.apply_to_request(req);
                 if cluster.config.load_balancer.hashes_on_consumer()
                     && let Some(consumer) = effects.authenticated_consumer()
                 {
                     req.extensions_mut().insert(consumer);
                 }
             }
-            let kong_request_id = kong_origin.map(|(host, path)| {
-                kong_upstream_headers(&mut req, &conn.remote_ip, &host, path, conn.listener.port())
-            });
+            let kong_request_id = kong_origin
+                .map(|(host, path)| kong_upstream_headers(req, &conn.remote_ip, &host, path, conn.listener.port()));
             let forwarded_at = kong_started.map(|_| std::time::Instant::now());
             let mut resp = forward_request(
                 req,
@@ -555,7 +555,7 @@ fn pick_destination(forward: &Forward) -> usize {
 
 #[allow(clippy::too_many_arguments)]
 async fn forward_request(
-    mut req: Request<DownstreamBody>,
+    req: &mut Request<DownstreamBody>,
     conn: &Connection,
     forward: &Forward,
     pick: usize,
@@ -571,12 +571,12 @@ async fn forward_request(
     // Endpoint selection: the pool to use, the address to connect to, the endpoint index.
     let (hash, hash_cookie) = match &cluster.config.load_balancer {
         LoadBalancer::ConsistentHash(key) if !cluster.is_original_destination() => {
-            request_hash(key, &req, conn, matched)
+            request_hash(key, req, conn, matched)
         }
         _ => (None, None),
     };
     let target = if cluster.is_original_destination() {
-        original_destination(&req).map(|address| Target {
+        original_destination(req).map(|address| Target {
             pool: cluster.pool_for_address(address.as_str()),
             address,
             endpoint: None,
@@ -589,8 +589,8 @@ async fn forward_request(
     };
 
     // WebSocket and other HTTP/1.1 upgrades are tunnelled after the upstream's 101.
-    let upgrade = is_upgrade_request(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade = is_upgrade_request(req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
     let use_http2 = !upgrade
         && if cluster.config.pool.use_client_protocol {
             // Istio `useClientProtocol`: the client's protocol, whatever the port's is.
@@ -600,7 +600,13 @@ async fn forward_request(
                 || (req.version() == Version::HTTP_2 && is_grpc(req.headers()))
         };
 
-    let (mut parts, body) = req.into_parts();
+    // Taken whole only here, where the head becomes the upstream request's: the caller keeps
+    // an empty request in its place.
+    let (mut parts, body) = std::mem::replace(
+        req,
+        Request::new(DownstreamBody::Http1(crate::http1::RequestBody::empty())),
+    )
+    .into_parts();
     let body = match checked_chunked_body(&parts, body).await {
         Ok(b) => b,
         Err(()) => {
