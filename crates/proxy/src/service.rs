@@ -77,7 +77,10 @@ const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 /// Envoy's reply when a circuit breaker refuses the request (response flag `UO`).
 const OVERFLOW: &str = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
-pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    mut req: Request<DownstreamBody>,
+    conn: Arc<Connection>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let _in_flight = RequestInFlight::start(&conn.shared.stats.requests_in_flight);
     let mut watch = DownstreamWatch {
         conn: &conn,
@@ -93,7 +96,6 @@ pub async fn handle(req: Request<DownstreamBody>, conn: Arc<Connection>) -> Resu
     // The request's work is one heap allocation: hyper moves the future it gets from here
     // (into its dispatcher, or into a task per HTTP/2 stream), and a small one moves cheaply.
     // The request stays here: the layers below borrow it rather than move its head along.
-    let mut req = req;
     let mut resp = Box::pin(route_request(&mut req, &conn)).await;
     if let Some(timing) = resp.extensions_mut().remove::<KongTiming>() {
         timing.add_headers(resp.headers_mut());
@@ -372,7 +374,7 @@ async fn route_request(req: &mut Request<DownstreamBody>, conn: &Arc<Connection>
         None => None,
     };
 
-    let response = match &route.action {
+    let mut response = match &route.action {
         RouteAction::DirectResponse(d) => {
             let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = local_reply(status, "");
@@ -471,7 +473,6 @@ async fn route_request(req: &mut Request<DownstreamBody>, conn: &Arc<Connection>
             resp
         }
     };
-    let mut response = response;
     if kong_started.is_some() && response.extensions().get::<KongTiming>().is_none() {
         mark_kong_timed(&mut response, kong_started, None);
     }
@@ -820,7 +821,7 @@ enum TryError {
     Timeout,
 }
 
-type TryResult = Result<(Response<UpstreamResponseBody>, Option<RequestSlot>), TryError>;
+type TryResult = Result<(Response<UpstreamResponseBody>, RequestSlot), TryError>;
 
 /// Sends one try upstream and waits for its response headers. With access logs on, the
 /// response records where it came from. The request head is borrowed, so tries after the
@@ -877,8 +878,7 @@ async fn send_try(
             Some(t) => tokio::time::timeout(t, sent).await.ok(),
             None => Some(sent.await),
         }
-    }
-    .map(|sent| sent.map(|(r, ret)| (r, Some(ret))));
+    };
     if let (Some(outlier), Some(endpoint)) = (&cluster.outlier, target.endpoint) {
         let outcome = match &result {
             Some(Ok((resp, _))) => Some(TryOutcome::Status(resp.status().as_u16())),
@@ -890,15 +890,16 @@ async fn send_try(
             outlier.record(endpoint, outcome, &cluster.stats);
         }
     }
-    let (mut resp, pool_return) = match result {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return Err(TryError::Upstream(e)),
-        None => return Err(TryError::Timeout),
-    };
-    if let Some(host) = logged {
-        resp.extensions_mut().insert(host);
+    match result {
+        Some(Ok(mut sent)) => {
+            if let Some(host) = logged {
+                sent.0.extensions_mut().insert(host);
+            }
+            Ok(sent)
+        }
+        Some(Err(e)) => Err(TryError::Upstream(e)),
+        None => Err(TryError::Timeout),
     }
-    Ok((resp, pool_return))
 }
 
 /// The downstream response for the last try: the upstream's response as-is, or Envoy's local
@@ -942,7 +943,7 @@ fn finish(
         return resp.map(|_| body::empty());
     }
     remove_hop_by_hop(resp.headers_mut(), false);
-    resp.map(|b| ResponseBody::upstream(b, pool_return))
+    resp.map(|b| ResponseBody::upstream(b, Some(pool_return)))
 }
 
 /// Why a request got no upstream response.

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::connector::CountedStream;
 use super::pool::ReturnTo;
 use super::read_buffer::ReadBuffer;
-use crate::body::{BodyError, UpstreamBody};
+use crate::body::{BodyError, UpstreamBody, UpstreamResponseBody};
 use crate::http1_framing::{ChunkState, Decoded, Length, common_field_name, decode_chunked};
 
 /// Response head bytes accepted from an upstream (Envoy's `max_request_headers_kb` default).
@@ -353,13 +353,13 @@ fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
 /// Sends the request on `conn` and reads the response head. The response's body reads the
 /// rest from the connection, which goes back to `home` once the body has ended cleanly.
 pub async fn exchange(
-    mut conn: Http1Connection,
+    mut conn: Box<Http1Connection>,
     head: &[u8],
     framing: RequestFraming,
     body: UpstreamBody,
     method: &Method,
     home: ReturnTo,
-) -> Result<Response<Http1Body>, ExchangeError> {
+) -> Result<Response<UpstreamResponseBody>, ExchangeError> {
     let head_request = *method == Method::HEAD;
     let reused = conn.requests > 1;
     let has_body = framing != RequestFraming::Empty;
@@ -454,7 +454,7 @@ pub async fn exchange(
     conn.suspect = has_body && parts.status.as_u16() >= 400;
     let reusable = keep_alive && !write_failed;
     let body = Http1Body::start(conn, framing, reusable, sending, home);
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, UpstreamResponseBody::Http1(body)))
 }
 
 /// How the response body is delimited.
@@ -603,7 +603,7 @@ enum BodyState {
 }
 
 struct Reading {
-    conn: Http1Connection,
+    conn: Box<Http1Connection>,
     framing: ResponseFraming,
     reusable: bool,
     /// The rest of a request body the upstream answered early.
@@ -613,7 +613,7 @@ struct Reading {
 
 impl Http1Body {
     fn start(
-        mut conn: Http1Connection,
+        mut conn: Box<Http1Connection>,
         framing: ResponseFraming,
         reusable: bool,
         sending: Option<Box<Outgoing>>,

@@ -92,7 +92,8 @@ struct Http2Conn {
 
 #[derive(Default)]
 struct Idle {
-    http1: Vec<Http1Connection>,
+    /// Boxed, so checking one out, sending on it and putting it back move a pointer.
+    http1: Vec<Box<Http1Connection>>,
     http2: Option<Http2Conn>,
     /// Whether the idle-timeout sweeper task runs.
     sweeping: bool,
@@ -175,7 +176,7 @@ pub struct ReturnTo {
 }
 
 impl ReturnTo {
-    pub fn put_back(self, conn: Http1Connection) {
+    pub fn put_back(self, conn: Box<Http1Connection>) {
         self.pool.put_back(conn, &self.stats);
     }
 }
@@ -202,7 +203,7 @@ impl EndpointPool {
 
     /// Pools an HTTP/1.1 connection whose response was read whole, unless it has served its
     /// `maxRequestsPerConnection` or outlived `maxConnectionDuration` (then it closes).
-    fn put_back(self: &Arc<Self>, mut conn: Http1Connection, stats: &UpstreamStats) {
+    fn put_back(self: &Arc<Self>, mut conn: Box<Http1Connection>, stats: &UpstreamStats) {
         let now = Instant::now();
         if self.expired(conn.opened, conn.requests) {
             return;
@@ -315,7 +316,7 @@ impl EndpointPool {
                 stats: stats.clone(),
             };
             match http1::exchange(conn, &head, framing, body, &parts.method, home).await {
-                Ok(resp) => return Ok((resp.map(UpstreamResponseBody::Http1), slot)),
+                Ok(resp) => return Ok((resp, slot)),
                 Err(ExchangeError::Stale(unsent)) => {
                     body = unsent;
                     fresh_only = true;
@@ -334,7 +335,7 @@ impl EndpointPool {
         pending: &mut Option<Pending<'a>>,
         fresh_only: bool,
         tls: Option<&TlsTarget>,
-    ) -> Result<Option<Http1Connection>, UpstreamError> {
+    ) -> Result<Option<Box<Http1Connection>>, UpstreamError> {
         let freed = stats.connection_freed.notified();
         tokio::pin!(freed);
         if pending.is_some() {
@@ -371,7 +372,7 @@ impl EndpointPool {
                     None => Pending::enter(stats, &self.limits)?,
                 };
                 let io = Box::pin(connect(address, stats, &self.limits, slot, tls)).await?;
-                let mut conn = Http1Connection::new(io, tls.map(|t| t.server_name.clone()));
+                let mut conn = Box::new(Http1Connection::new(io, tls.map(|t| t.server_name.clone())));
                 conn.requests = 1;
                 Ok(Some(conn))
             }
