@@ -486,7 +486,10 @@ async fn route_request(req: &mut Request<DownstreamBody>, conn: &Arc<Connection>
     if let Some(policy) = &route.cors {
         cors::decorate(policy, cors_origin.as_ref(), response.headers_mut());
     }
-    if let (Some(effects), Some(chain)) = (plugin_effects, &route.plugins) {
+    // Checked before the (large) effects are moved, so a route without plugins copies nothing.
+    if let Some(chain) = &route.plugins
+        && let Some(effects) = plugin_effects
+    {
         effects.apply_to_response(chain, &mut response, &conn.shared.plugin_state);
     }
     response
