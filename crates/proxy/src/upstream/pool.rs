@@ -93,6 +93,7 @@ struct Http2Conn {
 #[derive(Default)]
 struct Idle {
     /// Boxed, so checking one out, sending on it and putting it back move a pointer.
+    #[allow(clippy::vec_box)]
     http1: Vec<Box<Http1Connection>>,
     http2: Option<Http2Conn>,
     /// Whether the idle-timeout sweeper task runs.
