@@ -278,14 +278,8 @@ where
         head_timeout: shared.options.request_headers_timeout,
     };
     let handler_conn = conn.clone();
-    let served = http1::serve(io, settings, &shared.draining, move |req| {
-        let conn = handler_conn.clone();
-        async move {
-            match service::handle(req.map(DownstreamBody::Http1), conn).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        }
+    let served = http1::serve(io, settings, &shared.draining, move |head, body| {
+        service::handle(head.map(|()| DownstreamBody::Http1(body)), handler_conn.clone())
     })
     .await;
     let result = match served {

@@ -9,6 +9,7 @@
 //! with both `Content-Length` and `Transfer-Encoding` is refused (400), as is a transfer
 //! coding other than chunked (501).
 
+use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
@@ -72,8 +73,10 @@ pub async fn serve<IO, H, F>(
 ) -> io::Result<Ended<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Request<RequestBody>) -> F,
-    F: Future<Output = Response<ResponseBody>>,
+    // The head and the body apart, so the service builds its request in one move; its
+    // future is polled as it comes (the service's own, without a wrapping async block).
+    H: FnMut(Request<()>, RequestBody) -> F,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
 {
     let mut buf = ReadBuffer::default();
     let mut out: Vec<u8> = Vec::new();
@@ -104,9 +107,8 @@ where
                 (body, Some((sender, Framing::Chunked)))
             }
         };
-        let request = head.request.map(|()| body);
         // Polled in place: no task and no allocation per request.
-        let response = pin!(handler(request));
+        let response = pin!(handler(head.request, body));
         let keep_alive = match sender {
             None => {
                 let Some(response) = await_response(&mut io, &mut buf, &settings, response).await else {
@@ -457,7 +459,7 @@ fn parse_head(
 
 /// Polls the service's future while watching the connection: `None` when the client closed
 /// it first. Bytes that arrive meanwhile (a pipelined request) are kept, up to a head's size.
-async fn await_response<IO: AsyncRead + Unpin, F: Future<Output = Response<ResponseBody>>>(
+async fn await_response<IO: AsyncRead + Unpin, F: Future<Output = Result<Response<ResponseBody>, Infallible>>>(
     io: &mut IO,
     buf: &mut ReadBuffer,
     settings: &ServerSettings,
@@ -465,7 +467,7 @@ async fn await_response<IO: AsyncRead + Unpin, F: Future<Output = Response<Respo
 ) -> Option<Response<ResponseBody>> {
     let mut watching = true;
     poll_fn(|cx| {
-        if let Poll::Ready(response) = response.as_mut().poll(cx) {
+        if let Poll::Ready(Ok(response)) = response.as_mut().poll(cx) {
             return Poll::Ready(Some(response));
         }
         if client_left(io, buf, settings, &mut watching, cx) {
@@ -499,14 +501,17 @@ fn client_left<IO: AsyncRead + Unpin>(
 
 /// Polls the service's future; when its request body is first read and the client waits for
 /// `100 Continue`, sends that first.
-async fn await_response_sending_continue<W: AsyncWrite + Unpin, F: Future<Output = Response<ResponseBody>>>(
+async fn await_response_sending_continue<
+    W: AsyncWrite + Unpin,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
+>(
     io: &mut W,
     sender: &BodySender,
     mut response: Pin<&mut F>,
 ) -> io::Result<Response<ResponseBody>> {
     loop {
         let ready = poll_fn(|cx| {
-            if let Poll::Ready(response) = response.as_mut().poll(cx) {
+            if let Poll::Ready(Ok(response)) = response.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));
             }
             if sender.continue_owed() {
@@ -1016,13 +1021,13 @@ mod tests {
 
     /// Answers with the method, path, body and trailers it received; `/head` answers with a
     /// five-octet body, `/ignore-body` without reading the body.
-    async fn describe(req: Request<RequestBody>) -> Response<ResponseBody> {
-        let (parts, body) = req.into_parts();
+    async fn describe(head: Request<()>, body: RequestBody) -> Result<Response<ResponseBody>, Infallible> {
+        let (parts, ()) = head.into_parts();
         if parts.uri.path() == "/ignore-body" {
-            return Response::new(crate::body::full("ignored"));
+            return Ok(Response::new(crate::body::full("ignored")));
         }
         if parts.uri.path() == "/head" {
-            return Response::new(crate::body::full("hello"));
+            return Ok(Response::new(crate::body::full("hello")));
         }
         let text = match body.collect().await {
             Ok(collected) => {
@@ -1037,7 +1042,7 @@ mod tests {
             }
             Err(e) => format!("error: {e}"),
         };
-        Response::new(crate::body::full(text))
+        Ok(Response::new(crate::body::full(text)))
     }
 
     /// Serves one connection over an in-memory pipe; the client end and the server's outcome.
