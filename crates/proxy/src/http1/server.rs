@@ -82,10 +82,14 @@ where
     let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<FieldSpan> = Vec::new();
     let mut timer = HeadTimer::new(settings.head_timeout);
+    // Where each head is parsed into, so it is not moved out through the reading futures.
+    let mut parsed: Option<ParsedHead> = None;
     loop {
-        let head = match read_head(&mut io, &mut buf, &mut spans, &settings, &mut timer).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return Ok(Ended::Closed),
+        let head = match read_head(&mut io, &mut buf, &mut spans, &settings, &mut timer, &mut parsed).await {
+            Ok(()) => match parsed.take() {
+                Some(head) => head,
+                None => return Ok(Ended::Closed),
+            },
             Err(HeadError::Io(e)) => return Err(e),
             Err(HeadError::Reply(status)) => {
                 error_reply(&mut io, status).await;
@@ -233,15 +237,16 @@ enum HeadError {
 /// A header field's name and value as byte ranges of the head.
 type FieldSpan = (usize, usize, usize, usize);
 
-/// Reads and parses the next request head; `None` when the client closed the connection or
-/// kept it idle past the head timeout.
+/// Reads and parses the next request head into `parsed`, which stays `None` when the client
+/// closed the connection or kept it idle past the head timeout.
 async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
     io: &mut IO,
     buf: &mut ReadBuffer,
     spans: &mut Vec<FieldSpan>,
     settings: &ServerSettings,
     timer: &mut HeadTimer,
-) -> Result<Option<ParsedHead>, HeadError> {
+    parsed: &mut Option<ParsedHead>,
+) -> Result<(), HeadError> {
     let mut waiting_since = None;
     // The buffer's length when a parse last found the head incomplete: a head arriving in
     // small pieces is parsed again only once a blank line can have arrived, not on every read.
@@ -258,16 +263,16 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                 }
             };
             if worth_parsing {
-                match parse_head(buf, spans, settings.max_head_bytes)? {
-                    Some(head) => return Poll::Ready(Ok(Some(head))),
-                    None => partial_at = Some(buf.len()),
+                if parse_head(buf, spans, settings.max_head_bytes, parsed)? {
+                    return Poll::Ready(Ok(()));
                 }
+                partial_at = Some(buf.len());
             }
             if buf.len() > settings.max_head_bytes {
                 return Poll::Ready(Err(HeadError::Reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)));
             }
             match buf.poll_fill(io, cx) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(HeadError::Io(e))),
                 Poll::Pending => {
@@ -276,7 +281,7 @@ async fn read_head<IO: AsyncRead + AsyncWrite + Unpin>(
                         // A client that began a head and stalled gets Envoy's 408; an idle
                         // keep-alive connection is just closed.
                         return Poll::Ready(if buf.is_empty() {
-                            Ok(None)
+                            Ok(())
                         } else {
                             Err(HeadError::Reply(StatusCode::REQUEST_TIMEOUT))
                         });
@@ -329,19 +334,21 @@ impl HeadTimer {
     }
 }
 
-/// Parses a complete request head off the front of `buf`; `None` while it is incomplete.
+/// Parses a complete request head off the front of `buf` into `out`; `false` while it is
+/// incomplete.
 fn parse_head(
     buf: &mut ReadBuffer,
     spans: &mut Vec<FieldSpan>,
     max_head_bytes: usize,
-) -> Result<Option<ParsedHead>, HeadError> {
+    out: &mut Option<ParsedHead>,
+) -> Result<bool, HeadError> {
     // Left uninitialised: httparse writes only the fields it finds.
     let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let head_len =
         match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut parsed, &buf[..], &mut fields) {
             Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
+            Ok(httparse::Status::Partial) => return Ok(false),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(HeadError::Reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
             }
@@ -444,7 +451,7 @@ fn parse_head(
     *request.uri_mut() = uri;
     *request.version_mut() = if http10 { Version::HTTP_10 } else { Version::HTTP_11 };
     *request.headers_mut() = headers;
-    Ok(Some(ParsedHead {
+    *out = Some(ParsedHead {
         facts: RequestFacts {
             head: request.method() == Method::HEAD,
             connect,
@@ -454,7 +461,8 @@ fn parse_head(
         request,
         framing,
         expect_continue,
-    }))
+    });
+    Ok(true)
 }
 
 /// Polls the service's future while watching the connection: `None` when the client closed
