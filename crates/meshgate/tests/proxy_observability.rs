@@ -118,30 +118,25 @@ fn json_access_log_to_stdout() {
     assert_eq!(entry["upstream_host"], format!("127.0.0.1:{}", echo.port()));
 }
 
-#[test]
-fn a_client_leaving_before_its_response_is_logged_with_dc() {
-    use std::io::Write;
+/// Sends a request with `send` to a route whose upstream answers after 150 ms (under the
+/// 200 ms route timeout), hangs up 50 ms after starting, and checks the access log shows the
+/// request (`request_line`) with status 0 and Envoy's `DC` flag.
+fn client_leaving_is_logged_with_dc(name: &str, send: impl FnOnce(&mut std::net::TcpStream), request_line: &str) {
     let echo = Echo::start("slow");
     let port = free_port();
-    let dir = scratch_dir("access-log-dc");
-    let log = dir.join("access.log");
+    let log = scratch_dir(name).join("access.log");
     let proxy = Proxy::start_with(
         &config(port, &echo, free_port()),
         &["--access-log", log.to_str().expect("utf-8 path")],
     );
-    // The route's upstream answers after 150 ms (under the 200 ms route timeout); the client
-    // hangs up after 50 ms.
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .write_all(b"GET /delay/150 HTTP/1.1\r\nHost: shop.test\r\n\r\n")
-        .expect("write");
-    std::thread::sleep(Duration::from_millis(50));
+    send(&mut stream);
     drop(stream);
     let lines = wait_for_lines(&log, 1);
     assert!(
         lines
             .first()
-            .is_some_and(|l| l.contains("\"GET /delay/150 HTTP/1.1\" 0 DC ")),
+            .is_some_and(|l| l.contains(&format!("\"{request_line}\" 0 DC "))),
         "{lines:?}"
     );
     let (_, metrics) = proxy.admin_get("/stats/prometheus");
@@ -152,38 +147,35 @@ fn a_client_leaving_before_its_response_is_logged_with_dc() {
 }
 
 #[test]
+fn a_client_leaving_before_its_response_is_logged_with_dc() {
+    use std::io::Write;
+    client_leaving_is_logged_with_dc(
+        "access-log-dc",
+        |stream| {
+            stream
+                .write_all(b"GET /delay/150 HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+                .expect("write");
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        "GET /delay/150 HTTP/1.1",
+    );
+}
+
+/// The body follows its head separately, so it is streamed to the upstream rather than read
+/// with the head; the client leaves once it is sent.
+#[test]
 fn a_client_leaving_after_sending_its_body_is_logged_with_dc() {
     use std::io::Write;
-    let echo = Echo::start("slow");
-    let port = free_port();
-    let dir = scratch_dir("access-log-dc-body");
-    let log = dir.join("access.log");
-    let proxy = Proxy::start_with(
-        &config(port, &echo, free_port()),
-        &["--access-log", log.to_str().expect("utf-8 path")],
-    );
-    // The route's upstream answers after 150 ms (under the 200 ms route timeout); the client
-    // hangs up after 50 ms.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    // The body follows its head separately, so it is streamed to the upstream rather than
-    // read with the head; the client leaves once it is sent.
-    stream
-        .write_all(b"POST /delay/150 HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\n")
-        .expect("write");
-    std::thread::sleep(Duration::from_millis(20));
-    stream.write_all(b"hello").expect("body");
-    std::thread::sleep(Duration::from_millis(30));
-    drop(stream);
-    let lines = wait_for_lines(&log, 1);
-    assert!(
-        lines
-            .first()
-            .is_some_and(|l| l.contains("\"POST /delay/150 HTTP/1.1\" 0 DC ")),
-        "{lines:?}"
-    );
-    let (_, metrics) = proxy.admin_get("/stats/prometheus");
-    assert!(
-        metrics.contains("meshgate_response_flags_total{flag=\"DC\"} 1"),
-        "{metrics}"
+    client_leaving_is_logged_with_dc(
+        "access-log-dc-body",
+        |stream| {
+            stream
+                .write_all(b"POST /delay/150 HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 5\r\n\r\n")
+                .expect("write");
+            std::thread::sleep(Duration::from_millis(20));
+            stream.write_all(b"hello").expect("body");
+            std::thread::sleep(Duration::from_millis(30));
+        },
+        "POST /delay/150 HTTP/1.1",
     );
 }
