@@ -337,13 +337,7 @@ where
         let _ = drain.wait_for(|draining| *draining).await;
     });
     let result = http2::serve(io, settings, draining, move |req| {
-        let conn = conn.clone();
-        Box::pin(async move {
-            match service::handle(req.map(DownstreamBody::Http2), conn).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        })
+        Box::pin(service::handle(req.map(DownstreamBody::Http2), conn.clone()))
     })
     .await;
     if let Err(e) = result {

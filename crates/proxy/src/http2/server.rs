@@ -9,6 +9,7 @@
 //! stays flat whatever the body sizes.
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -32,8 +33,9 @@ use crate::body::ResponseBody;
 use crate::coarse_timer::CoarseTimer;
 use crate::upstream::read_buffer::ReadBuffer;
 
-/// What the service returns for a request.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+/// What the service returns for a request (`service::handle`'s future itself, so no wrapping
+/// future is polled in between).
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
 /// Unsent output past which the connection stops reading frames and polling bodies.
 const OUTPUT_HIGH_WATER: usize = 64 * 1024;
@@ -1177,7 +1179,8 @@ where
         let phase = std::mem::replace(&mut self.streams[slot].phase, Phase::Sent);
         let phase = match phase {
             Phase::Handling(mut future) => match future.as_mut().poll(&mut cx) {
-                Poll::Ready(response) => self.start_response(slot, response),
+                Poll::Ready(Ok(response)) => self.start_response(slot, response),
+                Poll::Ready(Err(never)) => match never {},
                 Poll::Pending => Phase::Handling(future),
             },
             other => other,
@@ -1514,7 +1517,7 @@ mod tests {
         tokio::spawn(serve(server, settings, Box::pin(std::future::pending()), |req| {
             Box::pin(async move {
                 let _held = req;
-                std::future::pending::<Response<ResponseBody>>().await
+                std::future::pending::<Result<Response<ResponseBody>, Infallible>>().await
             })
         }));
         client
