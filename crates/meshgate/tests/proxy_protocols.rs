@@ -142,6 +142,15 @@ async fn tls_connect(
     let trusted: Vec<&[u8]> = trusted.iter().map(Vec::as_slice).collect();
     let mut config = client_builder(&trusted, rustls::DEFAULT_VERSIONS).with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    handshake(port, sni, config).await.expect("tls handshake")
+}
+
+/// Connects to `port` and runs a TLS handshake naming `sni`.
+async fn handshake(
+    port: u16,
+    sni: &str,
+    config: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -149,7 +158,6 @@ async fn tls_connect(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .expect("tls handshake")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,14 +344,7 @@ async fn handshake_with(
     version: &'static rustls::SupportedProtocolVersion,
 ) -> bool {
     let config = client_builder(&[trusted], &[version]).with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).expect("server name");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .is_ok()
+    handshake(port, sni, config).await.is_ok()
 }
 
 /// Istio `minProtocolVersion` / `maxProtocolVersion` on an HTTPS server: a client offering
@@ -420,12 +421,7 @@ async fn mtls_exchange(port: u16, server_der: &[u8], client: Option<(&str, &str)
             builder.with_client_auth_cert(chain, key).expect("client auth")
         }
     };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let name = rustls_pki_types::ServerName::try_from("a.test").expect("server name");
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .ok()?;
+    let mut s = handshake(port, "a.test", config).await.ok()?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Client-Cert: Hash=forged\r\nConnection: close\r\n\r\n")
         .await
         .ok()?;
